@@ -1,0 +1,82 @@
+// Starts a real cowbd daemon (the built dist/ binary) for a test, and stops it.
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { createInterface } from 'node:readline';
+
+const execFileP = promisify(execFile);
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const CLI = join(ROOT, 'dist', 'daemon', 'cli.js');
+
+export interface DaemonOptions {
+  /** Volumes to create before serving: name and lvcreate-style size ("64M"). */
+  volumes?: { name: string; size: string }[];
+  dataDir?: string;
+  readOnly?: boolean;
+  /** Extra `cowbd serve` arguments. */
+  args?: string[];
+  /** Also serve on a unix socket at this path. */
+  socket?: string;
+}
+
+export interface Daemon {
+  host: string;
+  port: number;
+  dataDir: string;
+  proc: ChildProcess;
+  /** Every JSON log line the daemon printed so far. */
+  logs: Record<string, unknown>[];
+  /** `nbd://127.0.0.1:PORT/NAME` */
+  uri(name?: string): string;
+  /** SIGTERM, wait for exit; returns the exit code. Idempotent. */
+  stop(): Promise<number | null>;
+}
+
+export async function cowbd(args: string[], env?: NodeJS.ProcessEnv): Promise<{ stdout: string; stderr: string }> {
+  return execFileP(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
+}
+
+export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
+  const ownDir = !opts.dataDir;
+  const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'cowbd-test-')));
+  for (const v of opts.volumes ?? []) {
+    await cowbd(['volume', 'create', v.name, '--size', v.size, '--data-dir', dataDir]);
+  }
+  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--log-level', 'debug'];
+  if (opts.readOnly) args.push('--read-only');
+  if (opts.socket) args.push('--socket', opts.socket);
+  args.push(...(opts.args ?? []));
+  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  const logs: Record<string, unknown>[] = [];
+  const port = await new Promise<number>((res, rej) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.on('line', (line) => {
+      let rec: Record<string, unknown>;
+      try { rec = JSON.parse(line); } catch { return; }
+      logs.push(rec);
+      if (rec.msg === 'listening' && typeof rec.port === 'number') res(rec.port);
+    });
+    proc.once('exit', (code) => rej(new Error(`cowbd exited with ${code} before listening`)));
+    proc.once('error', rej);
+  });
+  let stopped: Promise<number | null> | undefined;
+  return {
+    host: '127.0.0.1', port, dataDir, proc, logs,
+    uri: (name = '') => `nbd://127.0.0.1:${port}/${name}`,
+    stop() {
+      stopped ??= new Promise<number | null>((res) => {
+        if (proc.exitCode !== null) return res(proc.exitCode);
+        const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000);
+        proc.once('exit', (code) => { clearTimeout(timer); res(code); });
+        proc.kill('SIGTERM');
+      }).then(async (code) => {
+        if (ownDir) await rm(dataDir, { recursive: true, force: true });
+        return code;
+      });
+      return stopped;
+    },
+  };
+}
