@@ -1,0 +1,65 @@
+// The storage side of an export, as the protocol layer sees it: a table of
+// operations with capability flags, in the manner of nbdkit's plugin API.
+// protocol/ never touches files; daemon/ supplies these.
+
+/** NBD_STATE_* bits for the base:allocation meta context. */
+export const STATE_HOLE = 1;
+export const STATE_ZERO = 2;
+
+export interface Extent {
+  length: number;
+  /** STATE_HOLE | STATE_ZERO bits. */
+  flags: number;
+}
+
+export interface ExportInfo {
+  name: string;
+  description: string;
+  /** Size in bytes; always a safe integer (checked by the daemon). */
+  size: number;
+  readOnly: boolean;
+  canFlush: boolean;
+  canFua: boolean;
+  canTrim: boolean;
+  canZero: boolean;
+  canFastZero: boolean;
+  canCache: boolean;
+  canMultiConn: boolean;
+}
+
+export interface ZeroFlags {
+  fua: boolean;
+  /** NBD_CMD_FLAG_NO_HOLE not set: the backend may deallocate. */
+  mayTrim: boolean;
+  /** NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than be slow. */
+  fast: boolean;
+}
+
+/**
+ * One open export. Ranges are already validated against `info.size` by the
+ * protocol layer. Failures are thrown as errors carrying an errno `code`
+ * ("EIO", "ENOSPC", "EPERM", ...), mapped to NBD errors in one place.
+ */
+export interface Backend {
+  readonly info: ExportInfo;
+  pread(buf: Buffer, offset: number): Promise<void>;
+  pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, fua: boolean): Promise<void>;
+  zero(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  cache(offset: number, length: number): Promise<void>;
+  /** base:allocation extents covering at least the start of the range. */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** Called when a connection using this backend ends. */
+  release?(): void;
+  /** Set by the registry: fired when the export goes away, so sessions close cleanly. */
+  onGone?(listener: () => void): () => void;
+}
+
+/** The set of exports a server offers. */
+export interface ExportRegistry {
+  list(): ExportInfo[];
+  /** '' selects the default export. Returns undefined for an unknown name. */
+  info(name: string): ExportInfo | undefined;
+  open(name: string): Backend | undefined;
+}
