@@ -1,7 +1,33 @@
-/** Parses lvcreate-style sizes: a number with an optional K/M/G/T suffix, 1024-based. Bare numbers are bytes. */
+// lvcreate-style sizes: a number with an optional K/M/G/T/P/E suffix, 1024-based.
+import { Errors } from './errors.js';
+
+const UNITS = 'bkmgtpe';
+
+/** Parses "16m", "1G", "512" (bytes), "4KiB". Returns bytes as a bigint. */
 export function parseSize(text: string): bigint {
-  const m = /^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$/i.exec(text);
-  if (!m) throw new RangeError(`invalid size "${text}": expected a number with an optional K, M, G or T suffix`);
-  const exp = ' kmgtpe'.indexOf((m[2] || ' ').toLowerCase());
+  const m = /^\s*(\d+)\s*([bkmgtpe]?)(i?b)?\s*$/i.exec(text);
+  if (!m) throw Errors.invalidSize(text, 'expected a number with an optional K, M, G or T suffix');
+  const exp = m[2] ? UNITS.indexOf(m[2].toLowerCase()) : 0;
   return BigInt(m[1]!) * (1n << (10n * BigInt(exp)));
+}
+
+/** parseSize, checked to fit a safe integer and to be positive. */
+export function parseSizeNumber(text: string, multipleOf = 1): number {
+  const v = parseSize(text);
+  if (v <= 0n) throw Errors.invalidSize(text, 'must be greater than zero');
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw Errors.invalidSize(text, 'too large');
+  const n = Number(v);
+  if (n % multipleOf !== 0) throw Errors.invalidSize(text, `must be a multiple of ${multipleOf} bytes`);
+  return n;
+}
+
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${Number.isInteger(v) ? v : v.toFixed(2)}${units[i]}`;
 }

@@ -1,0 +1,67 @@
+// The exports the daemon offers, keyed by name, with one shared backend per
+// volume so that every connection (multi-conn) sees the same file and FLUSH
+// on any of them covers writes acknowledged on all of them.
+import type { Backend, ExportInfo, ExportRegistry } from '../protocol/backend.js';
+
+export class Registry implements ExportRegistry {
+  private readonly exports = new Map<string, Backend>();
+  private readonly goneListeners = new Map<string, Set<() => void>>();
+
+  constructor(private defaultName: string | undefined = undefined) {}
+
+  setDefault(name: string | undefined): void {
+    this.defaultName = name;
+  }
+
+  get default(): string | undefined {
+    return this.defaultName ?? [...this.exports.keys()].sort()[0];
+  }
+
+  add(backend: Backend): void {
+    this.exports.set(backend.info.name, backend);
+  }
+
+  /** Removes an export and closes the connections using it. */
+  remove(name: string): Backend | undefined {
+    const b = this.exports.get(name);
+    this.exports.delete(name);
+    const listeners = this.goneListeners.get(name);
+    this.goneListeners.delete(name);
+    for (const l of listeners ?? []) l();
+    return b;
+  }
+
+  backends(): Backend[] {
+    return [...this.exports.values()];
+  }
+
+  private resolve(name: string): Backend | undefined {
+    return this.exports.get(name === '' ? (this.default ?? '') : name);
+  }
+
+  list(): ExportInfo[] {
+    return [...this.exports.values()].map((b) => b.info).sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  info(name: string): ExportInfo | undefined {
+    return this.resolve(name)?.info;
+  }
+
+  open(name: string): Backend | undefined {
+    const b = this.resolve(name);
+    if (!b) return undefined;
+    const exportName = b.info.name;
+    // Each connection gets a thin handle so it can subscribe to removal of its export.
+    const handle: Backend = Object.create(b, {
+      onGone: {
+        value: (listener: () => void) => {
+          let set = this.goneListeners.get(exportName);
+          if (!set) this.goneListeners.set(exportName, (set = new Set()));
+          set.add(listener);
+          return () => set!.delete(listener);
+        },
+      },
+    });
+    return handle;
+  }
+}

@@ -1,0 +1,52 @@
+// The data directory's plain volumes: one sparse file NAME.vol per volume.
+import { open, readdir, stat, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { checkName, isValidName } from './names.js';
+import { Errors } from './errors.js';
+
+export const VOLUME_SUFFIX = '.vol';
+
+export function volumePath(dataDir: string, name: string): string {
+  return join(dataDir, checkName(name) + VOLUME_SUFFIX);
+}
+
+export interface VolumeEntry {
+  name: string;
+  path: string;
+  size: number;
+}
+
+export async function listVolumes(dataDir: string): Promise<VolumeEntry[]> {
+  const names = (await readdir(dataDir).catch(() => [] as string[]))
+    .filter((f) => f.endsWith(VOLUME_SUFFIX))
+    .map((f) => f.slice(0, -VOLUME_SUFFIX.length))
+    .filter(isValidName)
+    .sort();
+  const out: VolumeEntry[] = [];
+  for (const name of names) {
+    const path = join(dataDir, name + VOLUME_SUFFIX);
+    const st = await stat(path);
+    if (st.isFile()) out.push({ name, path, size: st.size });
+  }
+  return out;
+}
+
+/** Creates a sparse volume file; refuses an existing name. */
+export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
+  const path = volumePath(dataDir, name);
+  await mkdir(dataDir, { recursive: true });
+  let fh;
+  try {
+    fh = await open(path, 'wx', 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw Errors.nameTaken(name);
+    throw err;
+  }
+  try {
+    await fh.truncate(size);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  return { name, path, size };
+}

@@ -1,0 +1,312 @@
+// One client connection: handshake, then the transmission phase with many
+// requests in flight, out-of-order replies and explicit backpressure.
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import * as C from './constants.js';
+import type { ExportRegistry } from './backend.js';
+import { ByteQueue } from './byte-queue.js';
+import { sharedPool, type BufferPool } from './buffer-pool.js';
+import { NBD_ERROR_NAMES } from './errors.js';
+import { greeting, Handshake, type Negotiated } from './handshake.js';
+import type { Logger } from './logger.js';
+import { encodeReply } from './replies.js';
+import { execute, validate, type Outcome, type RequestContext } from './requests.js';
+import { decodeRequest, REQUEST_HEADER_SIZE, type Request } from './wire.js';
+
+export interface RequestObserver {
+  connectionOpened?(conn: Connection): void;
+  connectionClosed?(conn: Connection): void;
+  requestStarted?(exportName: string, command: string): void;
+  /** result is 'ok' or the NBD error name. */
+  requestDone?(exportName: string, command: string, result: string, bytes: number, seconds: number): void;
+}
+
+export interface ConnectionLimits {
+  /** Requests being served at once before we stop reading from the socket. */
+  maxInFlight: number;
+  /** Payload and read-buffer bytes held at once before we stop reading. */
+  maxBytesInFlight: number;
+  /** Unsent reply bytes queued in the socket before we stop reading. */
+  maxWriteBuffer: number;
+  /** A client must finish option haggling within this time. */
+  handshakeTimeoutMs: number;
+}
+
+export const DEFAULT_LIMITS: ConnectionLimits = {
+  maxInFlight: 128,
+  maxBytesInFlight: 256 * 1024 * 1024,
+  maxWriteBuffer: 16 * 1024 * 1024,
+  handshakeTimeoutMs: 30_000,
+};
+
+type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+let nextId = 1;
+
+export class Connection extends EventEmitter {
+  readonly id = nextId++;
+  readonly log: Logger;
+  private phase: Phase = 'handshake';
+  private readonly queue = new ByteQueue();
+  private readonly handshake: Handshake;
+  private negotiated?: Negotiated;
+  private ctx?: RequestContext;
+  private inFlight = 0;
+  private bytesInFlight = 0;
+  private readPaused = false;
+  private writeBlocked = false;
+  /** A WRITE whose payload we are still receiving. */
+  private pendingWrite?: Request;
+  /** A rejected oversized WRITE whose payload we are skipping. */
+  private draining?: { req: Request; left: number; outcome: Outcome };
+  private handshakeTimer?: NodeJS.Timeout;
+  private unsubscribeGone?: () => void;
+  private closed: Promise<void>;
+  private released = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly registry: ExportRegistry,
+    private readonly limits: ConnectionLimits,
+    log: Logger,
+    private readonly observer: RequestObserver = {},
+    private readonly pool: BufferPool = sharedPool,
+  ) {
+    super();
+    this.log = log.child({ conn: this.id, remote: socket.remoteAddress ?? 'unix' });
+    this.handshake = new Handshake(registry, (b) => this.send(b), this.log);
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  get exportName(): string | undefined {
+    return this.negotiated?.exportName;
+  }
+
+  start(): void {
+    const s = this.socket;
+    s.setNoDelay?.(true);
+    s.on('data', (chunk: Buffer) => this.onData(chunk));
+    s.on('drain', () => {
+      this.writeBlocked = false;
+      this.updateFlow();
+    });
+    s.on('error', (err) => this.log.debug({ err }, 'socket error'));
+    s.on('end', () => {
+      // The client half-closed: whatever is in flight still gets its reply.
+      if (this.phase === 'handshake') s.destroy();
+      else void this.close();
+    });
+    s.once('close', () => this.onClose());
+    this.handshakeTimer = setTimeout(() => {
+      this.log.warn({ timeoutMs: this.limits.handshakeTimeoutMs }, 'handshake timed out; closing');
+      s.destroy();
+    }, this.limits.handshakeTimeoutMs);
+    this.handshakeTimer.unref?.();
+    this.observer.connectionOpened?.(this);
+    this.log.debug('connection opened');
+    this.send(greeting());
+  }
+
+  /** Graceful close: stop reading, let requests in flight finish, then end the socket. Idempotent. */
+  close(): Promise<void> {
+    if (this.phase === 'closed') return this.closed;
+    if (this.phase === 'handshake') {
+      this.socket.destroy();
+      return this.closed;
+    }
+    if (this.phase !== 'closing') {
+      this.phase = 'closing';
+      this.pauseReading();
+      this.maybeFinishClosing();
+    }
+    return this.closed;
+  }
+
+  /** Immediate close, dropping requests in flight. */
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'closing' || this.phase === 'closed') return;
+    this.queue.push(chunk);
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.phase === 'handshake') {
+      const r = this.handshake.pump(this.queue);
+      if (r.kind === 'pending') return;
+      if (r.kind === 'close') {
+        this.log[r.level]({ reason: r.reason }, 'closing during handshake');
+        this.socket.end();
+        this.phase = 'closing';
+        return;
+      }
+      this.enterTransmission(r.negotiated);
+    }
+    if (this.phase === 'transmission') this.pumpTransmission();
+  }
+
+  private enterTransmission(n: Negotiated): void {
+    clearTimeout(this.handshakeTimer);
+    this.negotiated = n;
+    this.ctx = {
+      backend: n.backend,
+      structured: n.structured,
+      baseAllocation: n.baseAllocation,
+      pool: this.pool,
+      log: this.log,
+    };
+    this.phase = 'transmission';
+    this.unsubscribeGone = n.backend.onGone?.(() => {
+      this.log.info('export removed; closing connection');
+      void this.close();
+    });
+    this.log.info({ export: n.exportName, structured: n.structured, flags: n.flags }, 'transmission started');
+  }
+
+  private overloaded(): boolean {
+    return this.inFlight >= this.limits.maxInFlight || this.bytesInFlight >= this.limits.maxBytesInFlight;
+  }
+
+  private pumpTransmission(): void {
+    const q = this.queue;
+    while (this.phase === 'transmission') {
+      if (this.draining) {
+        this.draining.left -= q.skip(this.draining.left);
+        if (this.draining.left > 0) return;
+        const { req, outcome } = this.draining;
+        this.draining = undefined;
+        this.inFlight++;
+        this.finish(req, outcome, performance.now(), 0);
+        continue;
+      }
+      if (this.pendingWrite) {
+        const req = this.pendingWrite;
+        if (q.length < req.length) return;
+        this.pendingWrite = undefined;
+        this.dispatch(req, q.take(req.length));
+        continue;
+      }
+      if (this.overloaded() || this.writeBlocked) {
+        this.pauseReading();
+        return;
+      }
+      if (q.length < REQUEST_HEADER_SIZE) return;
+      const req = decodeRequest(q.take(REQUEST_HEADER_SIZE));
+      if (!req) {
+        this.log.warn('bad request magic; closing connection');
+        this.phase = 'closed';
+        q.clear();
+        this.socket.destroy();
+        return;
+      }
+      if (req.type === C.NBD_CMD_DISC) {
+        this.log.debug('client sent NBD_CMD_DISC');
+        void this.close();
+        return;
+      }
+      if (req.type === C.NBD_CMD_WRITE) {
+        if (req.length > C.MAX_REQUEST_SIZE) {
+          // Skip the payload so the stream stays in sync, then refuse.
+          const outcome = validate(req, this.ctx!)!;
+          this.log.warn({ length: req.length }, 'oversized write; draining its payload');
+          this.draining = { req, left: req.length, outcome };
+          continue;
+        }
+        this.bytesInFlight += req.length;
+        this.pendingWrite = req;
+        continue;
+      }
+      this.dispatch(req, undefined);
+    }
+  }
+
+  private dispatch(req: Request, payload: Buffer | undefined): void {
+    const ctx = this.ctx!;
+    const started = performance.now();
+    this.inFlight++;
+    const bytes = req.type === C.NBD_CMD_READ ? req.length : 0;
+    this.bytesInFlight += bytes;
+    const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
+    this.observer.requestStarted?.(this.negotiated!.exportName, command);
+    const refused = validate(req, ctx);
+    if (refused) {
+      this.log.debug({ command, offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
+      this.finish(req, refused, started, bytes + (payload?.length ?? 0));
+      return;
+    }
+    execute(req, payload, ctx).then(
+      (outcome) => this.finish(req, outcome, started, bytes + (payload?.length ?? 0)),
+      (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, bytes + (payload?.length ?? 0)),
+    );
+  }
+
+  private finish(req: Request, outcome: Outcome, started: number, heldBytes: number): void {
+    this.inFlight--;
+    this.bytesInFlight -= heldBytes;
+    const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
+    const result = outcome.error === 0 ? 'ok' : (NBD_ERROR_NAMES[outcome.error] ?? `E${outcome.error}`);
+    const moved = outcome.error === 0 && (req.type === C.NBD_CMD_READ || req.type === C.NBD_CMD_WRITE) ? req.length : 0;
+    this.observer.requestDone?.(this.negotiated?.exportName ?? '', command, result, moved, (performance.now() - started) / 1000);
+    if (this.phase !== 'closed' && !this.socket.destroyed) {
+      const frames = encodeReply(req, outcome, this.ctx!.structured);
+      const data = outcome.data;
+      this.socket.cork();
+      for (let i = 0; i < frames.length; i++) {
+        const last = i === frames.length - 1;
+        const ok = this.socket.write(frames[i]!, last && data ? () => this.pool.put(data) : undefined);
+        if (!ok && this.socket.writableLength > this.limits.maxWriteBuffer) this.writeBlocked = true;
+      }
+      this.socket.uncork();
+    } else if (outcome.data) {
+      this.pool.put(outcome.data);
+    }
+    if (this.phase === 'closing') this.maybeFinishClosing();
+    else this.updateFlow();
+  }
+
+  private send(b: Buffer): void {
+    if (!this.socket.destroyed) this.socket.write(b);
+  }
+
+  private pauseReading(): void {
+    if (!this.readPaused) {
+      this.readPaused = true;
+      this.socket.pause();
+    }
+  }
+
+  private updateFlow(): void {
+    if (this.phase !== 'transmission') return;
+    if (this.overloaded() || this.writeBlocked) {
+      this.pauseReading();
+      return;
+    }
+    if (this.readPaused) {
+      this.readPaused = false;
+      this.socket.resume();
+    }
+    this.pumpTransmission();
+  }
+
+  private maybeFinishClosing(): void {
+    if (this.phase === 'closing' && this.inFlight === 0) this.socket.end();
+  }
+
+  private onClose(): void {
+    if (this.released) return;
+    this.released = true;
+    this.phase = 'closed';
+    clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = undefined;
+    this.queue.clear();
+    this.unsubscribeGone?.();
+    this.negotiated?.backend.release?.();
+    this.observer.connectionClosed?.(this);
+    this.log.debug('connection closed');
+    this.emit('close');
+  }
+}

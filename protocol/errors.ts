@@ -1,0 +1,52 @@
+// The one place where errors from storage become NBD error values.
+import {
+  NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
+} from './constants.js';
+import type { Logger } from './logger.js';
+
+const BY_CODE: Record<string, number> = {
+  EPERM: NBD_EPERM,
+  EACCES: NBD_EPERM,
+  EROFS: NBD_EPERM,
+  EIO: NBD_EIO,
+  ENOMEM: NBD_ENOMEM,
+  EINVAL: NBD_EINVAL,
+  ENOSPC: NBD_ENOSPC,
+  EDQUOT: NBD_ENOSPC,
+  EFBIG: NBD_ENOSPC,
+  EOVERFLOW: NBD_EOVERFLOW,
+  ENOTSUP: NBD_ENOTSUP,
+  EOPNOTSUPP: NBD_ENOTSUP,
+  ESHUTDOWN: NBD_ESHUTDOWN,
+};
+
+export const NBD_ERROR_NAMES: Record<number, string> = {
+  [NBD_EPERM]: 'EPERM', [NBD_EIO]: 'EIO', [NBD_ENOMEM]: 'ENOMEM', [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC', [NBD_EOVERFLOW]: 'EOVERFLOW', [NBD_ENOTSUP]: 'ENOTSUP', [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/** An error a request handler raises on purpose, with its NBD value already chosen. */
+export class NbdRequestError extends Error {
+  constructor(readonly nbdError: number, message: string) {
+    super(message);
+    this.name = 'NbdRequestError';
+  }
+}
+
+/**
+ * Maps any thrown value to an NBD error after logging the real error.
+ * Expected refusals (EPERM, ENOSPC, ...) log at debug; anything else is an I/O
+ * failure worth a warning, and unknown errors become EIO.
+ */
+export function toNbdError(err: unknown, log: Logger, context: Record<string, unknown>): number {
+  if (err instanceof NbdRequestError) {
+    log.debug({ ...context, reason: err.message }, 'request refused');
+    return err.nbdError;
+  }
+  const code = typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
+  const mapped = typeof code === 'string' ? BY_CODE[code] : undefined;
+  const value = mapped ?? NBD_EIO;
+  const level = value === NBD_EIO || mapped === undefined ? 'error' : 'debug';
+  log[level]({ ...context, err }, 'request failed');
+  return value;
+}

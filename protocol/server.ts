@@ -1,0 +1,94 @@
+// Accepts NBD clients on TCP and unix sockets and tracks their connections.
+import { createServer, type Server, type Socket } from 'node:net';
+import { unlink } from 'node:fs/promises';
+import type { ExportRegistry } from './backend.js';
+import { Connection, DEFAULT_LIMITS, type ConnectionLimits, type RequestObserver } from './connection.js';
+import type { Logger } from './logger.js';
+
+export interface ServerLimits extends ConnectionLimits {
+  /** Connections accepted at once, across all listeners. */
+  maxConnections: number;
+}
+
+export interface ListenAddress {
+  host?: string;
+  port?: number;
+  path?: string;
+}
+
+export class NbdServer {
+  private readonly listeners: Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private readonly limits: ServerLimits;
+  private closing?: Promise<void>;
+
+  constructor(
+    private readonly registry: ExportRegistry,
+    private readonly log: Logger,
+    limits: Partial<ServerLimits> = {},
+    private readonly observer: RequestObserver = {},
+  ) {
+    this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, ...limits };
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Starts a listener; resolves with the bound address (the real port when 0 was asked). */
+  async listen(addr: ListenAddress): Promise<{ host?: string; port?: number; path?: string }> {
+    const server = createServer({ noDelay: true, pauseOnConnect: false }, (s) => this.accept(s));
+    server.on('error', (err) => this.log.error({ err }, 'listener error'));
+    if (addr.path) {
+      await unlink(addr.path).catch(() => undefined);
+    }
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      const done = () => {
+        server.off('error', reject);
+        resolve();
+      };
+      if (addr.path) server.listen(addr.path, done);
+      else server.listen(addr.port ?? 10809, addr.host ?? '127.0.0.1', done);
+    });
+    this.listeners.push(server);
+    const a = server.address();
+    if (typeof a === 'string') return { path: a };
+    return { host: a?.address, port: a?.port };
+  }
+
+  private accept(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    if (this.connections.size >= this.limits.maxConnections) {
+      this.log.warn({ remote: socket.remoteAddress, max: this.limits.maxConnections }, 'connection limit reached; refusing client');
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(socket, this.registry, this.limits, this.log, this.observer);
+    this.connections.add(conn);
+    conn.once('close', () => this.connections.delete(conn));
+    conn.start();
+  }
+
+  /** Connections currently serving the named export. */
+  connectionsFor(exportName: string): Connection[] {
+    return [...this.connections].filter((c) => c.exportName === exportName);
+  }
+
+  /** Stops accepting, lets requests in flight finish, closes every connection. Idempotent. */
+  close(graceMs = 10_000): Promise<void> {
+    this.closing ??= (async () => {
+      await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+      const all = [...this.connections].map((c) => c.close());
+      const timer = setTimeout(() => {
+        for (const c of this.connections) c.destroy();
+      }, graceMs);
+      await Promise.all(all);
+      clearTimeout(timer);
+    })();
+    return this.closing;
+  }
+}
