@@ -1,0 +1,223 @@
+import t from 'tap';
+import { setTimeout as sleep } from 'node:timers/promises';
+import * as C from '../../protocol/constants.js';
+import { NbdServer } from '../../protocol/server.js';
+import { silentLogger } from '../../protocol/logger.js';
+import { MemoryBackend, MemoryRegistry } from '../helpers/memory-backend.js';
+import { RawClient } from '../helpers/raw-client.js';
+import { clientFlags, goData, option, request } from '../helpers/frames.js';
+
+const disk = new MemoryBackend('disk', 1 << 20);
+const ro = new MemoryBackend('ro', 1 << 16, true);
+const server = new NbdServer(new MemoryRegistry([disk, ro]), silentLogger);
+let port = 0;
+
+t.before(async () => {
+  port = (await server.listen({ host: '127.0.0.1', port: 0 })).port!;
+});
+t.teardown(() => server.close());
+
+const payload = Buffer.alloc(512, 0x5a);
+const stream = Buffer.concat([
+  clientFlags(),
+  option(C.NBD_OPT_GO, goData('disk')),
+  request(C.NBD_CMD_WRITE, 4096, 512, 1),
+  payload,
+  request(C.NBD_CMD_READ, 4096, 512, 2),
+  request(C.NBD_CMD_FLUSH, 0, 0, 3),
+  request(C.NBD_CMD_DISC, 0, 0, 4),
+]);
+
+async function session(splitAt?: number): Promise<Buffer> {
+  const c = await RawClient.connect(port);
+  if (splitAt === undefined) c.send(stream);
+  else {
+    c.send(stream.subarray(0, splitAt));
+    await sleep(1);
+    c.send(stream.subarray(splitAt));
+  }
+  return c.readAll();
+}
+
+t.test('a scripted session split at every byte boundary gives identical replies', async (t) => {
+  const whole = await session();
+  // greeting 18 + GO info 20+12 + ACK 20 + 3 simple replies (+512 read data)
+  t.equal(whole.length, 18 + 32 + 20 + 16 * 3 + 512);
+  t.ok(whole.subarray(whole.length - 16 * 2 - 512 + 16 - 16, whole.length).includes(payload), 'read returns written data');
+  let bad = 0;
+  for (let i = 1; i < stream.length; i++) {
+    const got = await session(i);
+    if (!got.equals(whole)) bad++;
+  }
+  t.equal(bad, 0, `${stream.length - 1} split points`);
+});
+
+t.test('invalid requests get error replies and the connection lives on', async (t) => {
+  const c = await RawClient.connect(port);
+  await c.go('disk');
+  const cases: [Buffer, number, string][] = [
+    [request(C.NBD_CMD_READ, (1 << 20) - 10, 20, 1), C.NBD_EINVAL, 'read out of range'],
+    [Buffer.concat([request(C.NBD_CMD_WRITE, (1 << 20) - 10, 20, 2), Buffer.alloc(20)]), C.NBD_ENOSPC, 'write past the end'],
+    [request(77, 0, 0, 3), C.NBD_EINVAL, 'unknown command'],
+    [request(C.NBD_CMD_READ, 0, 0, 4), C.NBD_EINVAL, 'zero-length read'],
+    [request(C.NBD_CMD_READ, 0, C.MAX_REQUEST_SIZE + 1, 5), C.NBD_EINVAL, 'oversized read'],
+    [request(C.NBD_CMD_READ, 0, 512, 6, 0x40), C.NBD_EINVAL, 'unknown flag'],
+    [request(C.NBD_CMD_FLUSH, 5, 0, 7), C.NBD_EINVAL, 'flush with offset'],
+    [request(C.NBD_CMD_BLOCK_STATUS, 0, 512, 8), C.NBD_EINVAL, 'block status without meta context'],
+    [request(C.NBD_CMD_READ, 0xffffffffffffff00n, 512, 9), C.NBD_EINVAL, 'huge offset'],
+    [request(C.NBD_CMD_TRIM, (1 << 20) - 10, 20, 10), C.NBD_EINVAL, 'trim out of range'],
+    [request(C.NBD_CMD_WRITE_ZEROES, (1 << 20) - 10, 20, 11), C.NBD_ENOSPC, 'zero past the end'],
+  ];
+  for (const [frame, err, what] of cases) {
+    c.send(frame);
+    const r = await c.simpleReply();
+    t.equal(r.error, err, what);
+  }
+  c.send(request(C.NBD_CMD_READ, 0, 8, 99));
+  const ok = await c.simpleReply(8);
+  t.equal(ok.error, 0, 'still serving');
+  t.equal(ok.cookie, 99);
+  c.close();
+});
+
+t.test('an oversized write is drained and the stream stays in sync', async (t) => {
+  const c = await RawClient.connect(port);
+  await c.go('disk');
+  const len = C.MAX_REQUEST_SIZE + 4096;
+  c.send(request(C.NBD_CMD_WRITE, 0, len, 1));
+  const junk = Buffer.alloc(1 << 20, 0xee);
+  for (let sent = 0; sent < len; sent += junk.length) c.send(junk.subarray(0, Math.min(junk.length, len - sent)));
+  c.send(request(C.NBD_CMD_READ, 0, 16, 2));
+  const r1 = await c.simpleReply();
+  t.equal(r1.error, C.NBD_EINVAL);
+  const r2 = await c.simpleReply(16);
+  t.equal(r2.error, 0);
+  t.equal(r2.cookie, 2);
+  t.notOk(r2.data!.includes(0xee), 'drained payload was not written');
+  c.close();
+});
+
+t.test('read-only export refuses writes with EPERM and drains the payload', async (t) => {
+  const c = await RawClient.connect(port);
+  const { flags } = await c.go('ro');
+  t.ok(flags & C.NBD_FLAG_READ_ONLY);
+  c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, 100, 1), Buffer.alloc(100, 1)]));
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
+  c.send(request(C.NBD_CMD_TRIM, 0, 100, 2));
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
+  c.send(request(C.NBD_CMD_WRITE_ZEROES, 0, 100, 3));
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
+  c.send(request(C.NBD_CMD_READ, 0, 100, 4));
+  const r = await c.simpleReply(100);
+  t.equal(r.error, 0);
+  t.ok(r.data!.equals(Buffer.alloc(100)));
+  c.close();
+});
+
+t.test('backend errors map to NBD errors', async (t) => {
+  const c = await RawClient.connect(port);
+  await c.go('disk');
+  disk.failWith = 'EIO';
+  c.send(request(C.NBD_CMD_READ, 0, 16, 1));
+  t.equal((await c.simpleReply()).error, C.NBD_EIO);
+  disk.failWith = 'ENOSPC';
+  c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, 4, 2), Buffer.alloc(4)]));
+  t.equal((await c.simpleReply()).error, C.NBD_ENOSPC);
+  disk.failWith = 'EWEIRD';
+  c.send(request(C.NBD_CMD_FLUSH, 0, 0, 3));
+  t.equal((await c.simpleReply()).error, C.NBD_EIO, 'unknown errors become EIO');
+  disk.failWith = undefined;
+  c.close();
+});
+
+t.test('a bad magic closes that connection only', async (t) => {
+  const good = await RawClient.connect(port);
+  await good.go('disk');
+  const bad = await RawClient.connect(port);
+  await bad.go('disk');
+  const frame = request(C.NBD_CMD_READ, 0, 16, 1);
+  frame[0] = 0xff;
+  bad.send(frame);
+  await bad.closed;
+  t.ok(bad.ended, 'bad connection closed');
+  good.send(request(C.NBD_CMD_READ, 0, 16, 2));
+  t.equal((await good.simpleReply(16)).error, 0, 'other connection unaffected');
+  good.close();
+});
+
+t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', async (t) => {
+  const c = await RawClient.connect(port);
+  await c.go('disk', { structured: true, meta: true });
+  disk.data.fill(0, 0, 256 * 1024);
+  disk.data.fill(7, 0, 4096);
+  disk.data.fill(9, 184 * 1024, 192 * 1024);
+  c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 1));
+  const chunks = [];
+  for (;;) {
+    const ch = await c.chunk();
+    chunks.push(ch);
+    if (ch.flags & C.NBD_REPLY_FLAG_DONE) break;
+  }
+  const kinds = chunks.map((ch) => ch.type);
+  t.same(kinds, [C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_NONE]);
+  // Reassemble and compare with the backend.
+  const img = Buffer.alloc(256 * 1024, 0xff);
+  for (const ch of chunks) {
+    if (ch.type === C.NBD_REPLY_TYPE_OFFSET_DATA) ch.payload.copy(img, Number(ch.payload.readBigUInt64BE(0)), 8);
+    if (ch.type === C.NBD_REPLY_TYPE_OFFSET_HOLE) img.fill(0, Number(ch.payload.readBigUInt64BE(0)), Number(ch.payload.readBigUInt64BE(0)) + ch.payload.readUInt32BE(8));
+  }
+  t.ok(img.equals(disk.data.subarray(0, 256 * 1024)), 'chunks reassemble to the data');
+
+  c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 2, C.NBD_CMD_FLAG_DF));
+  const df = await c.chunk();
+  t.equal(df.type, C.NBD_REPLY_TYPE_OFFSET_DATA, 'DF gives one data chunk');
+  t.ok(df.flags & C.NBD_REPLY_FLAG_DONE);
+
+  c.send(request(C.NBD_CMD_READ, 1 << 20, 512, 3));
+  const err = await c.chunk();
+  t.equal(err.type, C.NBD_REPLY_TYPE_ERROR);
+  t.equal(err.payload.readUInt32BE(0), C.NBD_EINVAL);
+
+  c.send(request(C.NBD_CMD_BLOCK_STATUS, 0, 8192, 4));
+  const bs = await c.chunk();
+  t.equal(bs.type, C.NBD_REPLY_TYPE_BLOCK_STATUS);
+  t.equal(bs.payload.readUInt32BE(0), C.BASE_ALLOCATION_ID);
+  t.same([bs.payload.readUInt32BE(4), bs.payload.readUInt32BE(8), bs.payload.readUInt32BE(12), bs.payload.readUInt32BE(16)], [4096, 0, 4096, 3]);
+
+  c.send(request(C.NBD_CMD_BLOCK_STATUS, 0, 8192, 5, C.NBD_CMD_FLAG_REQ_ONE));
+  const one = await c.chunk();
+  t.equal(one.payload.length, 12, 'REQ_ONE gives one extent');
+
+  c.send(request(C.NBD_CMD_FLUSH, 0, 0, 6));
+  t.equal((await c.chunk()).type, C.NBD_REPLY_TYPE_NONE);
+  c.close();
+});
+
+t.test('many requests in flight, replies out of order', async (t) => {
+  const slow = new MemoryBackend('slow', 1 << 20);
+  const orig = slow.pread.bind(slow);
+  let running = 0;
+  let peak = 0;
+  slow.pread = async (buf, off) => {
+    running++;
+    peak = Math.max(peak, running);
+    await sleep(off === 0 ? 30 : 1);
+    running--;
+    return orig(buf, off);
+  };
+  const s2 = new NbdServer(new MemoryRegistry([slow]), silentLogger, { maxInFlight: 16 });
+  const p = (await s2.listen({ port: 0 })).port!;
+  const c = await RawClient.connect(p);
+  await c.go('');
+  const frames = [];
+  for (let i = 0; i < 64; i++) frames.push(request(C.NBD_CMD_READ, i * 512, 512, i + 1));
+  c.send(Buffer.concat(frames));
+  const cookies = [];
+  for (let i = 0; i < 64; i++) cookies.push((await c.simpleReply(512)).cookie);
+  t.same([...cookies].sort((a, b) => a - b), [...Array(64).keys()].map((i) => i + 1), 'every request answered once');
+  t.not(cookies[0], 1, 'the slow first request was overtaken');
+  t.ok(peak <= 16, `requests in flight capped (peak ${peak})`);
+  t.ok(peak > 1, 'requests ran concurrently');
+  c.close();
+  await s2.close();
+});
