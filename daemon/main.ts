@@ -98,7 +98,11 @@ await yargs(hideBin(process.argv))
           },
           log,
         );
+        let stopping = false;
         const shutdown = (signal: string) => {
+          // A second signal during shutdown is ignored rather than killing us mid-flush.
+          if (stopping) return;
+          stopping = true;
           log.info({ signal }, 'shutting down: finishing requests in flight');
           d.stop().then(
             () => {
@@ -112,8 +116,8 @@ await yargs(hideBin(process.argv))
             },
           );
         };
-        process.once('SIGTERM', () => shutdown('SIGTERM'));
-        process.once('SIGINT', () => shutdown('SIGINT'));
+        process.on('SIGTERM', () => shutdown('SIGTERM'));
+        process.on('SIGINT', () => shutdown('SIGINT'));
       } catch (err) {
         log.error({ err }, 'failed to start');
         log.flush();

@@ -7,6 +7,7 @@ import { FileVolume } from './file-volume.js';
 import { Registry } from './registry.js';
 import { formatSize } from './sizes.js';
 import { createVolume, listVolumes } from './volumes.js';
+import { lockDataDir } from './lock.js';
 
 export interface ServeOptions {
   dataDir: string;
@@ -35,7 +36,8 @@ export interface RunningDaemon {
 }
 
 export async function startServe(opts: ServeOptions, log: Logger): Promise<RunningDaemon> {
-  await mkdir(opts.dataDir, { recursive: true });
+  await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
+  const lock = await lockDataDir(opts.dataDir);
   let vols = await listVolumes(opts.dataDir);
   if (vols.length === 0 && !opts.readOnly) {
     const v = await createVolume(opts.dataDir, opts.defaultVolume, opts.defaultSize);
@@ -82,6 +84,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
           if (!v.info.readOnly) await v.flush().catch((err) => log.error({ err, volume: v.info.name }, 'final flush failed'));
           await v.close();
         }
+        await lock.release();
       })();
       return stopping;
     },

@@ -81,13 +81,16 @@ export class NbdServer {
   /** Stops accepting, lets requests in flight finish, closes every connection. Idempotent. */
   close(graceMs = 10_000): Promise<void> {
     this.closing ??= (async () => {
-      await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+      // net.Server#close only calls back once every connection has ended, so the
+      // listeners stop accepting first and are awaited after the connections close.
+      const stopped = this.listeners.map((l) => new Promise<void>((r) => l.close(() => r())));
       const all = [...this.connections].map((c) => c.close());
       const timer = setTimeout(() => {
         for (const c of this.connections) c.destroy();
       }, graceMs);
       await Promise.all(all);
       clearTimeout(timer);
+      await Promise.all(stopped);
     })();
     return this.closing;
   }

@@ -1,0 +1,97 @@
+import t from 'tap';
+import { execFile, spawn } from 'node:child_process';
+import { mkdtemp, stat, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { CLI, startDaemon } from '../helpers/daemon.js';
+import { RawClient } from '../helpers/raw-client.js';
+import * as C from '../../protocol/constants.js';
+import { request } from '../helpers/frames.js';
+
+const execFileP = promisify(execFile);
+
+async function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await execFileP(process.execPath, [CLI, ...args]);
+    return { code: 0, ...r };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+t.test('volume create makes a sparse file, refuses bad names and taken names', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const ok = await run(['volume', 'create', 'vol0', '--size', '64M', '--data-dir', dir]);
+  t.equal(ok.code, 0, ok.stderr);
+  const st = await stat(join(dir, 'vol0.vol'));
+  t.equal(st.size, 64 * 1024 * 1024);
+  t.ok(st.blocks * 512 < 1024 * 1024, 'sparse');
+  const taken = await run(['volume', 'create', 'vol0', '--size', '1M', '--data-dir', dir]);
+  t.not(taken.code, 0);
+  t.match(taken.stderr, /already used/);
+  for (const bad of ['../etc', 'a/b', '.hidden', '']) {
+    const r = await run(['volume', 'create', bad, '--size', '1M', '--data-dir', dir]);
+    t.not(r.code, 0, `name ${JSON.stringify(bad)} refused`);
+  }
+  const badSize = await run(['volume', 'create', 'v2', '--size', '12Q', '--data-dir', dir]);
+  t.not(badSize.code, 0);
+  t.match(badSize.stderr, /invalid size/);
+  const list = await run(['volume', 'list', '--json', '--data-dir', dir]);
+  t.same(JSON.parse(list.stdout).map((v: { name: string }) => v.name), ['vol0']);
+});
+
+t.test('serve creates a default volume, locks the data dir, serves a unix socket, stops on SIGTERM', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const sock = join(dir, 'nbd.sock');
+  const d = await startDaemon({ dataDir: dir, socket: sock, args: ['--default-size', '16M'] });
+  t.teardown(() => d.stop());
+  const st = await stat(join(dir, 'default.vol'));
+  t.equal(st.size, 16 * 1024 * 1024, 'default volume created');
+
+  const second = await run(['serve', '--data-dir', dir, '--listen', '127.0.0.1:0']);
+  t.not(second.code, 0, 'second daemon refused');
+  t.match(second.stderr, /in use by another cowbd/);
+
+  const { stdout } = await execFileP('nbdinfo', ['--json', `nbd+unix:///?socket=${sock}`]);
+  const info = JSON.parse(stdout);
+  t.equal(info.exports[0]['export-size'], 16 * 1024 * 1024, 'unix socket serves the default export');
+
+  // A request in flight when SIGTERM arrives still gets its reply.
+  const c = await RawClient.connect(d.port);
+  await c.go('');
+  c.send(request(C.NBD_CMD_READ, 0, 1 << 20, 7));
+  d.proc.kill('SIGTERM');
+  const r = await c.simpleReply(1 << 20);
+  t.equal(r.error, 0);
+  t.equal(r.cookie, 7);
+  const code = await d.stop();
+  t.equal(code, 0, 'exit 0 after SIGTERM');
+  t.ok(d.logs.some((l) => l.msg === 'stopped'));
+});
+
+t.test('read-only serve refuses writes', async (t) => {
+  const d = await startDaemon({ volumes: [{ name: 'v', size: '1M' }], readOnly: true });
+  t.teardown(() => d.stop());
+  const c = await RawClient.connect(d.port);
+  const { flags } = await c.go('v');
+  t.ok(flags & C.NBD_FLAG_READ_ONLY);
+  c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, 4, 1), Buffer.alloc(4)]));
+  t.equal((await c.simpleReply()).error, C.NBD_EPERM);
+  c.close();
+});
+
+t.test('a stale lock from a dead process is taken over', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const p = spawn(process.execPath, [CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--default-size', '1M'], { stdio: 'pipe' });
+  await new Promise<void>((r) => p.stdout.on('data', (d: Buffer) => d.toString().includes('"serving"') && r()));
+  p.kill('SIGKILL');
+  await new Promise((r) => p.once('exit', r));
+  const d = await startDaemon({ dataDir: dir });
+  t.ok(d.port > 0, 'started over a stale pid file');
+  t.equal(await d.stop(), 0);
+});
