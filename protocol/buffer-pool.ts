@@ -23,8 +23,8 @@ export class BufferPool {
 
   /** Returns a buffer obtained from get(); it must no longer be in use. */
   put(b: Buffer): void {
-    const full = Buffer.from(b.buffer, b.byteOffset, b.buffer.byteLength - b.byteOffset);
     if (b.byteOffset !== 0) return;
+    const full = Buffer.from(b.buffer, 0, b.buffer.byteLength);
     const cls = classOf(full.length);
     if (cls < 0 || full.length !== 1 << (cls + MIN_SHIFT)) return;
     const list = this.free[cls]!;

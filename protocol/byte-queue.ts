@@ -17,6 +17,12 @@ export class ByteQueue {
     this.total += chunk.length;
   }
 
+  /** Whether the next n bytes lie inside one chunk, so take(n) would not copy. */
+  contiguous(n: number): boolean {
+    const first = this.chunks[0];
+    return first !== undefined && first.length - this.head >= n;
+  }
+
   /** Takes n bytes (n <= length). A view when possible, else a fresh copy. */
   take(n: number): Buffer {
     if (n > this.total) throw new RangeError(`take(${n}) with only ${this.total} bytes buffered`);

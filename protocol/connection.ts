@@ -188,7 +188,14 @@ export class Connection extends EventEmitter {
         const req = this.pendingWrite;
         if (q.length < req.length) return;
         this.pendingWrite = undefined;
-        this.dispatch(req, q.take(req.length));
+        if (q.contiguous(req.length)) {
+          this.dispatch(req, q.take(req.length), false);
+        } else {
+          // A pooled buffer: a fresh 1 MiB allocation per write costs page faults.
+          const buf = this.pool.get(req.length);
+          q.copyOut(buf, 0, req.length);
+          this.dispatch(req, buf, true);
+        }
         continue;
       }
       if (this.overloaded() || this.writeBlocked) {
@@ -221,11 +228,11 @@ export class Connection extends EventEmitter {
         this.pendingWrite = req;
         continue;
       }
-      this.dispatch(req, undefined);
+      this.dispatch(req, undefined, false);
     }
   }
 
-  private dispatch(req: Request, payload: Buffer | undefined): void {
+  private dispatch(req: Request, payload: Buffer | undefined, pooled: boolean): void {
     const ctx = this.ctx!;
     const started = performance.now();
     this.inFlight++;
@@ -236,12 +243,17 @@ export class Connection extends EventEmitter {
     const refused = validate(req, ctx);
     if (refused) {
       this.log.debug({ command, offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
+      if (pooled) this.pool.put(payload!);
       this.finish(req, refused, started, bytes + (payload?.length ?? 0));
       return;
     }
+    const held = bytes + (payload?.length ?? 0);
     execute(req, payload, ctx).then(
-      (outcome) => this.finish(req, outcome, started, bytes + (payload?.length ?? 0)),
-      (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, bytes + (payload?.length ?? 0)),
+      (outcome) => {
+        if (pooled) this.pool.put(payload!);
+        this.finish(req, outcome, started, held);
+      },
+      (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, held),
     );
   }
 
