@@ -4,7 +4,7 @@
 // cpio (the export list and the test's shell script) to the cached initramfs.
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ROOT } from './daemon.js';
@@ -40,8 +40,11 @@ export interface GuestResult {
   timedOut: boolean;
   /** Console text. */
   log: string;
-  /** Wall time from spawning qemu to its exit. */
+  /** Host milliseconds from spawning qemu to: its exit (wallMs), the guest init
+   *  starting (initMs, i.e. boot time), the exit marker (exitMarkerMs). */
   wallMs: number;
+  initMs?: number;
+  exitMarkerMs?: number;
   /** Guest uptime in seconds at: init start, exports attached, script finished. */
   uptime: { init?: number; attached?: number; scriptDone?: number };
 }
@@ -89,8 +92,18 @@ export function killGuests(): void {
   for (const p of live) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
   live.clear();
 }
-// A test that crashes or is cancelled must not leave a qemu spinning on a core.
-process.once('exit', killGuests);
+// A test that crashes or is cancelled must not leave a qemu spinning on a core. A
+// signal skips 'exit' handlers, so kill the guests and then let the signal do what
+// it would have done (once our listener is gone, the default or tap's own).
+let hooked = false;
+function hookProcessExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.once('exit', killGuests);
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.once(sig, () => { killGuests(); process.kill(process.pid, sig); });
+  }
+}
 
 export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
   const p = await prepareGuest();
@@ -112,10 +125,13 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
       { name: 'cowbd', mode: 0o40755 },
       { name: 'cowbd/exports', mode: 0o100644, data: Buffer.from(exportsFile) },
       { name: 'cowbd/script.sh', mode: 0o100755, data: Buffer.from(opts.script + '\n') },
+      // The guest powers itself off a little after the host would have killed it, so
+      // even a qemu whose runner died cannot outlive the test by much.
+      { name: 'cowbd/deadline', mode: 0o100644, data: Buffer.from(`${Math.ceil(timeoutMs / 1000) + 10}\n`) },
     ]);
     const initrd = join(work, 'initrd.img');
     await writeFile(initrd, Buffer.concat([base, pad, extra]));
-    return await boot(join(p.dir, 'vmlinuz'), initrd, opts, timeoutMs);
+    return await boot(join(p.dir, 'kernel'), initrd, opts, timeoutMs);
   } finally {
     await rm(work, { recursive: true, force: true });
   }
@@ -128,10 +144,11 @@ function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: num
     '-nodefaults', '-no-reboot', '-display', 'none', '-monitor', 'none', '-serial', 'stdio',
     '-kernel', kernel, '-initrd', initrd,
     // panic=-1 reboots on a panic, and -no-reboot turns that into qemu exiting.
-    '-append', 'console=ttyS0 panic=-1 oops=panic rdinit=/init',
+    '-append', ['console=ttyS0 panic=-1 oops=panic rdinit=/init', process.env.COWBD_GUEST_APPEND ?? ''].join(' ').trim(),
     '-netdev', 'user,id=net0', '-device', 'virtio-net-pci,netdev=net0',
   ];
   const started = Date.now();
+  hookProcessExit();
   const proc = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(proc);
   const logFile = opts.log ? createWriteStream(opts.log) : undefined;
@@ -139,13 +156,17 @@ function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: num
   let exitCode: number | null = null;
   let timedOut = false;
   let graceTimer: NodeJS.Timeout | undefined;
+  let initMs: number | undefined;
+  let exitMarkerMs: number | undefined;
   const onData = (chunk: Buffer) => {
     logFile?.write(chunk);
     text += chunk.toString('latin1');
+    if (initMs === undefined && text.includes('COWBD-INIT')) initMs = Date.now() - started;
     if (exitCode === null) {
       const m = /COWBD-EXIT=(\d+)/.exec(text);
       if (m) {
         exitCode = Number(m[1]);
+        exitMarkerMs = Date.now() - started;
         // poweroff -f exits qemu within moments; do not wait on a wedged guest.
         graceTimer = setTimeout(() => proc.kill('SIGKILL'), 15_000);
       }
@@ -174,13 +195,20 @@ function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: num
         return m ? Number(m[1]) : undefined;
       };
       const result: GuestResult = {
-        exitCode, timedOut, log: text, wallMs: Date.now() - started,
+        exitCode, timedOut, log: text, wallMs: Date.now() - started, initMs, exitMarkerMs,
         uptime: { init: uptime('COWBD-INIT'), attached: uptime('COWBD-ATTACHED'), scriptDone: uptime('COWBD-SCRIPT-DONE') },
       };
       if (logFile) logFile.end(() => resolve(result));
       else resolve(result);
     });
   });
+}
+
+/** Where a test's guest console goes: $COWBD_GUEST_LOGS or $TMPDIR/cowbd-guest-logs. */
+export async function guestLogPath(name: string): Promise<string> {
+  const dir = process.env.COWBD_GUEST_LOGS ?? join(tmpdir(), 'cowbd-guest-logs');
+  await mkdir(dir, { recursive: true });
+  return join(dir, `${name}.log`);
 }
 
 /** The last lines of a console log, for assertion messages. */

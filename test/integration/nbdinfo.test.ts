@@ -1,7 +1,25 @@
 // What libnbd's nbdinfo sees of the handshake: flags, size, the export list
 // with descriptions, block sizes and the base:allocation context.
 import t from 'tap';
-import { run, startTarget, type Target } from './target.js';
+import { run, startTarget, TARGET, type Target } from './target.js';
+
+// Starting a daemon costs a second or two here, so the whole file shares one
+// read-write and one read-only server, each subtest on its own volumes.
+let srv: Target;
+let ro: Target;
+let bare: Target | undefined;
+t.before(async () => {
+  [srv, ro, bare] = await Promise.all([
+    startTarget({ volumes: [
+      { name: 'vol0', size: '64M' }, { name: 'vol1', size: '3M' },
+      { name: 'alpha', size: '8M' }, { name: 'beta', size: '16M' }, { name: 'mapped', size: '16M' },
+    ] }),
+    startTarget({ volumes: [{ name: 'vol0', size: '8M' }], readOnly: true }),
+    // cowbd creates and serves a default volume when it finds none; nbdkit's file plugin has no such thing.
+    TARGET === 'cowbd' ? startTarget({ volumes: [] }) : undefined,
+  ]);
+});
+t.teardown(() => Promise.all([srv?.stop(), ro?.stop(), bare?.stop()]));
 
 interface InfoExport {
   'export-name': string;
@@ -37,9 +55,6 @@ async function info(args: string[]): Promise<InfoJson> {
 const MiB = 1024 * 1024;
 
 t.test('read-write export', async (t) => {
-  const srv: Target = await startTarget({ volumes: [{ name: 'vol0', size: '64M' }, { name: 'vol1', size: '3M' }] });
-  t.teardown(() => srv.stop());
-
   const j = await info([srv.uri('vol0')]);
   t.equal(j.protocol, 'newstyle-fixed');
   t.equal(j.structured, true, 'structured replies negotiated');
@@ -68,11 +83,10 @@ t.test('read-write export', async (t) => {
 });
 
 t.test('export list', async (t) => {
-  const srv = await startTarget({ volumes: [{ name: 'alpha', size: '8M' }, { name: 'beta', size: '16M' }] });
-  t.teardown(() => srv.stop());
   const j = await info(['--list', srv.uri('')]);
   const byName = new Map(j.exports.map((e) => [e['export-name'], e]));
-  t.ok(byName.has('alpha') && byName.has('beta'), `both exports listed (got ${[...byName.keys()].join(', ')})`);
+  const names = [...byName.keys()].sort();
+  t.same(names, ['alpha', 'beta', 'mapped', 'vol0', 'vol1'], 'every volume is listed');
   t.equal(byName.get('alpha')?.['export-size'], 8 * MiB);
   t.equal(byName.get('beta')?.['export-size'], 16 * MiB);
   for (const [name, e] of byName) {
@@ -85,9 +99,7 @@ t.test('export list', async (t) => {
 });
 
 t.test('--can and --map', async (t) => {
-  const srv = await startTarget({ volumes: [{ name: 'vol0', size: '16M' }] });
-  t.teardown(() => srv.stop());
-  const uri = srv.uri('vol0');
+  const uri = srv.uri('mapped');
   for (const what of ['connect', 'structured-reply', 'flush', 'fua', 'trim', 'zero', 'cache', 'multi-conn']) {
     const r = await run('nbdinfo', ['--can', what, uri]);
     t.equal(r.code, 0, `--can ${what}`);
@@ -100,7 +112,7 @@ t.test('--can and --map', async (t) => {
   const extents = JSON.parse(fresh.stdout) as { offset: number; length: number; type: number }[];
   const total = extents.reduce((n, e) => n + e.length, 0);
   t.equal(total, 16 * MiB, 'map covers the whole export');
-  t.ok(extents.every((e) => (e.type & 2) === 2), 'fresh volume reads as zero everywhere');
+  t.ok(extents.every((e) => (e.type & 2) === 2), 'fresh sparse volume is mapped as zero everywhere');
 
   const w = await run('qemu-io', ['-f', 'raw', uri, '-c', `write -P 0x5a ${4 * MiB} ${MiB}`]);
   t.equal(w.code, 0, w.stderr);
@@ -113,21 +125,28 @@ t.test('--can and --map', async (t) => {
 });
 
 t.test('read-only export', async (t) => {
-  const srv = await startTarget({ volumes: [{ name: 'vol0', size: '8M' }], readOnly: true });
-  t.teardown(() => srv.stop());
-  const e = (await info([srv.uri('vol0')])).exports[0]!;
+  const e = (await info([ro.uri('vol0')])).exports[0]!;
   t.equal(e.is_read_only, true, 'READ_ONLY flag');
   t.equal(e.can_trim, false, 'no TRIM on a read-only export');
   t.equal(e.can_zero, false, 'no WRITE_ZEROES on a read-only export');
-  t.equal((await run('nbdinfo', ['--is', 'read-only', srv.uri('vol0')])).code, 0);
+  t.equal((await run('nbdinfo', ['--is', 'read-only', ro.uri('vol0')])).code, 0);
 });
 
 t.test('unknown export', async (t) => {
-  const srv = await startTarget({ volumes: [{ name: 'vol0', size: '8M' }] });
-  t.teardown(() => srv.stop());
   const r = await run('nbdinfo', ['--json', srv.uri('nosuch')]);
   t.not(r.code, 0, 'nbdinfo fails');
   // libnbd reports NBD_REP_ERR_UNKNOWN as ENOENT.
   t.match(r.stderr, /No such file or directory/, 'refused with NBD_REP_ERR_UNKNOWN');
   t.equal((await run('nbdinfo', ['--can', 'connect', srv.uri('vol0')])).code, 0, 'server still serves');
+});
+
+t.test('the empty export name selects the default volume', { skip: TARGET !== 'cowbd' && 'cowbd only' }, async (t) => {
+  const j = await info([bare!.uri('')]);
+  t.equal(j.exports.length, 1);
+  t.equal(j.exports[0]!['export-size'], 1024 * MiB, 'the default volume is 1 GiB');
+  t.equal(j.exports[0]!.is_read_only, false);
+  const list = await info(['--list', bare!.uri('')]);
+  t.same(list.exports.map((e) => e['export-name']), ['default'], 'LIST shows the created default volume');
+  const named = await info([bare!.uri('default')]);
+  t.equal(named.exports[0]!['export-size'], 1024 * MiB, 'and it is also reachable by name');
 });

@@ -1,6 +1,6 @@
 // QEMU's own NBD client (block/nbd.c): patterned and unaligned I/O, zeroes,
 // discard, FUA, and its refusal to write to a read-only export.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { run, startTarget, type RunResult } from './target.js';
 
 const MiB = 1024 * 1024;
@@ -19,7 +19,7 @@ function qemuIo(uri: string, cmds: string[], readOnly = false): Promise<RunResul
  * qemu-io keeps going after a failed command, so a good exit code alone does
  * not prove every pattern check held; the output is checked too.
  */
-function assertClean(t: Tap.Test, r: RunResult, what: string): void {
+function assertClean(t: Test, r: RunResult, what: string): void {
   t.equal(r.code, 0, `${what}: exit 0${r.code ? ` (stderr: ${r.stderr.trim()})` : ''}`);
   t.notMatch(r.stdout + r.stderr, /Pattern verification failed|error|failed/i, `${what}: no failure reported`);
 }

@@ -1,0 +1,115 @@
+// Block devices the COW engine reads and writes. The engine only ever sees this
+// interface, so the crash tests can swap files for a fault-injecting memory model.
+import * as fs from 'node:fs';
+import { execFile } from 'node:child_process';
+
+export interface BlockDevice {
+  /** Current size in bytes. Stores grow by writing past the end. */
+  readonly size: number;
+  /** Fills buf from offset; bytes past the end read as zeros. */
+  read(buf: Buffer, offset: number): Promise<void>;
+  write(buf: Buffer, offset: number): Promise<void>;
+  /** Makes every completed write durable (fdatasync). */
+  sync(): Promise<void>;
+  /** Deallocates a range; it then reads as zeros. Optional: callers fall back to nothing. */
+  punchHole?(offset: number, length: number): Promise<void>;
+  /** Deallocates several ranges in one go (one subprocess for files). */
+  punchHoles?(ranges: ReadonlyArray<readonly [offset: number, length: number]>): Promise<void>;
+  /** Must take effect before it returns (the promise only reports completion). */
+  truncate?(size: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface FileDeviceOptions {
+  readOnly?: boolean;
+  /** Create the file if missing (never for origins: the daemon owns those). */
+  create?: boolean;
+}
+
+const readP = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
+  new Promise((res, rej) => fs.read(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
+const writeP = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
+  new Promise((res, rej) => fs.write(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
+const fdatasyncP = (fd: number): Promise<void> =>
+  new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+
+// fallocate(1) takes one range per call; a shell loop turns N ranges into one spawn.
+// The path travels as $0 and offsets are integers, so nothing is interpolated into the script.
+const PUNCH_SCRIPT = 'while read o l; do fallocate --punch-hole --keep-size -o "$o" -l "$l" "$0" || exit 1; done';
+
+export class FileDevice implements BlockDevice {
+  private closed = false;
+  private readonly fd: number;
+  private constructor(
+    readonly path: string,
+    private readonly fh: fs.promises.FileHandle,
+    private _size: number,
+    readonly readOnly: boolean,
+  ) {
+    this.fd = fh.fd;
+  }
+
+  static async open(path: string, opts: FileDeviceOptions = {}): Promise<FileDevice> {
+    const readOnly = opts.readOnly ?? false;
+    const flags = readOnly ? 'r' : opts.create ? fs.constants.O_RDWR | fs.constants.O_CREAT : 'r+';
+    const fh = await fs.promises.open(path, flags, 0o600);
+    const st = await fh.stat();
+    // I/O goes through the callback API on the raw fd: cheaper per call than FileHandle.
+    return new FileDevice(path, fh, st.size, readOnly);
+  }
+
+  get size(): number {
+    return this._size;
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const n = await readP(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) {
+        buf.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) done += await writeP(this.fd, buf, done, buf.length - done, offset + done);
+    if (offset + buf.length > this._size) this._size = offset + buf.length;
+  }
+
+  sync(): Promise<void> {
+    return fdatasyncP(this.fd);
+  }
+
+  punchHole(offset: number, length: number): Promise<void> {
+    return this.punchHoles([[offset, length]]);
+  }
+
+  punchHoles(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
+    if (ranges.length === 0) return Promise.resolve();
+    return new Promise((res, rej) => {
+      const child = execFile('/bin/sh', ['-c', PUNCH_SCRIPT, this.path], (e) => (e ? rej(e) : res()));
+      child.stdin?.end(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n`).join(''));
+    });
+  }
+
+  truncate(size: number): Promise<void> {
+    // Synchronous on purpose: see BlockDevice.truncate. ftruncate is a short metadata call.
+    try {
+      fs.ftruncateSync(this.fd, size);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    this._size = size;
+    return Promise.resolve();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+}

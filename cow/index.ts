@@ -1,0 +1,46 @@
+/**
+ * cow/ — the copy-on-write engine: origin and snapshot volumes over bounded, crash-safe
+ * exception stores. Knows nothing of sockets or NBD. Design: docs/cow-design.md;
+ * on-disk format: docs/exception-store.md.
+ *
+ * Daemon-facing API
+ *   const cow = await CowManager.open(dataDir, { logger?, usageThresholds?, onCommit?, maxCopies? })
+ *   const origin = await cow.attachOrigin(name)        // opens DATA_DIR/name.vol + its stores, replays
+ *   const snap = await cow.createSnapshot({ name, origin, size, chunkSize = 65536,
+ *                                           policy: 'invalidate' | 'overflow', transient = false, readOnly = false })
+ *   cow.snapshot(name) / cow.origin(name) / cow.snapshotsOf(origin?) / cow.list(): SnapshotUsage[]
+ *   await cow.extendSnapshot(name, newSizeBytes)       // lvextend; clears 'overflow'
+ *   await cow.removeSnapshot(name)                     // frees space at once (holes punched, file truncated or deleted)
+ *   await cow.detachOrigin(name); await cow.close()    // idempotent
+ *   cow.stats(): CowStats                              // copies, bytesCopied, exceptionsCommitted, commits, commitSecondsTotal, ...
+ *   cow.on('invalidated' | 'overflow' | 'usage' | 'commit', ...)
+ *
+ * Volumes (Origin and Snapshot implement Volume):
+ *   size, state ('valid' | 'invalid' | 'overflow'; origins always 'valid'),
+ *   read(buf, off), write(buf, off, fua), flush(), discard(off, len, fua), writeZeroes(off, len, fua).
+ *   Errors are CowError with code 'EIO' (invalid or removed snapshot, store failure),
+ *   'ENOSPC' (overflow-policy snapshot full), 'EPERM' (read-only snapshot).
+ *   Ranges are range-checked by the caller.
+ *
+ * Lower level (tests, tools): BlockDevice, FileDevice, MemDevice, ExceptionStore, Origin, Snapshot.
+ */
+export type { BlockDevice, FileDeviceOptions } from './device.js';
+export { FileDevice } from './device.js';
+export { MemDevice } from './mem-device.js';
+export { CowError, type CowErrorCode } from './errors.js';
+export type { Volume } from './volume.js';
+export { Origin } from './origin.js';
+export { Snapshot, type SnapshotUsage } from './snapshot.js';
+export { ExceptionStore, type StoreEvents, type StoreOptions, type NewSnapshot } from './store.js';
+export {
+  CowManager,
+  validName,
+  type CowManagerOptions,
+  type CreateSnapshotOptions,
+  type CowStats,
+  type CowLogger,
+  type InvalidatedEvent,
+  type UsageEvent,
+  type CowManagerEvents,
+} from './manager.js';
+export { MIN_CHUNK, MAX_CHUNK, MAX_SNAPSHOTS, type OverflowPolicy, type SnapshotStateName } from './format.js';

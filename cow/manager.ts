@@ -1,0 +1,326 @@
+// Owns the COW state of a data directory. Files:
+//   DATA_DIR/NAME.vol                      origin volume (the daemon's; opened here, never created)
+//   DATA_DIR/cow/NAME.<K>k.cows            persistent exception store of origin NAME for chunk size K KiB
+//   DATA_DIR/cow/NAME.<K>k.transient       transient store: data only, deleted at open
+// A store holds every snapshot of one origin with one chunk size (up to 127).
+import { EventEmitter } from 'node:events';
+import { mkdir, readdir, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FileDevice } from './device.js';
+import { cowError } from './errors.js';
+import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
+import { Origin } from './origin.js';
+import { Snapshot, type SnapshotUsage } from './snapshot.js';
+import { ExceptionStore, type StoreEvents } from './store.js';
+
+export interface CowLogger {
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+  error(obj: object, msg?: string): void;
+}
+
+export interface CowManagerOptions {
+  logger?: CowLogger;
+  /** Usage percentages at which a 'usage' event fires (default 50, 80, 90, 100). */
+  usageThresholds?: number[];
+  /** Called after each group commit with its latency in seconds. */
+  onCommit?: (seconds: number, exceptions: number) => void;
+  /** Chunk copies in flight per store (default 64). */
+  maxCopies?: number;
+}
+
+export interface CreateSnapshotOptions {
+  name: string;
+  origin: string;
+  /** Bytes of exception store, metadata included (lvcreate --size). Rounded down to chunks. */
+  size: number;
+  chunkSize?: number;
+  policy?: OverflowPolicy;
+  transient?: boolean;
+  readOnly?: boolean;
+}
+
+export interface CowStats {
+  copies: number;
+  bytesCopied: number;
+  exceptionsCommitted: number;
+  commits: number;
+  commitSecondsTotal: number;
+  snapshots: number;
+  storeChunks: number;
+  memoryBytes: number;
+}
+
+export interface InvalidatedEvent {
+  name: string;
+  origin: string;
+  reason: string;
+  usedChunks: number;
+  capacityChunks: number;
+}
+
+export interface UsageEvent {
+  name: string;
+  origin: string;
+  percent: number;
+  usedChunks: number;
+  capacityChunks: number;
+}
+
+export interface CowManagerEvents {
+  invalidated: [InvalidatedEvent];
+  overflow: [{ name: string; origin: string }];
+  usage: [UsageEvent];
+  commit: [{ seconds: number; exceptions: number }];
+}
+
+/** Names become file names: accept a conservative set only, whatever the caller checked. */
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
+export function validName(name: string): boolean {
+  return NAME_RE.test(name) && !name.includes('..');
+}
+
+interface StoreEntry {
+  store: ExceptionStore;
+  path: string;
+}
+
+export class CowManager extends EventEmitter<CowManagerEvents> {
+  private readonly origins = new Map<string, Origin>();
+  private readonly stores = new Map<string, StoreEntry[]>();
+  private readonly snaps = new Map<string, Snapshot>();
+  private readonly totals = { copies: 0, bytesCopied: 0, exceptionsCommitted: 0, commits: 0, commitSecondsTotal: 0 };
+  private closed = false;
+
+  private constructor(
+    readonly dataDir: string,
+    private readonly opts: CowManagerOptions,
+  ) {
+    super();
+  }
+
+  static async open(dataDir: string, opts: CowManagerOptions = {}): Promise<CowManager> {
+    const m = new CowManager(dataDir, opts);
+    await mkdir(m.cowDir, { recursive: true });
+    for (const f of await readdir(m.cowDir)) {
+      if (f.endsWith('.transient')) await unlink(join(m.cowDir, f)).catch(() => {});
+    }
+    return m;
+  }
+
+  get cowDir(): string {
+    return join(this.dataDir, 'cow');
+  }
+
+  private storePath(origin: string, chunkSize: number, transient: boolean): string {
+    return join(this.cowDir, `${origin}.${chunkSize / 1024}k.${transient ? 'transient' : 'cows'}`);
+  }
+
+  private storeEvents(originName: string): StoreEvents {
+    const figures = (r: { name: string; usedChunks: number; capacityChunks: number }) => ({
+      name: r.name,
+      origin: originName,
+      usedChunks: r.usedChunks,
+      capacityChunks: r.capacityChunks,
+    });
+    return {
+      onCommit: (seconds, exceptions) => {
+        this.totals.commits++;
+        this.totals.commitSecondsTotal += seconds;
+        this.totals.exceptionsCommitted += exceptions;
+        this.opts.onCommit?.(seconds, exceptions);
+        if (this.listenerCount('commit')) this.emit('commit', { seconds, exceptions });
+      },
+      onCopy: (chunks, bytes) => {
+        this.totals.copies += chunks;
+        this.totals.bytesCopied += bytes;
+      },
+      onInvalidated: (rec, reason) => {
+        this.opts.logger?.warn({ snapshot: rec.name, origin: originName, reason }, 'snapshot invalidated');
+        this.emit('invalidated', { ...figures(rec), reason });
+      },
+      onOverflow: (rec) => {
+        this.opts.logger?.warn({ snapshot: rec.name, origin: originName }, 'snapshot overflowed: its writes now fail with ENOSPC');
+        this.emit('overflow', { name: rec.name, origin: originName });
+      },
+      onUsage: (rec, percent) => this.emit('usage', { ...figures(rec), percent }),
+    };
+  }
+
+  /** Opens DATA_DIR/NAME.vol and every persistent store of it, replaying their snapshots. */
+  async attachOrigin(name: string): Promise<Origin> {
+    this.checkOpen();
+    if (!validName(name)) throw cowError('EINVAL', `invalid volume name ${JSON.stringify(name)}`);
+    const existing = this.origins.get(name);
+    if (existing) return existing;
+    const dev = await FileDevice.open(join(this.dataDir, `${name}.vol`));
+    const origin = new Origin(name, dev);
+    const entries: StoreEntry[] = [];
+    try {
+      const prefix = `${name}.`;
+      for (const f of (await readdir(this.cowDir)).sort()) {
+        const m = /^(.+)\.(\d+)k\.cows$/.exec(f);
+        if (!m || m[1] !== name || !f.startsWith(prefix)) continue;
+        const path = join(this.cowDir, f);
+        const sdev = await FileDevice.open(path);
+        const store = await ExceptionStore.open(sdev, dev, this.storeOpts(name)).catch(async (e: unknown) => {
+          await sdev.close();
+          throw e;
+        });
+        if (store.snapshotCount === 0) {
+          await store.close();
+          await unlink(path).catch(() => {});
+          continue;
+        }
+        entries.push({ store, path });
+      }
+    } catch (e) {
+      for (const s of entries) await s.store.close();
+      await dev.close();
+      throw e;
+    }
+    this.origins.set(name, origin);
+    this.stores.set(name, entries);
+    for (const { store } of entries) {
+      origin.stores.push(store);
+      for (const rec of store.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, store, rec));
+    }
+    this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.store.snapshotCount, 0) }, 'origin attached');
+    return origin;
+  }
+
+  private storeOpts(originName: string) {
+    return { events: this.storeEvents(originName), usageThresholds: this.opts.usageThresholds, maxCopies: this.opts.maxCopies };
+  }
+
+  async detachOrigin(name: string): Promise<void> {
+    const origin = this.origins.get(name);
+    if (!origin) return;
+    for (const [sn, s] of this.snaps) if (s.origin === origin) this.snaps.delete(sn);
+    for (const e of this.stores.get(name) ?? []) {
+      await e.store.close();
+      if (e.store.transient) await unlink(e.path).catch(() => {});
+    }
+    this.stores.delete(name);
+    this.origins.delete(name);
+    await origin.close();
+  }
+
+  origin(name: string): Origin | undefined {
+    return this.origins.get(name);
+  }
+
+  snapshot(name: string): Snapshot | undefined {
+    return this.snaps.get(name);
+  }
+
+  /** Snapshots of one origin (or all), for refusing to delete an origin that has some. */
+  snapshotsOf(origin?: string): Snapshot[] {
+    return [...this.snaps.values()].filter((s) => origin === undefined || s.origin.name === origin);
+  }
+
+  list(): SnapshotUsage[] {
+    return this.snapshotsOf().map((s) => s.usage());
+  }
+
+  async createSnapshot(o: CreateSnapshotOptions): Promise<Snapshot> {
+    this.checkOpen();
+    if (!validName(o.name)) throw cowError('EINVAL', `invalid snapshot name ${JSON.stringify(o.name)}`);
+    if (this.snaps.has(o.name) || this.origins.has(o.name)) throw cowError('EEXIST', `${o.name} already exists`);
+    const origin = this.origins.get(o.origin);
+    if (!origin) throw cowError('ENOENT', `origin ${o.origin} is not attached`);
+    const chunkSize = o.chunkSize ?? 65536;
+    const transient = o.transient ?? false;
+    ExceptionStore.checkOptions({ chunkSize, originSize: origin.size, originName: origin.name });
+    const capacityChunks = Math.floor(o.size / chunkSize);
+    const entries = this.stores.get(o.origin)!;
+    let entry = entries.find((e) => e.store.chunkSize === chunkSize && e.store.transient === transient && e.store.snapshotCount < MAX_SNAPSHOTS);
+    const created = !entry;
+    if (!entry) {
+      const path = this.storePath(o.origin, chunkSize, transient);
+      const sdev = await FileDevice.open(path, { create: true });
+      const storeOpts = { ...this.storeOpts(origin.name), chunkSize, originSize: origin.size, originName: origin.name };
+      try {
+        if (sdev.size > 0 && !transient) throw cowError('EEXIST', `${path} exists`);
+        if (transient) await sdev.truncate(0);
+        const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts);
+        entry = { store, path };
+      } catch (e) {
+        await sdev.close();
+        throw e;
+      }
+      entries.push(entry);
+      origin.stores.push(entry.store);
+    }
+    const store = entry.store;
+    try {
+      const rec = await origin.quiesced(
+        () => store.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
+        !transient,
+      );
+      if (this.snaps.has(o.name)) {
+        await store.remove(rec);
+        throw cowError('EEXIST', `${o.name} already exists`);
+      }
+      const snap = new Snapshot(origin, store, rec);
+      this.snaps.set(o.name, snap);
+      this.opts.logger?.info({ snapshot: o.name, origin: o.origin, capacityChunks, chunkSize, transient }, 'snapshot created');
+      return snap;
+    } catch (e) {
+      if (created && store.snapshotCount === 0) await this.dropStore(o.origin, entry);
+      throw e;
+    }
+  }
+
+  /** Grows a snapshot to newSize bytes (lvextend). An overflowed snapshot becomes writable again. */
+  async extendSnapshot(name: string, newSize: number): Promise<SnapshotUsage> {
+    const s = this.snaps.get(name);
+    if (!s) throw cowError('ENOENT', `no snapshot ${name}`);
+    await s.store.extend(s.record, Math.floor(newSize / s.store.chunkSize));
+    return s.usage();
+  }
+
+  /** Frees the snapshot's space at once; the origin and other snapshots are untouched. */
+  async removeSnapshot(name: string): Promise<void> {
+    const s = this.snaps.get(name);
+    if (!s) throw cowError('ENOENT', `no snapshot ${name}`);
+    this.snaps.delete(name);
+    await s.store.remove(s.record);
+    if (s.store.snapshotCount === 0) {
+      const entry = this.stores.get(s.origin.name)?.find((e) => e.store === s.store);
+      if (entry) await this.dropStore(s.origin.name, entry);
+    }
+    this.opts.logger?.info({ snapshot: name }, 'snapshot removed');
+  }
+
+  private async dropStore(originName: string, entry: StoreEntry): Promise<void> {
+    const origin = this.origins.get(originName);
+    const list = this.stores.get(originName);
+    if (list) list.splice(list.indexOf(entry), 1);
+    if (origin) origin.stores.splice(origin.stores.indexOf(entry.store), 1);
+    await entry.store.close();
+    await unlink(entry.path).catch(() => {});
+  }
+
+  stats(): CowStats {
+    let storeChunks = 0;
+    let memoryBytes = 0;
+    for (const list of this.stores.values()) {
+      for (const { store } of list) {
+        storeChunks += store.fileChunks;
+        memoryBytes += store.memoryBytes;
+      }
+    }
+    return { ...this.totals, snapshots: this.snaps.size, storeChunks, memoryBytes };
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw cowError('EIO', 'COW manager is closed');
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const name of [...this.origins.keys()]) await this.detachOrigin(name);
+  }
+}

@@ -1,0 +1,143 @@
+// An in-memory block device that models a volatile write cache, for crash tests.
+// Completed writes are visible to reads at once but only become durable at sync();
+// crashImage() builds what a disk could hold after a power loss at this instant:
+// each unsynced write lost, applied, or torn at 512-byte sector granularity (the
+// atomic unit every journaling design, dm-snapshot's included, relies on).
+import type { BlockDevice } from './device.js';
+
+export const SECTOR = 512;
+
+interface PendingWrite {
+  offset: number;
+  data: Buffer;
+}
+
+export class MemDevice implements BlockDevice {
+  private cur: Buffer;
+  private durable: Buffer;
+  private _size: number;
+  private durableSize: number;
+  private pending: PendingWrite[] = [];
+  /** Called before every write and sync: the crash tests take crash images from here. */
+  onIo: ((kind: 'write' | 'sync') => void) | undefined;
+  /** Simulated I/O latency in event-loop turns, so concurrent requests interleave. */
+  yieldTurns = 0;
+  failWrites = false;
+
+  constructor(size = 0, image?: Buffer) {
+    const cap = Math.max(4096, image?.length ?? 0, size);
+    this.cur = Buffer.alloc(cap);
+    this.durable = Buffer.alloc(cap);
+    if (image) {
+      image.copy(this.cur);
+      image.copy(this.durable);
+    }
+    this._size = Math.max(size, image?.length ?? 0);
+    this.durableSize = this._size;
+  }
+
+  get size(): number {
+    return this._size;
+  }
+
+  private async turn(): Promise<void> {
+    for (let i = 0; i < this.yieldTurns; i++) await new Promise<void>((r) => setImmediate(r));
+  }
+
+  private ensure(end: number): void {
+    if (end <= this.cur.length) return;
+    let cap = this.cur.length;
+    while (cap < end) cap *= 2;
+    const grow = (b: Buffer): Buffer => {
+      const n = Buffer.alloc(cap);
+      b.copy(n);
+      return n;
+    };
+    this.cur = grow(this.cur);
+    this.durable = grow(this.durable);
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await this.turn();
+    buf.fill(0);
+    if (offset < this._size) this.cur.copy(buf, 0, offset, Math.min(this._size, offset + buf.length));
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    this.onIo?.('write');
+    if (this.failWrites) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+    await this.turn();
+    this.ensure(offset + buf.length);
+    buf.copy(this.cur, offset);
+    this.pending.push({ offset, data: Buffer.from(buf) });
+    if (offset + buf.length > this._size) this._size = offset + buf.length;
+  }
+
+  async sync(): Promise<void> {
+    this.onIo?.('sync');
+    // Only writes completed before the sync started are guaranteed, as with fdatasync.
+    const done = this.pending;
+    this.pending = [];
+    await this.turn();
+    for (const w of done) w.data.copy(this.durable, w.offset);
+    this.durableSize = Math.max(this.durableSize, this._size);
+  }
+
+  // Hole punching and truncation are modelled as immediately durable: the engine only
+  // does them to space no durable metadata references, and this is the harsher model.
+  async punchHole(offset: number, length: number): Promise<void> {
+    const end = Math.min(offset + length, this.cur.length);
+    if (end > offset) {
+      this.cur.fill(0, offset, end);
+      this.durable.fill(0, offset, end);
+      for (const w of this.pending) {
+        const a = Math.max(offset, w.offset);
+        const b = Math.min(end, w.offset + w.data.length);
+        if (b > a) w.data.fill(0, a - w.offset, b - w.offset);
+      }
+    }
+  }
+
+  async punchHoles(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
+    for (const [o, l] of ranges) await this.punchHole(o, l);
+  }
+
+  async truncate(size: number): Promise<void> {
+    this.ensure(size);
+    this.cur.fill(0, size);
+    this.durable.fill(0, size);
+    this._size = size;
+    this.durableSize = size;
+    this.pending = this.pending.filter((w) => w.offset < size);
+    for (const w of this.pending) if (w.offset + w.data.length > size) w.data = w.data.subarray(0, size - w.offset);
+  }
+
+  async close(): Promise<void> {}
+
+  /** Bytes a power loss now could leave behind. rng() in [0,1). */
+  crashImage(rng: () => number): Buffer {
+    const img = Buffer.alloc(Math.max(this.durableSize, this._size));
+    this.durable.copy(img, 0, 0, img.length);
+    for (const w of this.pending) {
+      const r = rng();
+      if (r < 0.34) continue;
+      if (r < 0.67) {
+        w.data.copy(img, w.offset);
+        continue;
+      }
+      for (let s = 0; s < w.data.length; s += SECTOR) {
+        if (rng() < 0.5) w.data.copy(img, w.offset + s, s, Math.min(w.data.length, s + SECTOR));
+      }
+    }
+    return img;
+  }
+
+  /** The durable image only, as if every unsynced write were lost. */
+  durableImage(): Buffer {
+    return Buffer.from(this.durable.subarray(0, this.durableSize));
+  }
+
+  get unsyncedWrites(): number {
+    return this.pending.length;
+  }
+}

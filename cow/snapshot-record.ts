@@ -1,0 +1,62 @@
+// What the store knows about one snapshot: identity, limits, its exception map and the
+// chunk accounting that makes its bounded size exact.
+import { ChunkMap } from './chunk-map.js';
+import type { AreaLog } from './area-log.js';
+import type { OverflowPolicy, SnapshotStateName } from './format.js';
+
+export class SnapshotRecord {
+  readonly map = new ChunkMap();
+  /** Mappings to data chunks (shared or private), committed or reserved. */
+  dataChunks = 0;
+  /** Metadata entries written or reserved; superseded entries still occupy space. */
+  entries = 0;
+  /** This snapshot's metadata chunks in chain order (persistent stores). */
+  readonly areas: number[] = [];
+  log: AreaLog | undefined;
+  /** Snapshot I/O and store jobs in flight that involve this snapshot. */
+  busy = 0;
+  removing = false;
+  /** Highest usage threshold (percent) already reported. */
+  reportedPct = 0;
+
+  constructor(
+    readonly slot: number,
+    readonly snapId: number,
+    readonly name: string,
+    public state: SnapshotStateName,
+    readonly policy: OverflowPolicy,
+    readonly readOnly: boolean,
+    public capacityChunks: number,
+    readonly createdAt: number,
+    /** Exceptions per metadata area, 0 for transient snapshots (metadata in memory only). */
+    private readonly perArea: number,
+  ) {}
+
+  /**
+   * Metadata chunks for e entries: the areas holding them (at least one) plus the chunk
+   * reserved for the next area, which dm-snapshot's persistent store also spends (its
+   * header chunk) so usage reads the same as lvs would show for dm.
+   */
+  metaChunks(e: number): number {
+    if (this.perArea === 0) return 0;
+    return Math.max(1, Math.ceil(e / this.perArea)) + 1;
+  }
+
+  get usedChunks(): number {
+    return this.dataChunks + this.metaChunks(this.entries);
+  }
+
+  fits(dataDelta: number, entryDelta: number): boolean {
+    return this.dataChunks + dataDelta + this.metaChunks(this.entries + entryDelta) <= this.capacityChunks;
+  }
+
+  reserve(dataDelta: number, entryDelta: number): void {
+    this.dataChunks += dataDelta;
+    this.entries += entryDelta;
+  }
+
+  /** Counts toward COW only while it can still be read. */
+  get live(): boolean {
+    return this.state !== 'invalid' && !this.removing;
+  }
+}

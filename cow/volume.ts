@@ -1,0 +1,16 @@
+// What the daemon serves: origin and snapshot volumes share this shape.
+import type { SnapshotStateName } from './format.js';
+
+export interface Volume {
+  readonly name: string;
+  readonly size: number;
+  /** Origins are always 'valid'. */
+  readonly state: SnapshotStateName;
+  read(buf: Buffer, offset: number): Promise<void>;
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  /** Advisory: may deallocate, may do nothing. Reads of the range afterwards are unspecified. */
+  discard(offset: number, length: number, fua: boolean): Promise<void>;
+  /** The range reads as zeros afterwards. */
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+}

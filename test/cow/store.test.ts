@@ -1,0 +1,292 @@
+// Unit tests of the exception store: format, accounting, invalidation, overflow,
+// extend, remove and restart, shared copies.
+import t from 'tap';
+import { ChunkMap, ABSENT } from '../../cow/chunk-map.js';
+import { MemDevice } from '../../cow/mem-device.js';
+import { ExceptionStore } from '../../cow/store.js';
+import { Snapshot } from '../../cow/snapshot.js';
+import {
+  decodeAreaHeader,
+  decodePoolHeader,
+  decodeSlot,
+  encodeAreaHeader,
+  encodePoolHeader,
+  encodeSlot,
+  entriesPerArea,
+  validChunkSize,
+  HEADER_BYTES,
+  SLOT_BYTES,
+} from '../../cow/format.js';
+import { SECTOR, makeRig, pattern, reopenRig, sectorId, type Rig } from './helpers.js';
+
+async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }), true);
+  return new Snapshot(rig.origin, rig.store, rec);
+}
+
+async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot> }> {
+  await rig.store.idle();
+  const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
+  const snaps = new Map<string, Snapshot>();
+  for (const r of re.store.records) if (r) snaps.set(r.name, new Snapshot(re.origin, re.store, r));
+  return { rig: re, snaps };
+}
+
+const idAt = async (v: { read(b: Buffer, o: number): Promise<void> }, sector: number): Promise<number> => {
+  const b = Buffer.alloc(SECTOR);
+  await v.read(b, sector * SECTOR);
+  return sectorId(b, 0, sector);
+};
+
+const codeOf = (p: Promise<unknown>): Promise<string | undefined> =>
+  p.then(
+    () => undefined,
+    (e: { code?: string }) => e.code,
+  );
+
+t.test('format round trips and rejects damage', async (t) => {
+  t.ok(validChunkSize(4096) && validChunkSize(1 << 20) && validChunkSize(65536));
+  t.notOk(validChunkSize(2048) || validChunkSize(3 << 12) || validChunkSize(2 << 20));
+  const h = encodePoolHeader({ chunkSize: 65536, poolId: 7, originSize: 1 << 30, originName: 'vol' });
+  t.same(decodePoolHeader(h), { chunkSize: 65536, poolId: 7, originSize: 1 << 30, originName: 'vol' });
+  const bad = Buffer.from(h);
+  bad[40] ^= 1;
+  t.equal(decodePoolHeader(bad), 'bad header checksum');
+  const slot = { seq: 3, snapId: 9, inUse: true, state: 'overflow' as const, policy: 'overflow' as const, readOnly: true, capacityChunks: 256, firstArea: 5, createdAt: 1700000000000, name: 'snap-1' };
+  t.same(decodeSlot(encodeSlot(slot)), slot);
+  const torn = encodeSlot(slot);
+  torn.fill(0, 256);
+  t.equal(decodeSlot(torn), undefined, 'a torn slot copy does not parse');
+  const a = Buffer.alloc(32);
+  encodeAreaHeader({ snapId: 1, seq: 2, nonce: 3, next: 4, poolId: 5 }, a);
+  t.same(decodeAreaHeader(a), { snapId: 1, seq: 2, nonce: 3, next: 4, poolId: 5 });
+  t.equal(entriesPerArea(65536), 4094);
+  t.equal(HEADER_BYTES % SLOT_BYTES, 0);
+});
+
+t.test('chunk map: sets, deletes, grows, stays under 16 bytes per entry', async (t) => {
+  const m = new ChunkMap();
+  const ref = new Map<number, number>();
+  let x = 12345;
+  let delMismatch = 0;
+  for (let i = 0; i < 200000; i++) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    const k = x % 300000;
+    if (i % 7 === 0) {
+      if (m.delete(k) !== ref.delete(k)) delMismatch++;
+    } else {
+      m.set(k, i);
+      ref.set(k, i);
+    }
+  }
+  t.equal(delMismatch, 0);
+  t.equal(m.size, ref.size);
+  let bad = 0;
+  for (const [k, v] of ref) if (m.get(k) !== v) bad++;
+  for (let k = 300000; k < 300100; k++) if (m.get(k) !== ABSENT) bad++;
+  t.equal(bad, 0, 'every key maps as in a Map');
+  const big = new ChunkMap();
+  let worst = 0;
+  for (let i = 0; i < 1_000_000; i++) {
+    big.set(i, i);
+    if (i > 1000) worst = Math.max(worst, big.bytes / big.size);
+  }
+  t.ok(worst <= 16, `worst ${worst.toFixed(2)} bytes per exception while growing to 1M`);
+});
+
+t.test('first origin write copies once; snapshot keeps old data; restart keeps it', async (t) => {
+  const rig = await makeRig(256, 4096);
+  const s1 = await snap(rig, 'a', 100);
+  const s2 = await snap(rig, 'b', 100);
+  await rig.origin.write(pattern(0, 16, 50), 0, false);
+  t.equal(rig.store.stats.copies, 2, 'two chunks copied once, shared by both snapshots');
+  t.equal(s1.usage().usedChunks, 2 + 2, 'each snapshot is charged its 2 chunks plus 2 metadata');
+  t.equal(s2.usage().usedChunks, 4);
+  t.equal(await idAt(rig.origin, 3), 50);
+  t.equal(await idAt(s1, 3), 1);
+  t.equal(await idAt(s2, 15), 1);
+  await rig.origin.write(pattern(0, 16, 51), 0, false);
+  t.equal(rig.store.stats.copies, 2, 'no second copy');
+  // A snapshot write to a shared chunk diverges it: the other snapshot is untouched.
+  await s1.write(pattern(2, 1, 60), 2 * SECTOR, false);
+  t.equal(await idAt(s1, 2), 60);
+  t.equal(await idAt(s2, 2), 1);
+  t.equal(await idAt(s1, 3), 1, 'rest of the diverged chunk kept');
+  t.equal(s1.usage().usedChunks, 4, 'divergence does not change the charge');
+  const { snaps } = await reopen(rig);
+  t.equal(await idAt(snaps.get('a')!, 2), 60);
+  t.equal(await idAt(snaps.get('b')!, 2), 1);
+  t.equal(await idAt(snaps.get('a')!, 3), 1);
+  t.equal(snaps.get('a')!.usage().usedChunks, 4);
+});
+
+t.test('full-chunk snapshot write does not read the origin', async (t) => {
+  const rig = await makeRig(64, 4096);
+  const s = await snap(rig, 'a', 100);
+  let reads = 0;
+  const orig = rig.originDev.read.bind(rig.originDev);
+  rig.originDev.read = (b, o) => {
+    reads++;
+    return orig(b, o);
+  };
+  await s.write(pattern(8, 8, 70), 8 * SECTOR, false);
+  t.equal(reads, 0);
+  await s.write(pattern(17, 1, 71), 17 * SECTOR, false);
+  t.equal(reads, 1, 'a partial write copies the chunk first');
+  t.equal(await idAt(s, 16), 1);
+  t.equal(await idAt(s, 17), 71);
+});
+
+t.test('invalidate policy: origin write that does not fit invalidates, persists', async (t) => {
+  const rig = await makeRig(256, 4096);
+  const invalidated: string[] = [];
+  (rig.store as unknown as { events: { onInvalidated: (r: { name: string }) => void } }).events.onInvalidated = (r) => invalidated.push(r.name);
+  const s = await snap(rig, 'small', 4); // 2 metadata + 2 data chunks
+  await rig.origin.write(pattern(0, 16, 80), 0, false);
+  t.equal(s.state, 'valid');
+  await rig.origin.write(pattern(16, 8, 81), 16 * SECTOR, false);
+  t.equal(s.state, 'invalid', 'third chunk does not fit');
+  t.same(invalidated, ['small']);
+  t.equal(await idAt(rig.origin, 16), 81, 'the origin write proceeded');
+  t.equal(await codeOf(s.read(Buffer.alloc(SECTOR), 0)), 'EIO');
+  t.equal(await codeOf(s.write(Buffer.alloc(SECTOR), 0, false)), 'EIO');
+  const { snaps } = await reopen(rig);
+  t.equal(snaps.get('small')!.state, 'invalid', 'stays invalid across restart');
+  t.equal(await codeOf(snaps.get('small')!.read(Buffer.alloc(SECTOR), 0)), 'EIO');
+});
+
+t.test('overflow policy: own writes get ENOSPC, reads go on, extend recovers', async (t) => {
+  const rig = await makeRig(256, 4096);
+  const s = await snap(rig, 'po', 4, 'overflow');
+  await s.write(pattern(0, 8, 90), 0, false);
+  await s.write(pattern(8, 8, 91), 8 * SECTOR, false);
+  t.equal(await codeOf(s.write(pattern(16, 8, 92), 16 * SECTOR, false)), 'ENOSPC');
+  t.equal(s.state, 'overflow');
+  t.equal(await codeOf(s.write(pattern(0, 1, 93), 0, false)), 'ENOSPC', 'all own writes refused once overflowed');
+  t.equal(await idAt(s, 0), 90, 'reads still served');
+  t.equal(await idAt(s, 20), 1);
+  {
+    const { snaps } = await reopen(rig);
+    t.equal(snaps.get('po')!.state, 'overflow', 'overflow persists');
+  }
+  await rig.store.extend(s.record, 8);
+  t.equal(s.state, 'valid', 'extend clears overflow');
+  await s.write(pattern(16, 8, 92), 16 * SECTOR, false);
+  t.equal(await idAt(s, 16), 92);
+  t.equal(s.usage().capacityChunks, 8);
+  // Origin writes that do not fit invalidate even an overflow-policy snapshot.
+  await rig.origin.write(pattern(32, 64, 94), 32 * SECTOR, false);
+  t.equal(s.state, 'invalid');
+  const { snaps } = await reopen(rig);
+  t.equal(snaps.get('po')!.state, 'invalid');
+  t.equal(snaps.get('po')!.usage().capacityChunks, 8, 'extended size persists');
+});
+
+t.test('read-only snapshots refuse writes with EPERM', async (t) => {
+  const rig = await makeRig(64, 4096);
+  const s = await snap(rig, 'ro', 10, 'invalidate', true);
+  t.equal(await codeOf(s.write(Buffer.alloc(SECTOR), 0, false)), 'EPERM');
+  t.equal(await codeOf(s.discard(0, 4096, false)), 'EPERM');
+});
+
+t.test('discard and zeroes: snapshot-only, zero exceptions cost no data chunk', async (t) => {
+  const rig = await makeRig(256, 4096);
+  const a = await snap(rig, 'a', 100);
+  const b = await snap(rig, 'b', 100);
+  await a.write(pattern(0, 8, 100), 0, false);
+  t.equal(a.usage().usedChunks, 3);
+  await a.discard(0, 8192, false);
+  t.equal(await idAt(a, 0), 0);
+  t.equal(await idAt(a, 9), 0);
+  t.equal(a.usage().usedChunks, 2, 'zeroed chunks hold no data');
+  t.equal(await idAt(b, 0), 1, 'other snapshot untouched');
+  t.equal(await idAt(rig.origin, 0), 1, 'origin untouched');
+  await a.writeZeroes(100, 300, false); // partial chunk: a real write
+  t.equal(await idAt(b, 0), 1);
+  // Origin discard skips chunks a snapshot still reads from the origin...
+  await rig.origin.discard(0, 256 * SECTOR, false);
+  t.equal(await idAt(a, 40), 1);
+  t.equal(await idAt(b, 40), 1);
+  t.equal(await idAt(rig.origin, 40), 1, 'chunk 5 is needed: not discarded');
+  // ...and origin write-zeroes copies first.
+  await rig.origin.writeZeroes(40 * SECTOR, 8 * SECTOR, false);
+  t.equal(await idAt(rig.origin, 40), 0);
+  t.equal(await idAt(b, 40), 1);
+  // Chunk 5 now copied for both: an origin discard may drop it.
+  await rig.origin.write(pattern(40, 8, 101), 40 * SECTOR, false);
+  await rig.origin.discard(40 * SECTOR, 8 * SECTOR, false);
+  t.equal(await idAt(rig.origin, 40), 0, 'discarded');
+  t.equal(await idAt(b, 40), 1);
+  const { snaps } = await reopen(rig);
+  t.equal(await idAt(snaps.get('a')!, 0), 0);
+  t.equal(snaps.get('a')!.usage().usedChunks, a.usage().usedChunks);
+});
+
+t.test('remove frees space at once and leaves the others alone', async (t) => {
+  const rig = await makeRig(512, 4096);
+  const a = await snap(rig, 'a', 300);
+  await rig.origin.write(pattern(0, 256, 110), 0, false); // 32 chunks for a
+  const b = await snap(rig, 'b', 300);
+  await rig.origin.write(pattern(256, 256, 111), 256 * SECTOR, false); // 32 more, shared
+  await b.write(pattern(0, 8, 112), 0, false);
+  const before = rig.store.fileChunks;
+  await rig.store.remove(a.record);
+  t.equal(await codeOf(a.read(Buffer.alloc(SECTOR), 0)), 'EIO');
+  t.equal(await idAt(b, 300), 1, 'b still reads its copy of the shared chunks');
+  t.equal(await idAt(b, 0), 112);
+  t.equal(await idAt(b, 100), 110);
+  // a's 32 private chunks and its metadata are free: the next copies reuse them, so the file does not grow.
+  const c = await snap(rig, 'c', 300);
+  await rig.origin.write(pattern(0, 256, 113), 0, false);
+  t.equal(rig.store.fileChunks, before, 'freed chunks reused');
+  t.equal(await idAt(c, 10), 110);
+  await rig.store.remove(b.record);
+  await rig.store.remove(c.record);
+  t.ok(rig.store.fileChunks < before, `file truncated (${rig.store.fileChunks} < ${before} chunks)`);
+  const { rig: re } = await reopen(rig);
+  t.equal(re.store.snapshotCount, 0);
+});
+
+t.test('creation is atomic: acknowledged writes in, later ones out', async (t) => {
+  const rig = await makeRig(256, 4096);
+  rig.originDev.yieldTurns = 2;
+  const early = rig.origin.write(pattern(0, 8, 120), 0, false);
+  const creating = snap(rig, 'a', 100);
+  const late = rig.origin.write(pattern(0, 8, 121), 0, false); // issued during creation
+  await early;
+  const s = await creating;
+  await late;
+  t.equal(await idAt(s, 0), 120, 'write acknowledged before creation is in the snapshot');
+  t.equal(await idAt(rig.origin, 0), 121);
+});
+
+t.test('transient store: works, nothing persisted', async (t) => {
+  const originDev = new MemDevice(64 * SECTOR, Buffer.alloc(64 * SECTOR, 1));
+  const storeDev = new MemDevice(0);
+  const store = ExceptionStore.createTransient(storeDev, originDev, { chunkSize: 4096, originSize: 64 * SECTOR, originName: 'o' });
+  const { Origin } = await import('../../cow/origin.js');
+  const origin = new Origin('o', originDev);
+  origin.stores.push(store);
+  const rec = await origin.quiesced(() => store.createSnapshot({ name: 't', capacityChunks: 4, policy: 'invalidate', readOnly: false }), false);
+  const s = new Snapshot(origin, store, rec);
+  t.equal(s.usage().usedChunks, 0, 'no metadata chunks');
+  await origin.write(Buffer.alloc(4096, 2), 0, false);
+  const b = Buffer.alloc(4096);
+  await s.read(b, 0);
+  t.equal(b[0], 1);
+  t.equal(storeDev.unsyncedWrites, 1, 'one copy, never synced');
+  await t.rejects(ExceptionStore.open(new MemDevice(0, storeDev.durableImage()), originDev, {}), 'nothing to reopen');
+});
+
+t.test('chunk sizes from 4 KiB to 1 MiB', async (t) => {
+  for (const cs of [4096, 65536, 1 << 20]) {
+    const rig = await makeRig((2 << 20) / SECTOR, cs);
+    const s = await snap(rig, 'a', 20);
+    await rig.origin.write(pattern(3, 2, 130), 3 * SECTOR, true);
+    t.equal(await idAt(s, 3), 1, `chunk ${cs}`);
+    const { snaps } = await reopen(rig);
+    t.equal(await idAt(snaps.get('a')!, 4), 1);
+    t.equal(snaps.get('a')!.usage().usedChunks, 3);
+  }
+  await t.rejects(makeRig(64, 2048), { code: 'EINVAL' });
+});
