@@ -1,23 +1,22 @@
-// The cowbd command line (yargs).
+// The cowbd command line (yargs). Every command has --help and --json.
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createLogger, type LogFormat } from './logger.js';
 import { isCowbdError } from './errors.js';
-import { parseSizeNumber, formatSize } from './sizes.js';
+import { loadConfig } from './config.js';
+import { parseSizeNumber } from './sizes.js';
 import { checkName } from './names.js';
-import { createVolume, listVolumes } from './volumes.js';
 import { startServe } from './serve.js';
+import * as cmd from './commands.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
 
-function withDataDir<T>(y: Argv<T>) {
-  return y.option('data-dir', {
-    type: 'string',
-    default: DEFAULT_DATA_DIR,
-    describe: 'directory holding volumes and snapshot stores (env COWBD_DATA_DIR)',
-  });
+function common<T>(y: Argv<T>) {
+  return y
+    .option('data-dir', { type: 'string', default: DEFAULT_DATA_DIR, describe: 'directory holding volumes and snapshot stores (env COWBD_DATA_DIR)' })
+    .option('json', { type: 'boolean', default: false, describe: 'print JSON for scripts' });
 }
 
 function fail(err: unknown): never {
@@ -25,8 +24,37 @@ function fail(err: unknown): never {
     process.stderr.write(`cowbd: ${err.message}\n`);
     process.exit(2);
   }
-  process.stderr.write(`cowbd: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+  process.stderr.write(`cowbd: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
   process.exit(1);
+}
+
+/** Wraps a handler so errors print one clear line and exit non-zero. */
+function run<A>(f: (a: A) => Promise<void>): (a: A) => Promise<void> {
+  return async (a) => {
+    try {
+      await f(a);
+    } catch (err) {
+      fail(err);
+    }
+  };
+}
+
+function serveCommand(y: Argv) {
+  return common(y)
+    .config('config', 'JSON or YAML file of options (long names); flags win', loadConfig)
+    .option('listen', { type: 'string', array: true, describe: 'TCP address HOST:PORT (default 127.0.0.1:10809); repeatable' })
+    .option('socket', { type: 'string', describe: 'also (or only) listen on this unix socket' })
+    .option('read-only', { type: 'boolean', default: false, describe: 'serve every export read-only' })
+    .option('default-volume', { type: 'string', default: 'default', describe: 'volume served for the empty export name, created when the data directory has none' })
+    .option('default-size', { type: 'string', default: '1G', describe: 'size of the default volume when it is created' })
+    .option('metrics-listen', { type: 'string', default: '127.0.0.1:9810', describe: 'HOST:PORT serving Prometheus /metrics; "off" to disable' })
+    .option('autoextend-threshold', { type: 'number', default: 100, describe: 'grow a snapshot when its usage reaches this percent (100: never), as lvm.conf snapshot_autoextend_threshold' })
+    .option('autoextend-percent', { type: 'number', default: 20, describe: 'grow by this percent of its size, as snapshot_autoextend_percent' })
+    .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
+    .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
+    .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
+    .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
+    .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
 
 await yargs(hideBin(process.argv))
@@ -34,98 +62,93 @@ await yargs(hideBin(process.argv))
   .usage('$0 <command> [options]')
   .command('volume', 'manage origin volumes', (y) =>
     y
-      .command(
-        'create <name>',
-        'create a sparse volume file in the data directory',
-        (y) =>
-          withDataDir(y)
-            .positional('name', { type: 'string', demandOption: true, describe: 'volume name' })
-            .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' })
-            .option('json', { type: 'boolean', default: false, describe: 'print JSON' }),
-        async (a) => {
-          try {
-            const size = parseSizeNumber(a.size, 512);
-            const v = await createVolume(a['data-dir'], checkName(a.name), size);
-            if (a.json) console.log(JSON.stringify(v));
-            else console.log(`created volume ${v.name} (${formatSize(v.size)}) at ${v.path}`);
-          } catch (err) {
-            fail(err);
-          }
-        },
-      )
-      .command(
-        'list',
-        'list volumes',
-        (y) => withDataDir(y).option('json', { type: 'boolean', default: false }),
-        async (a) => {
-          const vols = await listVolumes(a['data-dir']);
-          if (a.json) console.log(JSON.stringify(vols));
-          else {
-            console.log('NAME'.padEnd(24) + 'SIZE');
-            for (const v of vols) console.log(v.name.padEnd(24) + formatSize(v.size));
-          }
-        },
-      )
-      .demandCommand(1),
-  )
-  .command(
-    'serve',
-    'serve every volume in the data directory over NBD',
-    (y) =>
-      withDataDir(y)
-        .option('listen', { type: 'string', array: true, describe: 'TCP address HOST:PORT (default 127.0.0.1:10809); repeatable' })
-        .option('socket', { type: 'string', describe: 'also (or only) listen on this unix socket' })
-        .option('read-only', { type: 'boolean', default: false, describe: 'serve every export read-only' })
-        .option('default-volume', { type: 'string', default: 'default', describe: 'volume served for the empty export name, created if the data directory has none' })
-        .option('default-size', { type: 'string', default: '1G', describe: 'size of the default volume when it is created' })
-        .option('max-connections', { type: 'number', default: 1024 })
-        .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
-        .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
-        .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] }),
-    async (a) => {
-      const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
-      try {
-        const d = await startServe(
-          {
-            dataDir: a['data-dir'],
-            listen: a.listen,
-            socket: a.socket,
-            readOnly: a['read-only'],
-            defaultVolume: checkName(a['default-volume']),
-            defaultSize: parseSizeNumber(a['default-size'], 512),
-            maxConnections: a['max-connections'],
-            handshakeTimeoutMs: a['handshake-timeout'] * 1000,
+      .command('create <name>', 'create a sparse volume (live when a daemon runs)', (y) =>
+        common(y)
+          .positional('name', { type: 'string', demandOption: true })
+          .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' }),
+        run((a) => cmd.volumeCreate({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })))
+      .command('list', 'list volumes', (y) => common(y), run((a) => cmd.volumeList({ dataDir: a['data-dir'], json: a.json })))
+      .command('remove <name>', 'remove a volume; refused while it has snapshots', (y) =>
+        common(y).positional('name', { type: 'string', demandOption: true }),
+        run((a) => cmd.volumeRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })))
+      .demandCommand(1, 'name a volume command'))
+  .command('snapshot', 'manage snapshots of origin volumes', (y) =>
+    y
+      .command('create <name>', 'take a snapshot, like lvcreate --snapshot', (y) =>
+        common(y)
+          .positional('name', { type: 'string', demandOption: true })
+          .option('origin', { type: 'string', demandOption: true, describe: 'origin volume' })
+          .option('size', { type: 'string', demandOption: true, describe: 'exception store size, metadata included' })
+          .option('chunk-size', { type: 'string', default: '64K', describe: 'power of two from 4K to 1M' })
+          .option('policy', { type: 'string', default: 'invalidate', choices: ['invalidate', 'overflow'], describe: 'what a full store does' })
+          .option('transient', { type: 'boolean', default: false, describe: 'keep in memory only; gone on restart' })
+          .option('read-only', { type: 'boolean', default: false }),
+        run((a) => cmd.snapshotCreate({
+          dataDir: a['data-dir'], json: a.json, name: a.name, origin: a.origin, size: a.size, chunkSize: a['chunk-size'],
+          policy: a.policy, transient: a.transient, readOnly: a['read-only'],
+        })))
+      .command('list', 'list snapshots', (y) => common(y), run((a) => cmd.snapshotList({ dataDir: a['data-dir'], json: a.json })))
+      .command('extend <name>', 'grow a snapshot store, like lvextend', (y) =>
+        common(y)
+          .positional('name', { type: 'string', demandOption: true })
+          .option('size', { type: 'string', demandOption: true, describe: '+SIZE to add, or the new total SIZE' }),
+        run((a) => cmd.snapshotExtend({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })))
+      .command('remove <name>', 'remove a snapshot and free its space', (y) =>
+        common(y).positional('name', { type: 'string', demandOption: true }),
+        run((a) => cmd.snapshotRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })))
+      .demandCommand(1, 'name a snapshot command'))
+  .command('status', 'every volume and snapshot, like lvs', (y) => common(y), run((a) => cmd.status({ dataDir: a['data-dir'], json: a.json })))
+  .command('serve', 'serve every volume and snapshot over NBD', serveCommand, async (a) => {
+    const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
+    try {
+      const metrics = a['metrics-listen'];
+      const d = await startServe(
+        {
+          dataDir: a['data-dir'],
+          listen: a.listen,
+          socket: a.socket,
+          readOnly: a['read-only'],
+          defaultVolume: checkName(a['default-volume']),
+          defaultSize: parseSizeNumber(a['default-size'], 512),
+          maxConnections: a['max-connections'],
+          handshakeTimeoutMs: a['handshake-timeout'] * 1000,
+          metricsListen: metrics && metrics !== 'off' ? metrics : undefined,
+          autoExtend: {
+            threshold: cmd.requirePositive(a['autoextend-threshold'], '--autoextend-threshold'),
+            percent: cmd.requirePositive(a['autoextend-percent'], '--autoextend-percent'),
+            maxBytes: a['autoextend-max'] ? parseSizeNumber(a['autoextend-max']) : 0,
           },
-          log,
+        },
+        log,
+      );
+      let stopping = false;
+      const shutdown = (signal: string) => {
+        // A second signal during shutdown is ignored rather than killing us mid-flush.
+        if (stopping) return;
+        stopping = true;
+        log.info({ signal }, 'shutting down: finishing requests in flight');
+        d.stop().then(
+          () => {
+            log.info('stopped');
+            log.flush();
+            process.exit(0);
+          },
+          (err: unknown) => {
+            log.error({ err }, 'shutdown failed');
+            log.flush();
+            process.exit(1);
+          },
         );
-        let stopping = false;
-        const shutdown = (signal: string) => {
-          // A second signal during shutdown is ignored rather than killing us mid-flush.
-          if (stopping) return;
-          stopping = true;
-          log.info({ signal }, 'shutting down: finishing requests in flight');
-          d.stop().then(
-            () => {
-              log.info('stopped');
-              log.flush();
-              process.exit(0);
-            },
-            (err) => {
-              log.error({ err }, 'shutdown failed');
-              process.exit(1);
-            },
-          );
-        };
-        process.on('SIGTERM', () => shutdown('SIGTERM'));
-        process.on('SIGINT', () => shutdown('SIGINT'));
-      } catch (err) {
-        log.error({ err }, 'failed to start');
-        log.flush();
-        fail(err);
-      }
-    },
-  )
-  .demandCommand(1)
+      };
+      process.on('SIGTERM', () => shutdown('SIGTERM'));
+      process.on('SIGINT', () => shutdown('SIGINT'));
+    } catch (err) {
+      log.error({ err }, 'failed to start');
+      log.flush();
+      fail(err);
+    }
+  })
+  .demandCommand(1, 'name a command; see --help')
   .strict()
   .help()
   .parseAsync();

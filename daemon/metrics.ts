@@ -3,6 +3,11 @@
 import { createServer, type Server } from 'node:http';
 import client from 'prom-client';
 import type { RequestObserver } from '../protocol/connection.js';
+import type { Service } from './service.js';
+
+const STATES = ['valid', 'invalid', 'overflow'] as const;
+const COMMANDS = ['read', 'write', 'disc', 'flush', 'trim', 'cache', 'write_zeroes', 'block_status', 'unknown'];
+const RESULTS = ['ok', 'EPERM', 'EIO', 'ENOMEM', 'EINVAL', 'ENOSPC', 'EOVERFLOW', 'ENOTSUP', 'ESHUTDOWN'];
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -11,6 +16,7 @@ export class Metrics {
   private readonly latency: client.Histogram<'export' | 'command'>;
   private readonly inFlight: client.Gauge<'export'>;
   private readonly connections: client.Gauge;
+  private readonly commitLatency: client.Histogram;
 
   constructor() {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'cowbd_' });
@@ -32,6 +38,69 @@ export class Metrics {
       name: 'cowbd_nbd_requests_in_flight', help: 'NBD requests being served, by export', labelNames: ['export'], registers,
     });
     this.connections = new client.Gauge({ name: 'cowbd_nbd_connections', help: 'Open NBD connections', registers });
+    this.commitLatency = new client.Histogram({
+      name: 'cowbd_cow_commit_duration_seconds', help: 'Exception store group commits: metadata write and fdatasync',
+      registers, buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    });
+  }
+
+  observeCommit(seconds: number): void {
+    this.commitLatency.observe(seconds);
+  }
+
+  /** Storage gauges and totals, computed from the service at scrape time. */
+  watch(svc: Service): void {
+    const registers = [this.registry];
+    const perSnapshot = (name: string, help: string, pick: (u: ReturnType<Service['snapshots']>[number]) => number) =>
+      new client.Gauge({
+        name, help, labelNames: ['snapshot', 'origin'], registers,
+        collect() {
+          this.reset();
+          for (const u of svc.snapshots()) this.set({ snapshot: u.name, origin: u.origin }, pick(u));
+        },
+      });
+    perSnapshot('cowbd_snapshot_chunks_used', 'Chunks charged to the snapshot, data and metadata', (u) => u.usedChunks);
+    perSnapshot('cowbd_snapshot_chunks_capacity', 'Chunks the snapshot may use (its --size)', (u) => u.capacityChunks);
+    perSnapshot('cowbd_snapshot_used_bytes', 'Bytes charged to the snapshot, data and metadata', (u) => u.usedBytes);
+    perSnapshot('cowbd_snapshot_capacity_bytes', 'Bytes the snapshot may use (its --size)', (u) => u.capacityBytes);
+    perSnapshot('cowbd_snapshot_used_ratio', 'Used over capacity, 0 to 1', (u) => (u.capacityChunks ? u.usedChunks / u.capacityChunks : 0));
+    perSnapshot('cowbd_snapshot_exceptions', 'Chunks of the snapshot that no longer read from the origin', (u) => u.exceptions);
+    perSnapshot('cowbd_snapshot_created_timestamp_seconds', 'When the snapshot was taken', (u) => u.createdAt.getTime() / 1000);
+    new client.Gauge({
+      name: 'cowbd_snapshot_state', help: 'Snapshot state: 1 for the current one of valid, invalid, overflow',
+      labelNames: ['snapshot', 'origin', 'state'], registers,
+      collect() {
+        this.reset();
+        for (const u of svc.snapshots()) {
+          for (const st of STATES) this.set({ snapshot: u.name, origin: u.origin, state: st }, u.state === st ? 1 : 0);
+        }
+      },
+    });
+    new client.Gauge({
+      name: 'cowbd_volume_size_bytes', help: 'Size of each origin volume', labelNames: ['volume'], registers,
+      collect() {
+        this.reset();
+        for (const v of svc.volumes()) this.set({ volume: v.name }, v.size);
+      },
+    });
+    const total = (name: string, help: string, pick: (st: ReturnType<Service['cow']['stats']>) => number) =>
+      new client.Counter({
+        name, help, registers,
+        collect() {
+          this.reset();
+          this.inc(pick(svc.cow.stats()));
+        },
+      });
+    total('cowbd_cow_copies_total', 'Chunks copied from an origin into an exception store', (st) => st.copies);
+    total('cowbd_cow_copied_bytes_total', 'Bytes copied from origins into exception stores', (st) => st.bytesCopied);
+    total('cowbd_cow_exceptions_committed_total', 'Exceptions made durable', (st) => st.exceptionsCommitted);
+    total('cowbd_cow_commits_total', 'Group commits (one fdatasync each)', (st) => st.commits);
+    new client.Gauge({
+      name: 'cowbd_cow_exception_map_bytes', help: 'Memory held by exception maps', registers,
+      collect() {
+        this.set(svc.cow.stats().memoryBytes);
+      },
+    });
   }
 
   /** The observer the NBD server reports to. */
@@ -53,8 +122,11 @@ export class Metrics {
 
   /** Forgets the labelled series of an export that went away. */
   dropExport(exp: string): void {
-    for (const m of [this.requests, this.bytes, this.latency, this.inFlight] as const) {
-      (m as { remove(labels: Record<string, string>): void }).remove({ export: exp });
+    this.inFlight.remove({ export: exp });
+    for (const direction of ['read', 'write']) this.bytes.remove({ export: exp, direction });
+    for (const command of COMMANDS) {
+      this.latency.remove({ export: exp, command });
+      for (const result of RESULTS) this.requests.remove({ export: exp, command, result });
     }
   }
 

@@ -5,7 +5,7 @@ import type { Backend, ExportInfo, ExportRegistry } from '../protocol/backend.js
 
 export class Registry implements ExportRegistry {
   private readonly exports = new Map<string, Backend>();
-  private readonly goneListeners = new Map<string, Set<() => void>>();
+  private readonly goneListeners = new Map<string, Set<() => Promise<void> | void>>();
 
   constructor(private defaultName: string | undefined = undefined) {}
 
@@ -21,14 +21,12 @@ export class Registry implements ExportRegistry {
     this.exports.set(backend.info.name, backend);
   }
 
-  /** Removes an export and closes the connections using it. */
-  remove(name: string): Backend | undefined {
-    const b = this.exports.get(name);
+  /** Removes an export; resolves once the connections using it have closed (requests in flight answered). */
+  async remove(name: string): Promise<void> {
     this.exports.delete(name);
     const listeners = this.goneListeners.get(name);
     this.goneListeners.delete(name);
-    for (const l of listeners ?? []) l();
-    return b;
+    await Promise.all([...(listeners ?? [])].map((l) => l()));
   }
 
   backends(): Backend[] {
@@ -54,7 +52,7 @@ export class Registry implements ExportRegistry {
     // Each connection gets a thin handle so it can subscribe to removal of its export.
     const handle: Backend = Object.create(b, {
       onGone: {
-        value: (listener: () => void) => {
+        value: (listener: () => Promise<void> | void) => {
           let set = this.goneListeners.get(exportName);
           if (!set) this.goneListeners.set(exportName, (set = new Set()));
           set.add(listener);

@@ -1,13 +1,17 @@
-// `cowbd serve`: open the data directory, export every volume, run until a signal.
+// `cowbd serve`: lock the data directory, export every volume and snapshot,
+// run the control API and metrics, and stop cleanly on a signal.
 import { mkdir } from 'node:fs/promises';
+import type { Server } from 'node:http';
 import type { Logger } from 'pino';
 import { NbdServer } from '../protocol/server.js';
+import { ControlServer } from './control-server.js';
+import { controlSocketPath } from './control-client.js';
 import { Errors } from './errors.js';
-import { FileVolume } from './file-volume.js';
-import { Registry } from './registry.js';
-import { formatSize } from './sizes.js';
-import { createVolume, listVolumes } from './volumes.js';
 import { lockDataDir } from './lock.js';
+import { Metrics } from './metrics.js';
+import { controlRoutes } from './routes.js';
+import { Service, type AutoExtendPolicy } from './service.js';
+import { createVolume, listVolumes } from './volumes.js';
 
 export interface ServeOptions {
   dataDir: string;
@@ -18,6 +22,9 @@ export interface ServeOptions {
   defaultSize: number;
   maxConnections: number;
   handshakeTimeoutMs: number;
+  /** HOST:PORT for /metrics, or undefined for none. */
+  metricsListen?: string;
+  autoExtend: AutoExtendPolicy;
 }
 
 export function parseHostPort(text: string): { host: string; port: number } {
@@ -30,63 +37,82 @@ export function parseHostPort(text: string): { host: string; port: number } {
 
 export interface RunningDaemon {
   server: NbdServer;
-  registry: Registry;
+  service: Service;
   addresses: { host?: string; port?: number; path?: string }[];
+  metricsPort?: number;
   stop(): Promise<void>;
 }
 
 export async function startServe(opts: ServeOptions, log: Logger): Promise<RunningDaemon> {
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
   const lock = await lockDataDir(opts.dataDir);
-  let vols = await listVolumes(opts.dataDir);
-  if (vols.length === 0 && !opts.readOnly) {
-    const v = await createVolume(opts.dataDir, opts.defaultVolume, opts.defaultSize);
-    log.info({ volume: v.name, size: v.size, path: v.path }, 'no volume found; created the default volume');
-    vols = [v];
-  }
-  const registry = new Registry(vols.some((v) => v.name === opts.defaultVolume) ? opts.defaultVolume : undefined);
-  const opened: FileVolume[] = [];
-  for (const v of vols) {
-    const fv = await FileVolume.open(v.path, {
-      name: v.name,
-      description: `volume ${v.name}, ${formatSize(v.size)}${opts.readOnly ? ', read-only' : ''}`,
-      readOnly: opts.readOnly,
-    });
-    opened.push(fv);
-    registry.add(fv);
-  }
-  const server = new NbdServer(registry, log, {
-    maxConnections: opts.maxConnections,
-    handshakeTimeoutMs: opts.handshakeTimeoutMs,
-  });
-  const addresses = [];
-  const listen = opts.listen ?? (opts.socket ? [] : ['127.0.0.1:10809']);
-  for (const l of listen) {
-    const a = await server.listen(parseHostPort(l));
-    addresses.push(a);
-    log.info({ address: a.host, port: a.port }, 'listening');
-  }
-  if (opts.socket) {
-    const a = await server.listen({ path: opts.socket });
-    addresses.push(a);
-    log.info({ path: a.path }, 'listening');
-  }
-  log.info({ dataDir: opts.dataDir, exports: registry.list().map((e) => e.name), default: registry.default }, 'serving');
-  let stopping: Promise<void> | undefined;
-  return {
-    server,
-    registry,
-    addresses,
-    stop() {
-      stopping ??= (async () => {
-        await server.close();
-        for (const v of opened) {
-          if (!v.info.readOnly) await v.flush().catch((err) => log.error({ err, volume: v.info.name }, 'final flush failed'));
-          await v.close();
-        }
-        await lock.release();
-      })();
-      return stopping;
-    },
+  const cleanups: (() => Promise<void>)[] = [() => lock.release()];
+  const cleanup = async () => {
+    for (const f of cleanups.reverse()) await f().catch((err: unknown) => log.error({ err }, 'cleanup failed'));
   };
+  try {
+    if ((await listVolumes(opts.dataDir)).length === 0 && !opts.readOnly) {
+      const v = await createVolume(opts.dataDir, opts.defaultVolume, opts.defaultSize);
+      log.info({ volume: v.name, size: v.size, path: v.path }, 'no volume found; created the default volume');
+    }
+    const metrics = new Metrics();
+    const service = await Service.open(
+      { dataDir: opts.dataDir, readOnly: opts.readOnly, defaultVolume: opts.defaultVolume, autoExtend: opts.autoExtend, onCommit: (s) => metrics.observeCommit(s) },
+      log,
+    );
+    cleanups.push(() => service.close());
+    metrics.watch(service);
+    const server = new NbdServer(service.registry, log, { maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs }, metrics.observer());
+    service.onExportRemoved = (name) => metrics.dropExport(name);
+
+    const control = new ControlServer(log.child({ component: 'control' }));
+    controlRoutes(control, service);
+    await control.listen(controlSocketPath(opts.dataDir));
+    cleanups.push(() => control.close());
+
+    const addresses = [];
+    const listen = opts.listen ?? (opts.socket ? [] : ['127.0.0.1:10809']);
+    for (const l of listen) {
+      const a = await server.listen(parseHostPort(l));
+      addresses.push(a);
+      log.info({ address: a.host, port: a.port }, 'listening');
+    }
+    if (opts.socket) {
+      const a = await server.listen({ path: opts.socket });
+      addresses.push(a);
+      log.info({ path: a.path }, 'listening');
+    }
+    let metricsPort: number | undefined;
+    let metricsServer: Server | undefined;
+    if (opts.metricsListen) {
+      const { host, port } = parseHostPort(opts.metricsListen);
+      const m = await metrics.listen(host, port);
+      metricsServer = m.server;
+      metricsPort = m.port;
+      log.info({ address: host, port: m.port }, 'metrics listening');
+    }
+    log.info({ dataDir: opts.dataDir, exports: service.registry.list().map((e) => e.name), default: service.registry.default }, 'serving');
+    let stopping: Promise<void> | undefined;
+    return {
+      server,
+      service,
+      addresses,
+      metricsPort,
+      stop() {
+        stopping ??= (async () => {
+          await server.close();
+          if (!opts.readOnly) await service.flushAll();
+          if (metricsServer) {
+            metricsServer.closeAllConnections();
+            await new Promise<void>((r) => metricsServer!.close(() => r()));
+          }
+          await cleanup();
+        })();
+        return stopping;
+      },
+    };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
 }

@@ -53,7 +53,7 @@ export interface Backend {
   /** Called when a connection using this backend ends. */
   release?(): void;
   /** Set by the registry: fired when the export goes away, so sessions close cleanly. */
-  onGone?(listener: () => void): () => void;
+  onGone?(listener: () => Promise<void> | void): () => void;
 }
 
 /** The set of exports a server offers. */

@@ -163,7 +163,7 @@ export class Connection extends EventEmitter {
     this.phase = 'transmission';
     this.unsubscribeGone = n.backend.onGone?.(() => {
       this.log.info('export removed; closing connection');
-      void this.close();
+      return this.close();
     });
     this.log.info({ export: n.exportName, structured: n.structured, flags: n.flags }, 'transmission started');
   }

@@ -25,6 +25,8 @@ export interface DaemonOptions {
 export interface Daemon {
   host: string;
   port: number;
+  /** Where /metrics is served. */
+  metricsPort: number;
   dataDir: string;
   proc: ChildProcess;
   /** Every JSON log line the daemon printed so far. */
@@ -39,24 +41,36 @@ export async function cowbd(args: string[], env?: NodeJS.ProcessEnv): Promise<{ 
   return execFileP(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
 }
 
+/** Runs the CLI and returns its exit code and output, failing or not. */
+export async function cowbdResult(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    return { code: 0, ...(await execFileP(process.execPath, [CLI, ...args])) };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
 export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   const ownDir = !opts.dataDir;
   const dataDir = opts.dataDir ?? (await mkdtemp(join(tmpdir(), 'cowbd-test-')));
   for (const v of opts.volumes ?? []) {
     await cowbd(['volume', 'create', v.name, '--size', v.size, '--data-dir', dataDir]);
   }
-  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--log-level', 'debug'];
+  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--log-level', 'debug'];
   if (opts.readOnly) args.push('--read-only');
   if (opts.socket) args.push('--socket', opts.socket);
   args.push(...(opts.args ?? []));
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const logs: Record<string, unknown>[] = [];
+  let metricsPort = 0;
   const port = await new Promise<number>((res, rej) => {
     const rl = createInterface({ input: proc.stdout! });
     rl.on('line', (line) => {
       let rec: Record<string, unknown>;
       try { rec = JSON.parse(line); } catch { return; }
       logs.push(rec);
+      if (rec.msg === 'metrics listening' && typeof rec.port === 'number') metricsPort = rec.port;
       if (rec.msg === 'listening' && typeof rec.port === 'number') res(rec.port);
     });
     proc.once('exit', (code) => rej(new Error(`cowbd exited with ${code} before listening`)));
@@ -64,7 +78,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   });
   let stopped: Promise<number | null> | undefined;
   return {
-    host: '127.0.0.1', port, dataDir, proc, logs,
+    host: '127.0.0.1', port, metricsPort, dataDir, proc, logs,
     uri: (name = '') => `nbd://127.0.0.1:${port}/${name}`,
     stop() {
       stopped ??= new Promise<number | null>((res) => {

@@ -1,0 +1,113 @@
+// What each CLI command does: through the running daemon's control API, or on
+// the data directory directly where that is safe without one (volume create/list).
+import { call, NoDaemonError } from './control-client.js';
+import { CowbdError } from './errors.js';
+import { checkName } from './names.js';
+import type { SnapshotUsage } from '../cow/index.js';
+import type { StatusRow, VolumeView } from './service.js';
+import { formatSize, parseSizeNumber } from './sizes.js';
+import { table } from './table.js';
+import { createVolume, listVolumes } from './volumes.js';
+
+export interface Common {
+  dataDir: string;
+  json: boolean;
+}
+
+function print(json: boolean, value: unknown, human: () => string): void {
+  console.log(json ? JSON.stringify(value, null, 2) : human());
+}
+
+async function daemonOrOffline<T>(online: () => Promise<T>, offline: () => Promise<T>): Promise<T> {
+  try {
+    return await online();
+  } catch (err) {
+    if (err instanceof NoDaemonError) return offline();
+    throw err;
+  }
+}
+
+export async function volumeCreate(o: Common & { name: string; size: string }): Promise<void> {
+  checkName(o.name);
+  const size = parseSizeNumber(o.size, 512);
+  const v = await daemonOrOffline<VolumeView>(
+    () => call(o.dataDir, 'POST', '/v1/volumes', { name: o.name, size: String(size) }),
+    async () => {
+      const e = await createVolume(o.dataDir, o.name, size);
+      return { name: e.name, size: e.size, snapshots: [] };
+    },
+  );
+  print(o.json, v, () => `created volume ${v.name} (${formatSize(v.size)})`);
+}
+
+export async function volumeList(o: Common): Promise<void> {
+  const vols = await daemonOrOffline<VolumeView[]>(
+    () => call(o.dataDir, 'GET', '/v1/volumes'),
+    async () => (await listVolumes(o.dataDir)).map((v) => ({ name: v.name, size: v.size, snapshots: [] })),
+  );
+  print(o.json, vols, () => table(['NAME', 'SIZE', 'SNAPSHOTS'], vols.map((v) => [v.name, formatSize(v.size), v.snapshots.join(',') || '-']), [1]));
+}
+
+export async function volumeRemove(o: Common & { name: string }): Promise<void> {
+  checkName(o.name);
+  const r = await call(o.dataDir, 'DELETE', `/v1/volumes/${encodeURIComponent(o.name)}`);
+  print(o.json, r, () => `removed volume ${o.name}`);
+}
+
+function snapshotRows(list: SnapshotUsage[]): (string | number)[][] {
+  return list.map((u) => [
+    u.name, u.origin, formatSize(u.capacityBytes), formatSize(u.chunkSize),
+    u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(2) : '0.00',
+    u.state, u.policy, u.transient ? 'transient' : 'persistent', new Date(u.createdAt).toISOString(),
+  ]);
+}
+
+export async function snapshotCreate(o: Common & {
+  name: string; origin: string; size: string; chunkSize: string; policy: string; transient: boolean; readOnly: boolean;
+}): Promise<void> {
+  checkName(o.name);
+  checkName(o.origin);
+  const u = await call<SnapshotUsage>(o.dataDir, 'POST', '/v1/snapshots', {
+    name: o.name, origin: o.origin, size: String(parseSizeNumber(o.size)), chunkSize: String(parseSizeNumber(o.chunkSize)),
+    policy: o.policy, transient: o.transient, readOnly: o.readOnly,
+  });
+  print(o.json, u, () => `created snapshot ${u.name} of ${u.origin}: ${formatSize(u.capacityBytes)} store, ${formatSize(u.chunkSize)} chunks`);
+}
+
+export async function snapshotList(o: Common): Promise<void> {
+  const list = await call<SnapshotUsage[]>(o.dataDir, 'GET', '/v1/snapshots');
+  print(o.json, list, () => table(['NAME', 'ORIGIN', 'SIZE', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'], snapshotRows(list), [2, 3, 4]));
+}
+
+export async function snapshotExtend(o: Common & { name: string; size: string }): Promise<void> {
+  checkName(o.name);
+  const rel = o.size.startsWith('+');
+  const bytes = parseSizeNumber(rel ? o.size.slice(1) : o.size);
+  const u = await call<SnapshotUsage>(o.dataDir, 'POST', `/v1/snapshots/${encodeURIComponent(o.name)}/extend`, { size: (rel ? '+' : '') + bytes });
+  print(o.json, u, () => `snapshot ${u.name} is now ${formatSize(u.capacityBytes)} (${u.usedChunks}/${u.capacityChunks} chunks used)`);
+}
+
+export async function snapshotRemove(o: Common & { name: string }): Promise<void> {
+  checkName(o.name);
+  const r = await call(o.dataDir, 'DELETE', `/v1/snapshots/${encodeURIComponent(o.name)}`);
+  print(o.json, r, () => `removed snapshot ${o.name}`);
+}
+
+export async function status(o: Common): Promise<void> {
+  const rows = await call<StatusRow[]>(o.dataDir, 'GET', '/v1/status');
+  print(o.json, rows, () =>
+    table(
+      ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'DATA%', 'STATE'],
+      rows.map((r) => [
+        r.name, r.kind, formatSize(r.size), r.origin ?? '', r.chunkSize ? formatSize(r.chunkSize) : '',
+        r.storeSize ? formatSize(r.storeSize) : '', r.usedPercent === null ? '' : r.usedPercent.toFixed(2), r.state,
+      ]),
+      [2, 4, 5, 6],
+    ),
+  );
+}
+
+export function requirePositive(n: number, what: string): number {
+  if (!Number.isFinite(n) || n < 0) throw new CowbdError('COWBD_BAD_OPTION', `${what} must be a non-negative number`);
+  return n;
+}

@@ -1,0 +1,57 @@
+// The control API's routes: a thin JSON face over the Service.
+import type { ControlServer } from './control-server.js';
+import { CowbdError } from './errors.js';
+import type { Service } from './service.js';
+import { parseSizeNumber } from './sizes.js';
+
+function str(body: Record<string, unknown>, key: string, required = true): string | undefined {
+  const v = body[key];
+  if (v === undefined || v === null) {
+    if (required) throw new CowbdError('COWBD_BAD_REQUEST', `missing "${key}"`);
+    return undefined;
+  }
+  if (typeof v !== 'string' && typeof v !== 'number') throw new CowbdError('COWBD_BAD_REQUEST', `"${key}" must be a string`);
+  return String(v);
+}
+
+function bool(body: Record<string, unknown>, key: string): boolean {
+  const v = body[key];
+  if (v === undefined) return false;
+  if (typeof v !== 'boolean') throw new CowbdError('COWBD_BAD_REQUEST', `"${key}" must be true or false`);
+  return v;
+}
+
+export function controlRoutes(c: ControlServer, svc: Service): void {
+  c.route('GET', '/v1/volumes', async () => svc.volumes());
+  c.route('POST', '/v1/volumes', async (_p, b) => svc.createVolume(str(b, 'name')!, parseSizeNumber(str(b, 'size')!, 512)));
+  c.route('DELETE', '/v1/volumes/:name', async (p) => {
+    await svc.removeVolume(p.name!);
+    return { removed: p.name };
+  });
+  c.route('GET', '/v1/snapshots', async () => svc.snapshots());
+  c.route('GET', '/v1/snapshots/:name', async (p) => svc.snapshot(p.name!));
+  c.route('POST', '/v1/snapshots', async (_p, b) => {
+    const policy = str(b, 'policy', false) ?? 'invalidate';
+    if (policy !== 'invalidate' && policy !== 'overflow') throw new CowbdError('COWBD_BAD_REQUEST', `policy must be invalidate or overflow, not "${policy}"`);
+    const chunk = str(b, 'chunkSize', false);
+    return svc.createSnapshot({
+      name: str(b, 'name')!,
+      origin: str(b, 'origin')!,
+      size: parseSizeNumber(str(b, 'size')!),
+      chunkSize: chunk === undefined ? undefined : parseSizeNumber(chunk),
+      policy,
+      transient: bool(b, 'transient'),
+      readOnly: bool(b, 'readOnly'),
+    });
+  });
+  c.route('POST', '/v1/snapshots/:name/extend', async (p, b) => {
+    const text = str(b, 'size')!;
+    const relative = text.startsWith('+');
+    return svc.extendSnapshot(p.name!, parseSizeNumber(relative ? text.slice(1) : text), relative);
+  });
+  c.route('DELETE', '/v1/snapshots/:name', async (p) => {
+    await svc.removeSnapshot(p.name!);
+    return { removed: p.name };
+  });
+  c.route('GET', '/v1/status', async () => svc.status());
+}

@@ -1,0 +1,309 @@
+// The daemon's model of its data directory: origin volumes and their snapshots,
+// each served as an NBD export, created and removed live. The control API and
+// the metrics read from here; cow/ does the storage work.
+import { statfs, unlink } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import { CowError, CowManager, type Origin, type Snapshot, type SnapshotUsage } from '../cow/index.js';
+import { Errors, CowbdError } from './errors.js';
+import { checkName } from './names.js';
+import { Registry } from './registry.js';
+import { formatSize } from './sizes.js';
+import { VolumeBackend } from './volume-backend.js';
+import { createVolume, listVolumes, volumePath } from './volumes.js';
+
+export interface AutoExtendPolicy {
+  /** Usage percent at which a snapshot is grown; 100 disables, as in lvm.conf. */
+  threshold: number;
+  /** Growth as a percent of the current size. */
+  percent: number;
+  /** Largest size auto-extend may reach, in bytes (0: no limit but free disk). */
+  maxBytes: number;
+}
+
+export interface ServiceOptions {
+  dataDir: string;
+  readOnly: boolean;
+  defaultVolume: string;
+  autoExtend: AutoExtendPolicy;
+  onCommit?: (seconds: number) => void;
+}
+
+export interface SnapshotCreate {
+  name: string;
+  origin: string;
+  size: number;
+  chunkSize?: number;
+  policy?: 'invalidate' | 'overflow';
+  transient?: boolean;
+  readOnly?: boolean;
+}
+
+export interface VolumeView {
+  name: string;
+  size: number;
+  snapshots: string[];
+}
+
+export interface StatusRow {
+  name: string;
+  kind: 'origin' | 'snapshot';
+  size: number;
+  origin: string | null;
+  chunkSize: number | null;
+  usedPercent: number | null;
+  state: string;
+  storeSize: number | null;
+}
+
+/** Free space held back from auto-extend so the file system never fills to the last byte. */
+const FREE_DISK_RESERVE = 64 * 1024 * 1024;
+const USAGE_WARNINGS = Array.from({ length: 11 }, (_, i) => 50 + 5 * i);
+
+export function toCowbdError(err: unknown, what: { volume?: string; snapshot?: string }): unknown {
+  if (!(err instanceof CowError)) return err;
+  const msg = err.message.replace(/^E[A-Z]+: /, '');
+  switch (err.code) {
+    case 'ENOENT':
+      return what.snapshot ? Errors.unknownSnapshot(what.snapshot) : Errors.unknownVolume(what.volume ?? '?');
+    case 'EEXIST':
+      return Errors.nameTaken(what.snapshot ?? what.volume ?? '?');
+    case 'EBUSY':
+      return Errors.originBusy(what.volume ?? '?', msg);
+    case 'EINVAL':
+    case 'ENOSPC':
+      return new CowbdError('COWBD_INVALID_REQUEST', msg, 400);
+    default:
+      return err;
+  }
+}
+
+export class Service {
+  readonly registry: Registry;
+  private readonly createdAt = new Map<string, Date>();
+  private autoTimer?: NodeJS.Timeout;
+  private extending = new Set<string>();
+  private closed = false;
+  /** Told when an export goes away, so its metric series can be dropped. */
+  onExportRemoved?: (name: string) => void;
+
+  private constructor(
+    readonly cow: CowManager,
+    private readonly opts: ServiceOptions,
+    private readonly log: Logger,
+  ) {
+    this.registry = new Registry(opts.defaultVolume);
+  }
+
+  static async open(opts: ServiceOptions, log: Logger): Promise<Service> {
+    const cowLog = log.child({ component: 'cow' });
+    const cow = await CowManager.open(opts.dataDir, {
+      logger: cowLog,
+      usageThresholds: USAGE_WARNINGS,
+      onCommit: opts.onCommit ? (s) => opts.onCommit!(s) : undefined,
+    });
+    const svc = new Service(cow, opts, log);
+    try {
+      for (const v of await listVolumes(opts.dataDir)) {
+        const origin = await cow.attachOrigin(v.name);
+        svc.exportOrigin(origin);
+      }
+      for (const s of cow.snapshotsOf()) svc.exportSnapshot(s);
+    } catch (err) {
+      await cow.close();
+      throw err;
+    }
+    cow.on('usage', (e) => {
+      log.warn({ snapshot: e.name, origin: e.origin, percent: e.percent, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
+        `snapshot ${e.name} is ${e.percent}% full`);
+      void svc.autoExtend(e.name);
+    });
+    cow.on('invalidated', (e) => {
+      log.error({ snapshot: e.name, origin: e.origin, reason: e.reason, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
+        `snapshot ${e.name} invalidated`);
+    });
+    if (opts.autoExtend.threshold < 100) {
+      // Events can be missed across restarts; a slow sweep catches any snapshot above the threshold.
+      svc.autoTimer = setInterval(() => {
+        for (const s of cow.list()) void svc.autoExtend(s.name);
+      }, 5000);
+      svc.autoTimer.unref();
+    }
+    return svc;
+  }
+
+  private describeOrigin(o: Origin): string {
+    const n = this.cow.snapshotsOf(o.name).length;
+    return `origin volume ${o.name}, ${formatSize(o.size)}, ${n} snapshot${n === 1 ? '' : 's'}${this.opts.readOnly ? ', read-only' : ''}`;
+  }
+
+  private describeSnapshot(s: Snapshot): string {
+    const u = s.usage();
+    const pct = u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(1) : '0.0';
+    return `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}, ` +
+      `${pct}% used (${u.usedChunks}/${u.capacityChunks} chunks of ${formatSize(u.chunkSize)})` +
+      `${u.transient ? ', transient' : ''}${u.readOnly || this.opts.readOnly ? ', read-only' : ''}`;
+  }
+
+  private exportOrigin(o: Origin): void {
+    this.registry.add(new VolumeBackend(o, () => this.describeOrigin(o), this.opts.readOnly));
+  }
+
+  private exportSnapshot(s: Snapshot): void {
+    this.registry.add(new VolumeBackend(s, () => this.describeSnapshot(s), this.opts.readOnly || s.readOnly));
+  }
+
+  private nameFree(name: string): void {
+    if (this.cow.origin(name) || this.cow.snapshot(name)) throw Errors.nameTaken(name);
+  }
+
+  volumes(): VolumeView[] {
+    return this.registry
+      .list()
+      .filter((e) => this.cow.origin(e.name))
+      .map((e) => ({ name: e.name, size: e.size, snapshots: this.cow.snapshotsOf(e.name).map((s) => s.name).sort() }));
+  }
+
+  async createVolume(name: string, size: number): Promise<VolumeView> {
+    checkName(name);
+    this.nameFree(name);
+    if (this.opts.readOnly) throw new CowbdError('COWBD_READ_ONLY', 'the daemon serves read-only; volumes cannot be created', 409);
+    await createVolume(this.opts.dataDir, name, size);
+    try {
+      this.exportOrigin(await this.cow.attachOrigin(name));
+    } catch (err) {
+      await unlink(volumePath(this.opts.dataDir, name)).catch(() => undefined);
+      throw err;
+    }
+    this.log.info({ volume: name, size }, 'volume created');
+    return { name, size, snapshots: [] };
+  }
+
+  async removeVolume(name: string): Promise<void> {
+    checkName(name);
+    if (!this.cow.origin(name)) throw Errors.unknownVolume(name);
+    const snaps = this.cow.snapshotsOf(name);
+    if (snaps.length) throw Errors.originBusy(name, `it has snapshots (${snaps.map((s) => s.name).join(', ')}); remove them first`);
+    await this.registry.remove(name);
+    this.onExportRemoved?.(name);
+    await this.cow.detachOrigin(name);
+    await unlink(volumePath(this.opts.dataDir, name));
+    this.log.info({ volume: name }, 'volume removed');
+  }
+
+  snapshots(): SnapshotUsage[] {
+    return this.cow.list().sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  snapshot(name: string): SnapshotUsage {
+    const s = this.cow.snapshot(name);
+    if (!s) throw Errors.unknownSnapshot(name);
+    return s.usage();
+  }
+
+  async createSnapshot(o: SnapshotCreate): Promise<SnapshotUsage> {
+    checkName(o.name);
+    checkName(o.origin);
+    this.nameFree(o.name);
+    if (!this.cow.origin(o.origin)) throw Errors.unknownVolume(o.origin);
+    let s: Snapshot;
+    try {
+      s = await this.cow.createSnapshot(o);
+    } catch (err) {
+      throw toCowbdError(err, { volume: o.origin, snapshot: o.name });
+    }
+    this.exportSnapshot(s);
+    return s.usage();
+  }
+
+  /** lvextend: `size` is the new total, or added when `relative`. */
+  async extendSnapshot(name: string, size: number, relative: boolean): Promise<SnapshotUsage> {
+    const s = this.cow.snapshot(name);
+    if (!s) throw Errors.unknownSnapshot(name);
+    const current = s.usage().capacityBytes;
+    const target = relative ? current + size : size;
+    if (target < current) throw new CowbdError('COWBD_INVALID_SIZE', `snapshot ${name} is ${formatSize(current)}; it can only grow`);
+    try {
+      const u = await this.cow.extendSnapshot(name, target);
+      this.log.info({ snapshot: name, from: current, to: u.capacityBytes }, 'snapshot extended');
+      return u;
+    } catch (err) {
+      throw toCowbdError(err, { snapshot: name });
+    }
+  }
+
+  async removeSnapshot(name: string): Promise<void> {
+    if (!this.cow.snapshot(name)) throw Errors.unknownSnapshot(name);
+    // Connections first: they close cleanly, then the space is freed.
+    await this.registry.remove(name);
+    this.onExportRemoved?.(name);
+    try {
+      await this.cow.removeSnapshot(name);
+    } catch (err) {
+      throw toCowbdError(err, { snapshot: name });
+    }
+  }
+
+  status(): StatusRow[] {
+    const rows: StatusRow[] = [];
+    for (const v of this.volumes()) {
+      rows.push({ name: v.name, kind: 'origin', size: v.size, origin: null, chunkSize: null, usedPercent: null, state: 'active', storeSize: null });
+    }
+    for (const u of this.snapshots()) {
+      const origin = this.cow.origin(u.origin);
+      rows.push({
+        name: u.name,
+        kind: 'snapshot',
+        size: origin?.size ?? 0,
+        origin: u.origin,
+        chunkSize: u.chunkSize,
+        usedPercent: u.capacityChunks ? (100 * u.usedChunks) / u.capacityChunks : 0,
+        state: u.state,
+        storeSize: u.capacityBytes,
+      });
+    }
+    return rows;
+  }
+
+  /** Grows a snapshot past the threshold by `percent`, within the maximum and free disk. */
+  async autoExtend(name: string): Promise<void> {
+    const p = this.opts.autoExtend;
+    if (p.threshold >= 100 || this.closed || this.extending.has(name)) return;
+    const s = this.cow.snapshot(name);
+    if (!s) return;
+    const u = s.usage();
+    if (u.state === 'invalid' || u.capacityChunks === 0) return;
+    const pct = (100 * u.usedChunks) / u.capacityChunks;
+    if (pct < p.threshold) return;
+    this.extending.add(name);
+    try {
+      let grow = Math.max(u.chunkSize, Math.ceil((u.capacityBytes * p.percent) / 100 / u.chunkSize) * u.chunkSize);
+      if (p.maxBytes > 0) grow = Math.min(grow, p.maxBytes - u.capacityBytes);
+      const fs = await statfs(this.opts.dataDir);
+      const free = Number(fs.bavail) * Number(fs.bsize) - FREE_DISK_RESERVE;
+      grow = Math.min(grow, Math.floor(free / u.chunkSize) * u.chunkSize);
+      if (grow < u.chunkSize) {
+        this.log.warn({ snapshot: name, usedPercent: pct, capacityBytes: u.capacityBytes, maxBytes: p.maxBytes, freeBytes: free },
+          `snapshot ${name} cannot be auto-extended: at its maximum or out of disk`);
+        return;
+      }
+      const after = await this.cow.extendSnapshot(name, u.capacityBytes + grow);
+      this.log.info({ snapshot: name, usedPercent: pct, fromBytes: u.capacityBytes, toBytes: after.capacityBytes, usedChunks: after.usedChunks, capacityChunks: after.capacityChunks },
+        `snapshot ${name} auto-extended`);
+    } catch (err) {
+      this.log.error({ err, snapshot: name }, 'auto-extend failed');
+    } finally {
+      this.extending.delete(name);
+    }
+  }
+
+  async flushAll(): Promise<void> {
+    for (const b of this.registry.backends()) await b.flush().catch((err: unknown) => this.log.error({ err, export: b.info.name }, 'flush failed'));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.autoTimer);
+    await this.cow.close();
+  }
+}

@@ -1,0 +1,67 @@
+// A cow/ Volume (origin or snapshot) as an NBD backend: the operations table
+// protocol/ drives. Descriptions are computed when asked, so NBD_OPT_LIST and
+// NBD_OPT_INFO show a snapshot's current state and usage.
+import type { Backend, Extent, ExportInfo, ZeroFlags } from '../protocol/backend.js';
+import type { Volume } from '../cow/index.js';
+
+const CACHE_CHUNK = 4 * 1024 * 1024;
+
+export class VolumeBackend implements Backend {
+  constructor(
+    readonly volume: Volume,
+    private readonly describe: () => string,
+    private readonly readOnly: boolean,
+  ) {}
+
+  get info(): ExportInfo {
+    return {
+      name: this.volume.name,
+      description: this.describe(),
+      size: this.volume.size,
+      readOnly: this.readOnly,
+      canFlush: true,
+      canFua: true,
+      canTrim: true,
+      canZero: true,
+      // The flag is honoured by refusing: zeroing may have to copy chunks first, never fast.
+      canFastZero: true,
+      canCache: true,
+      canMultiConn: true,
+    };
+  }
+
+  pread(buf: Buffer, offset: number): Promise<void> {
+    return this.volume.read(buf, offset);
+  }
+
+  pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.volume.write(buf, offset, fua);
+  }
+
+  flush(): Promise<void> {
+    return this.volume.flush();
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.volume.discard(offset, length, fua);
+  }
+
+  zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    if (flags.fast) return Promise.reject(Object.assign(new Error('zeroing is not fast here'), { code: 'ENOTSUP' }));
+    return this.volume.writeZeroes(offset, length, flags.fua);
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    // Reading pulls the range into the page cache (and checks it is readable).
+    const buf = Buffer.allocUnsafe(Math.min(CACHE_CHUNK, length));
+    for (let at = 0; at < length; at += buf.length) {
+      const n = Math.min(buf.length, length - at);
+      await this.volume.read(n === buf.length ? buf : buf.subarray(0, n), offset + at);
+    }
+  }
+
+  async extents(_offset: number, length: number): Promise<Extent[]> {
+    // Node has no lseek(SEEK_HOLE): report data, which the spec allows as always safe.
+    return [{ length, flags: 0 }];
+  }
+}
