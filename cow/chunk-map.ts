@@ -118,10 +118,15 @@ export class ChunkMap {
     for (let i = 0; i < this.cap; i++) if (keys[i] !== EMPTY) fn(keys[i]!, this.vals[i]!);
   }
 
-  private grow(): void {
+  /** Sizes the table for n entries at once (replay), so growth leaves no garbage behind. */
+  reserve(n: number): void {
+    if (n > this.limit) this.grow(Math.ceil(n / 0.8));
+  }
+
+  private grow(to = Math.ceil(this.cap * GROWTH)): void {
     const oldKeys = this.keys;
     const oldVals = this.vals;
-    this.cap = Math.ceil(this.cap * GROWTH);
+    this.cap = to;
     this.keys = new Uint32Array(this.cap).fill(EMPTY);
     this.vals = new Uint32Array(this.cap);
     this.limit = Math.floor(this.cap * MAX_LOAD);

@@ -191,6 +191,21 @@ export class ExceptionStore {
     let prev: { area: number; nonce: number; next: number } | undefined;
     let tail: LogState | undefined;
     const map = rec.map;
+    // First walk the chain's headers only, to size the map once: at a million
+    // exceptions, growing by steps would leave RSS well above the table itself.
+    {
+      const hb = buf.subarray(0, AREA_HEADER_BYTES);
+      let a = s.firstArea;
+      let areas = 0;
+      for (;;) {
+        await this.dev.read(hb, a * cs);
+        const h = decodeAreaHeader(hb);
+        if (!h || h.snapId !== s.snapId || h.seq !== areas || h.poolId !== this.poolId || areas > 1 << 24) break;
+        areas++;
+        a = h.next;
+      }
+      if (areas > 1) map.reserve((areas - 1) * perArea);
+    }
     for (;;) {
       await this.dev.read(buf, area * cs);
       const h = decodeAreaHeader(buf);
@@ -490,6 +505,7 @@ export class ExceptionStore {
     const n = chunks.length;
     const buf = this.bufs.get(n * cs);
     const phys: number[] = new Array<number>(n).fill(ZERO_CHUNK);
+    const charged: boolean[] = new Array<boolean>(n).fill(true);
     let copied = 0;
     const wait = this.copies.acquire();
     if (wait) await wait;
@@ -503,6 +519,7 @@ export class ExceptionStore {
       for (let k = 0; k < n; k++) {
         if (buf.subarray(k * cs, (k + 1) * cs).equals(zeros)) {
           for (const r of needers[k]!) r.reserve(-1, 0);
+          charged[k] = false;
         } else data.push(k);
       }
       copied = data.length;
@@ -525,7 +542,7 @@ export class ExceptionStore {
         await Promise.all(writes);
       }
     } catch (e) {
-      this.rollbackCopy(chunks, phys, needers);
+      this.rollbackCopy(phys, charged, needers);
       throw e;
     } finally {
       this.copies.release();
@@ -555,16 +572,15 @@ export class ExceptionStore {
         },
       });
     } catch (e) {
-      this.rollbackCopy(chunks, phys, needers);
+      this.rollbackCopy(phys, charged, needers);
       throw e;
     }
   }
 
-  private rollbackCopy(chunks: number[], phys: number[], needers: SnapshotRecord[][]): void {
-    for (let k = 0; k < chunks.length; k++) {
-      const data = phys[k] !== ZERO_CHUNK;
-      if (data) this.alloc.free(phys[k]!);
-      for (const r of needers[k]!) r.reserve(data ? -1 : 0, -1);
+  private rollbackCopy(phys: number[], charged: boolean[], needers: SnapshotRecord[][]): void {
+    for (let k = 0; k < phys.length; k++) {
+      if (phys[k] !== ZERO_CHUNK) this.alloc.free(phys[k]!);
+      for (const r of needers[k]!) r.reserve(charged[k] ? -1 : 0, -1);
     }
   }
 

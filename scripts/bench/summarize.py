@@ -56,6 +56,8 @@ def machine():
         "node": cmd("node", "--version"),
         "nbdkit": cmd("nbdkit", "--version"),
         "fio": cmd("fio", "--version"),
+        # Other work shows up as spread between rounds; the load (which includes fio and the servers themselves) hints at it.
+        "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"],
     }
 
 
@@ -90,10 +92,11 @@ def main():
     print(f"Date: {m['date']}  ")
     print(f"Machine: {m['nproc']} × {m['cpu']}, Linux {m['kernel']}  ")
     print(f"Software: node {m['node']}, {m['nbdkit']}, {m['fio']}  ")
+    print(f"Load average at the end: {' '.join(m['load'])}  ")
     print(f"Method: fio ioengine=nbd, one job, {args.runtime} s per run (+1 s ramp), "
           f"volume {args.size}, {args.rounds} interleaved rounds, medians shown")
     print()
-    header = ["job", "target", "MiB/s", "IOPS", "runs"]
+    header = ["job", "target", "MiB/s", "MiB/s min–max", "IOPS", "runs"]
     if baseline:
         header += [f"MiB/s vs {baseline}", f"IOPS vs {baseline}"]
     print("| " + " | ".join(header) + " |")
@@ -105,11 +108,13 @@ def main():
         for target in targets:
             got = samples.get((job, target), [])
             if not got:
-                print(f"| {job} | {target} | – | – | 0 |" + (" – | – |" if baseline else ""))
+                print(f"| {job} | {target} | – | – | – | 0 |" + (" – | – |" if baseline else ""))
                 continue
             bw = statistics.median(x[0] for x in got)
             iops = statistics.median(x[1] for x in got)
-            row = [job, target, f"{bw:.1f}", f"{iops:.0f}", str(len(got))]
+            lo = min(x[0] for x in got)
+            hi = max(x[0] for x in got)
+            row = [job, target, f"{bw:.1f}", f"{lo:.1f}–{hi:.1f}", f"{iops:.0f}", str(len(got))]
             if baseline:
                 row += [f"{bw / base_bw:.2f}" if base_bw else "–", f"{iops / base_iops:.2f}" if base_iops else "–"]
             print("| " + " | ".join(row) + " |")

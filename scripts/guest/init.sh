@@ -48,6 +48,8 @@ done
 echo "COWBD-ATTACHED uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 cd /root
+# Each traced command carries the guest uptime, to see which step is slow.
+export PS4='+ [$(cut -d" " -f1 /proc/uptime)] '
 sh -ex /cowbd/script.sh </dev/null
 rc=$?
 echo "COWBD-SCRIPT-DONE rc=$rc uptime=$(cut -d' ' -f1 /proc/uptime)"

@@ -10,6 +10,8 @@
 //    disturb what snapshots read.
 // COWBD_CRASH_ITERATIONS scales the number of workloads (default 40, ~2000 crash points).
 import t from 'tap';
+
+t.setTimeout(600_000);
 import { Snapshot } from '../../cow/snapshot.js';
 import { SECTOR, checkSectors, makeRig, pattern, reopenRig, rng32, seeds } from './helpers.js';
 import { Workload, type CrashPoint } from './workload.js';

@@ -2,6 +2,8 @@
 // flushes, snapshot creation and removal, run concurrently, checked against the
 // reference model on every read, then again after a clean restart.
 import t from 'tap';
+
+t.setTimeout(600_000);
 import { Snapshot } from '../../cow/snapshot.js';
 import { SECTOR, checkSectors, makeRig, reopenRig, seeds } from './helpers.js';
 import { Workload } from './workload.js';

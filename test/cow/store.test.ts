@@ -1,6 +1,8 @@
 // Unit tests of the exception store: format, accounting, invalidation, overflow,
 // extend, remove and restart, shared copies.
 import t from 'tap';
+
+t.setTimeout(600_000);
 import { ChunkMap, ABSENT } from '../../cow/chunk-map.js';
 import { MemDevice } from '../../cow/mem-device.js';
 import { ExceptionStore } from '../../cow/store.js';

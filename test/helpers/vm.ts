@@ -31,6 +31,8 @@ export interface GuestOptions {
   /** Seconds nbd-client may take to attach, also its `-t` I/O timeout; default 30. */
   attachTimeoutS?: number;
   memoryMb?: number;
+  /** Guest CPUs; default $COWBD_GUEST_CPUS or 1. */
+  cpus?: number;
 }
 
 export interface GuestResult {
@@ -140,7 +142,7 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
 function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: number): Promise<GuestResult> {
   const args = [
     // KVM cannot boot a stock kernel on this host; TCG can, and behaves the same in CI.
-    '-accel', 'tcg', '-cpu', 'max', '-smp', '1', '-m', String(opts.memoryMb ?? 512),
+    '-accel', 'tcg', '-cpu', 'max', '-smp', String(opts.cpus ?? Number(process.env.COWBD_GUEST_CPUS ?? 1)), '-m', String(opts.memoryMb ?? 512),
     '-nodefaults', '-no-reboot', '-display', 'none', '-monitor', 'none', '-serial', 'stdio',
     '-kernel', kernel, '-initrd', initrd,
     // panic=-1 reboots on a panic, and -no-reboot turns that into qemu exiting.
@@ -163,7 +165,8 @@ function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: num
     text += chunk.toString('latin1');
     if (initMs === undefined && text.includes('COWBD-INIT')) initMs = Date.now() - started;
     if (exitCode === null) {
-      const m = /COWBD-EXIT=(\d+)/.exec(text);
+      // Only a whole line counts: a read may end in the middle of "COWBD-EXIT=24".
+      const m = /COWBD-EXIT=(\d+)\r?\n/.exec(text);
       if (m) {
         exitCode = Number(m[1]);
         exitMarkerMs = Date.now() - started;
@@ -211,9 +214,12 @@ export async function guestLogPath(name: string): Promise<string> {
   return join(dir, `${name}.log`);
 }
 
-/** The last lines of a console log, for assertion messages. */
-export function tail(log: string, lines = 40): string {
-  return log.split(/\r?\n/).slice(-lines).join('\n');
+/** The last lines of a console log from the guest init on (the kernel's boot chatter
+ *  before it rarely explains a failure), as an array so tap prints one per line. */
+export function tail(log: string, lines = 40): string[] {
+  const text = log.replace(/\r/g, '');
+  const init = text.indexOf('COWBD-INIT');
+  return (init >= 0 ? text.slice(init) : text).split('\n').slice(-lines);
 }
 
 interface CpioEntry { name: string; mode: number; data?: Buffer }

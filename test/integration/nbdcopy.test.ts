@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run, startTarget } from './target.js';
 
+const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
 
 const randomFillP = promisify(randomFill);
@@ -47,7 +48,7 @@ t.test('1 GiB in and out', async (t) => {
   const input = join(work, 'in.bin');
   const output = join(work, 'out.bin');
   const [srv, want] = await Promise.all([
-    startTarget({ volumes: [{ name: 'big', size: '1G' }] }),
+    startTarget({ volumes: [{ name: 'big', size: '1G' }, { name: 'sparse', size: '256M' }] }),
     randomFile(input, GiB),
   ]);
   t.teardown(() => srv.stop());
@@ -65,4 +66,29 @@ t.test('1 GiB in and out', async (t) => {
 
   t.equal((await stat(output)).size, GiB, 'output is 1 GiB');
   t.equal(await sha256(output), want, 'sha256 of the copy matches the input');
+
+  // A mostly-empty source makes nbdcopy zero the gaps (WRITE_ZEROES) and, on
+  // the way out, consult block status; stale data must not survive either.
+  const sparseIn = join(work, 'sparse.bin');
+  const sparseOut = join(work, 'sparse-out.bin');
+  await rm(output);
+  const fh = await open(sparseIn, 'w');
+  await fh.truncate(256 * MiB);
+  const island = Buffer.alloc(MiB);
+  for (let i = 0; i < 16; i++) {
+    await randomFillP(island);
+    await fh.write(island, 0, MiB, i * 16 * MiB + (i % 3) * 4096 + 1234);
+  }
+  await fh.close();
+  const sparseUri = srv.uri('sparse');
+  // Garbage first, so a gap nbdcopy failed to zero would show.
+  const dirty = await run('qemu-io', ['-f', 'raw', sparseUri, '-c', 'write -P 0xa5 0 256M']);
+  t.equal(dirty.code, 0, 'export prefilled with garbage');
+  const sin = await run('nbdcopy', ['--flush', sparseIn, sparseUri], 60_000);
+  t.equal(sin.code, 0, `sparse file -> export${sin.code ? `: ${sin.stderr}` : ''}`);
+  const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', sparseIn, sparseUri], 60_000);
+  t.equal(cmp.code, 0, `qemu-img compare: export equals the sparse file${cmp.code ? `: ${cmp.stdout}${cmp.stderr}` : ''}`);
+  const sout = await run('nbdcopy', [sparseUri, sparseOut], 60_000);
+  t.equal(sout.code, 0, 'export -> sparse file');
+  t.equal(await sha256(sparseOut), await sha256(sparseIn), 'sparse round trip matches');
 });

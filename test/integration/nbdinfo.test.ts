@@ -100,7 +100,7 @@ t.test('export list', async (t) => {
 
 t.test('--can and --map', async (t) => {
   const uri = srv.uri('mapped');
-  for (const what of ['connect', 'structured-reply', 'flush', 'fua', 'trim', 'zero', 'cache', 'multi-conn']) {
+  for (const what of ['connect', 'structured-reply', 'flush', 'fua', 'trim', 'zero', 'cache', 'multi-conn', 'df', ...(srv.kind === 'cowbd' ? ['fast-zero'] : [])]) {
     const r = await run('nbdinfo', ['--can', what, uri]);
     t.equal(r.code, 0, `--can ${what}`);
   }

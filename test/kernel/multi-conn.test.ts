@@ -38,5 +38,6 @@ t.test('two connections to one export', { skip: await guestSkipReason() }, async
   t.match(r.log, /f4: OK/, 'checksums verified after reconnecting');
   const sessions = d.logs.filter((l) => l.msg === 'transmission started' && l.export === 'vol0');
   t.equal(sessions.length, 4, 'two connections per attach, two attaches');
+  t.same(d.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
   t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
 });

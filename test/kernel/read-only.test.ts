@@ -6,7 +6,7 @@ import { createReadStream } from 'node:fs';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startDaemon } from '../helpers/daemon.js';
+import { startDaemon, type Daemon } from '../helpers/daemon.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 
 async function hashTree(dir: string): Promise<string> {
@@ -21,11 +21,15 @@ async function hashTree(dir: string): Promise<string> {
 
 t.test('read-only daemon', { skip: await guestSkipReason() }, async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'cowbd-kernel-ro-'));
-  t.teardown(() => rm(dataDir, { recursive: true, force: true }));
-  t.teardown(killGuests);
+  const daemons: Daemon[] = [];
+  t.teardown(async () => {
+    killGuests();
+    for (const d of daemons) await d.stop();
+    await rm(dataDir, { recursive: true, force: true });
+  });
 
   const rw = await startDaemon({ dataDir, volumes: [{ name: 'vol0', size: '128M' }] });
-  t.teardown(() => rw.stop());
+  daemons.push(rw);
   const format = await runGuest({
     exports: [{ port: rw.port, name: 'vol0', device: '/dev/nbd0' }],
     log: await guestLogPath('read-only-format'),
@@ -45,7 +49,7 @@ t.test('read-only daemon', { skip: await guestSkipReason() }, async (t) => {
   const before = await hashTree(dataDir);
 
   const ro = await startDaemon({ dataDir, readOnly: true });
-  t.teardown(() => ro.stop());
+  daemons.push(ro);
   const log = await guestLogPath('read-only');
   t.comment(`guest console: ${log}`);
   const r = await runGuest({
@@ -65,6 +69,7 @@ t.test('read-only daemon', { skip: await guestSkipReason() }, async (t) => {
   });
   t.equal(r.exitCode, 0, 'guest script passed', { log: tail(r.log, 60) });
   t.match(r.log, /random\.bin: OK/, 'data written before is readable');
+  t.same(ro.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
   await ro.stop();
   t.equal(await hashTree(dataDir), before, 'the data directory is unchanged');
   t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
