@@ -6,24 +6,26 @@ import type { Backend, ExportInfo, ExportRegistry } from '../protocol/backend.js
 export class Registry implements ExportRegistry {
   private readonly exports = new Map<string, Backend>();
   private readonly goneListeners = new Map<string, Set<() => Promise<void> | void>>();
+  // Only origins may be the default: a client asking for "" wants the disk, never a snapshot of it.
+  private readonly defaultCandidates = new Set<string>();
 
-  constructor(private defaultName: string | undefined = undefined) {}
-
-  setDefault(name: string | undefined): void {
-    this.defaultName = name;
-  }
+  /** `preferred` is the configured default; when it is absent the first origin by name stands in. */
+  constructor(private readonly preferred: string | undefined = undefined) {}
 
   get default(): string | undefined {
-    return this.defaultName ?? [...this.exports.keys()].sort()[0];
+    if (this.preferred !== undefined && this.defaultCandidates.has(this.preferred)) return this.preferred;
+    return [...this.defaultCandidates].sort()[0];
   }
 
-  add(backend: Backend): void {
+  add(backend: Backend, opts: { defaultCandidate?: boolean } = {}): void {
     this.exports.set(backend.info.name, backend);
+    if (opts.defaultCandidate) this.defaultCandidates.add(backend.info.name);
   }
 
   /** Removes an export; resolves once the connections using it have closed (requests in flight answered). */
   async remove(name: string): Promise<void> {
     this.exports.delete(name);
+    this.defaultCandidates.delete(name);
     const listeners = this.goneListeners.get(name);
     this.goneListeners.delete(name);
     await Promise.all([...(listeners ?? [])].map((l) => l()));

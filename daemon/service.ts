@@ -145,7 +145,7 @@ export class Service {
   }
 
   private exportOrigin(o: Origin): void {
-    this.registry.add(new VolumeBackend(o, () => this.describeOrigin(o), this.opts.readOnly));
+    this.registry.add(new VolumeBackend(o, () => this.describeOrigin(o), this.opts.readOnly), { defaultCandidate: true });
   }
 
   private exportSnapshot(s: Snapshot): void {
