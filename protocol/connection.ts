@@ -65,6 +65,8 @@ export class Connection extends EventEmitter {
   private closed: Promise<void>;
   private released = false;
   private corked = false;
+  /** The client sent FIN: close once the requests it sent are parsed. */
+  private inputEnded = false;
 
   constructor(
     private readonly socket: Socket,
@@ -94,9 +96,13 @@ export class Connection extends EventEmitter {
     });
     s.on('error', (err) => this.log.debug({ err }, 'socket error'));
     s.on('end', () => {
-      // The client half-closed: whatever is in flight still gets its reply.
+      // The client half-closed: requests it sent before its FIN still run and get
+      // their replies (the server allows half-open sockets), then we close.
       if (this.phase === 'handshake') s.destroy();
-      else void this.close();
+      else {
+        this.inputEnded = true;
+        this.pump();
+      }
     });
     s.once('close', () => this.onClose());
     this.handshakeTimer = setTimeout(() => {
@@ -168,6 +174,11 @@ export class Connection extends EventEmitter {
     this.log.info({ export: n.exportName, structured: n.structured, flags: n.flags }, 'transmission started');
   }
 
+  /** Every complete request is parsed; after the client's FIN nothing more can come. */
+  private needMoreInput(): void {
+    if (this.inputEnded) void this.close();
+  }
+
   private overloaded(): boolean {
     return this.inFlight >= this.limits.maxInFlight || this.bytesInFlight >= this.limits.maxBytesInFlight;
   }
@@ -177,7 +188,7 @@ export class Connection extends EventEmitter {
     while (this.phase === 'transmission') {
       if (this.draining) {
         this.draining.left -= q.skip(this.draining.left);
-        if (this.draining.left > 0) return;
+        if (this.draining.left > 0) return this.needMoreInput();
         const { req, outcome } = this.draining;
         this.draining = undefined;
         this.inFlight++;
@@ -186,7 +197,7 @@ export class Connection extends EventEmitter {
       }
       if (this.pendingWrite) {
         const req = this.pendingWrite;
-        if (q.length < req.length) return;
+        if (q.length < req.length) return this.needMoreInput();
         this.pendingWrite = undefined;
         if (q.contiguous(req.length)) {
           this.dispatch(req, q.take(req.length), false);
@@ -202,7 +213,7 @@ export class Connection extends EventEmitter {
         this.pauseReading();
         return;
       }
-      if (q.length < REQUEST_HEADER_SIZE) return;
+      if (q.length < REQUEST_HEADER_SIZE) return this.needMoreInput();
       const req = decodeRequest(q.take(REQUEST_HEADER_SIZE));
       if (!req) {
         this.log.warn('bad request magic; closing connection');

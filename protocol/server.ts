@@ -37,7 +37,9 @@ export class NbdServer {
 
   /** Starts a listener; resolves with the bound address (the real port when 0 was asked). */
   async listen(addr: ListenAddress): Promise<{ host?: string; port?: number; path?: string }> {
-    const server = createServer({ noDelay: true, pauseOnConnect: false }, (s) => this.accept(s));
+    // Half-open: a client that shuts down its write side still gets the replies to
+    // what it sent (Connection closes once they are out).
+    const server = createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true }, (s) => this.accept(s));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
     if (addr.path) {
       await unlink(addr.path).catch(() => undefined);

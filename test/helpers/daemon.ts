@@ -20,6 +20,10 @@ export interface DaemonOptions {
   args?: string[];
   /** Also serve on a unix socket at this path. */
   socket?: string;
+  /** --log-level; default debug. The port is read from an info line, so no higher than info. */
+  logLevel?: 'trace' | 'debug' | 'info';
+  /** Keep only the log lines this accepts (long runs); default all. */
+  keepLog?: (rec: Record<string, unknown>) => boolean;
 }
 
 export interface Daemon {
@@ -57,21 +61,24 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   for (const v of opts.volumes ?? []) {
     await cowbd(['volume', 'create', v.name, '--size', v.size, '--data-dir', dataDir]);
   }
-  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--log-level', 'debug'];
+  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--log-level', opts.logLevel ?? 'debug'];
   if (opts.readOnly) args.push('--read-only');
   if (opts.socket) args.push('--socket', opts.socket);
   args.push(...(opts.args ?? []));
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const logs: Record<string, unknown>[] = [];
   let metricsPort = 0;
+  let nbdPort = 0;
   const port = await new Promise<number>((res, rej) => {
     const rl = createInterface({ input: proc.stdout! });
     rl.on('line', (line) => {
       let rec: Record<string, unknown>;
       try { rec = JSON.parse(line); } catch { return; }
-      logs.push(rec);
+      if (!opts.keepLog || opts.keepLog(rec)) logs.push(rec);
       if (rec.msg === 'metrics listening' && typeof rec.port === 'number') metricsPort = rec.port;
-      if (rec.msg === 'listening' && typeof rec.port === 'number') res(rec.port);
+      if (rec.msg === 'listening' && typeof rec.port === 'number') nbdPort ||= rec.port;
+      // 'serving' comes last, after the metrics listener: both ports are known by then.
+      if (rec.msg === 'serving') res(nbdPort);
     });
     proc.once('exit', (code) => rej(new Error(`cowbd exited with ${code} before listening`)));
     proc.once('error', rej);
