@@ -1,6 +1,7 @@
 // The storage side of an export, as the protocol layer sees it: a table of
 // operations with capability flags, in the manner of nbdkit's plugin API.
 // protocol/ never touches files; daemon/ supplies these.
+import type { ClientInfo } from './tls.js';
 
 /** NBD_STATE_* bits for the base:allocation meta context. */
 export const STATE_HOLE = 1;
@@ -62,4 +63,16 @@ export interface ExportRegistry {
   /** '' selects the default export. Returns undefined for an unknown name. */
   info(name: string): ExportInfo | undefined;
   open(name: string): Backend | undefined;
+  /**
+   * Checked at NBD_OPT_GO and NBD_OPT_EXPORT_NAME, by the export's real name: a
+   * reason to refuse this connection now (NBD_REP_ERR_POLICY; a hang-up for
+   * EXPORT_NAME, which has no error reply), e.g. the per-export connection limit.
+   * Absent or undefined: admitted.
+   */
+  admit?(exportName: string): string | undefined;
+  /**
+   * May this client use the export (by its real name, never '')? A refused export
+   * is left out of NBD_OPT_LIST and gets NBD_REP_ERR_POLICY. Absent: all may.
+   */
+  authorize?(exportName: string, client: ClientInfo): boolean;
 }

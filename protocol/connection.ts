@@ -13,6 +13,7 @@ import type { Logger } from './logger.js';
 import { encodeReply } from './replies.js';
 import { execute, validate, type Outcome, type RequestContext } from './requests.js';
 import { decodeRequest, REQUEST_HEADER_SIZE, type Request } from './wire.js';
+import { clientInfo, upgradeToTls, type ClientInfo, type TlsPolicy } from './tls.js';
 
 export interface RequestObserver {
   connectionOpened?(conn: Connection): void;
@@ -67,18 +68,25 @@ export class Connection extends EventEmitter {
   private corked = false;
   /** The client sent FIN: close once the requests it sent are parsed. */
   private inputEnded = false;
+  /** Replaced by the TLSSocket after STARTTLS. */
+  private socket: Socket;
+  readonly client: ClientInfo;
 
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly registry: ExportRegistry,
     private readonly limits: ConnectionLimits,
     log: Logger,
     private readonly observer: RequestObserver = {},
     private readonly pool: BufferPool = sharedPool,
+    private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
     super();
+    this.socket = socket;
+    this.client = clientInfo(socket);
     this.log = log.child({ conn: this.id, remote: socket.remoteAddress ?? 'unix' });
-    this.handshake = new Handshake(registry, (b) => this.send(b), this.log);
+    this.handshake = new Handshake(registry, (b) => this.send(b), this.log, { tls: tls.mode, client: this.client });
+    // The raw socket closes last even when TLS runs on top of it.
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
   }
 
@@ -86,27 +94,36 @@ export class Connection extends EventEmitter {
     return this.negotiated?.exportName;
   }
 
+  private readonly onSocketData = (chunk: Buffer) => this.onData(chunk);
+  private readonly onSocketDrain = () => {
+    this.writeBlocked = false;
+    this.updateFlow();
+  };
+  private readonly onSocketEnd = () => {
+    // The client half-closed: requests it sent before its FIN still run and get
+    // their replies (the server allows half-open sockets), then we close.
+    if (this.phase === 'handshake') this.socket.destroy();
+    else {
+      this.inputEnded = true;
+      this.pump();
+    }
+  };
+
+  private attach(s: Socket): void {
+    s.on('data', this.onSocketData);
+    s.on('drain', this.onSocketDrain);
+    s.on('error', (err) => this.log.debug({ err }, 'socket error'));
+    s.on('end', this.onSocketEnd);
+    s.once('close', () => this.onClose());
+  }
+
   start(): void {
     const s = this.socket;
     s.setNoDelay?.(true);
-    s.on('data', (chunk: Buffer) => this.onData(chunk));
-    s.on('drain', () => {
-      this.writeBlocked = false;
-      this.updateFlow();
-    });
-    s.on('error', (err) => this.log.debug({ err }, 'socket error'));
-    s.on('end', () => {
-      // The client half-closed: requests it sent before its FIN still run and get
-      // their replies (the server allows half-open sockets), then we close.
-      if (this.phase === 'handshake') s.destroy();
-      else {
-        this.inputEnded = true;
-        this.pump();
-      }
-    });
-    s.once('close', () => this.onClose());
+    this.attach(s);
     this.handshakeTimer = setTimeout(() => {
       this.log.warn({ timeoutMs: this.limits.handshakeTimeoutMs }, 'handshake timed out; closing');
+      this.socket.destroy();
       s.destroy();
     }, this.limits.handshakeTimeoutMs);
     this.handshakeTimer.unref?.();
@@ -145,6 +162,10 @@ export class Connection extends EventEmitter {
     if (this.phase === 'handshake') {
       const r = this.handshake.pump(this.queue);
       if (r.kind === 'pending') return;
+      if (r.kind === 'starttls') {
+        this.startTls();
+        return;
+      }
       if (r.kind === 'close') {
         this.log[r.level]({ reason: r.reason }, 'closing during handshake');
         this.socket.end();
@@ -154,6 +175,39 @@ export class Connection extends EventEmitter {
       this.enterTransmission(r.negotiated);
     }
     if (this.phase === 'transmission') this.pumpTransmission();
+  }
+
+  /** After NBD_REP_ACK to STARTTLS: the rest of the handshake and transmission run over TLS. */
+  private startTls(): void {
+    const raw = this.socket;
+    if (this.queue.length > 0) {
+      // Bytes sent after STARTTLS but before the TLS handshake are plain text
+      // a man in the middle may have injected; the spec forbids sending them.
+      this.log.warn({ bytes: this.queue.length }, 'client sent data after NBD_OPT_STARTTLS before the TLS handshake; closing');
+      this.queue.clear();
+      this.phase = 'closing';
+      raw.destroy();
+      return;
+    }
+    raw.off('data', this.onSocketData);
+    raw.off('drain', this.onSocketDrain);
+    raw.off('end', this.onSocketEnd);
+    upgradeToTls(raw, this.tls.options ?? {}, {
+      secure: (s) => {
+        if (this.phase !== 'handshake') {
+          s.destroy();
+          return;
+        }
+        const subject = s.authorized ? s.getPeerCertificate()?.subject?.CN : undefined;
+        if (subject) this.client.certificateSubject = Array.isArray(subject) ? subject.join(',') : subject;
+        this.socket = s;
+        this.attach(s);
+        this.log.info({ protocol: s.getProtocol(), cipher: s.getCipher()?.name, clientCertificate: this.client.certificateSubject ?? null }, 'TLS established');
+      },
+      failed: (err, authorizationError) => {
+        this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code, authorizationError }, 'TLS handshake failed; closing');
+      },
+    });
   }
 
   private enterTransmission(n: Negotiated): void {

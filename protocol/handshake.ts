@@ -4,6 +4,7 @@ import * as C from './constants.js';
 import type { Backend, ExportInfo, ExportRegistry } from './backend.js';
 import { ByteQueue } from './byte-queue.js';
 import type { Logger } from './logger.js';
+import type { ClientInfo, TlsMode } from './tls.js';
 import { decodeOptionHeader, encodeOptionReply, lengthPrefixed, OPTION_HEADER_SIZE } from './wire.js';
 
 export interface Negotiated {
@@ -18,7 +19,16 @@ export interface Negotiated {
 export type HandshakeResult =
   | { kind: 'pending' }
   | { kind: 'go'; negotiated: Negotiated }
+  /** NBD_REP_ACK to STARTTLS is sent: the caller upgrades the socket, then pumps again. */
+  | { kind: 'starttls' }
   | { kind: 'close'; reason: string; level: 'debug' | 'info' | 'warn' };
+
+export interface HandshakeOptions {
+  /** Default 'off': STARTTLS gets NBD_REP_ERR_UNSUP. */
+  tls?: TlsMode;
+  /** Who is asking, for ExportRegistry.authorize. */
+  client?: ClientInfo;
+}
 
 const PENDING: HandshakeResult = { kind: 'pending' };
 
@@ -85,12 +95,24 @@ export class Handshake {
   private option = 0;
   private optionLength = 0;
   private drainLeft = 0;
+  private readonly tlsMode: TlsMode;
+  private readonly client: ClientInfo;
+  private tlsRefusalLogged = false;
 
   constructor(
     private readonly registry: ExportRegistry,
     private readonly send: (b: Buffer) => void,
     private readonly log: Logger,
-  ) {}
+    opts: HandshakeOptions = {},
+  ) {
+    this.tlsMode = opts.tls ?? 'off';
+    this.client = opts.client ?? { unix: false, tls: false };
+  }
+
+  /** FORCEDTLS and TLS not up yet: every option but STARTTLS and ABORT is refused. */
+  private get tlsRequired(): boolean {
+    return this.tlsMode === 'require' && !this.client.tls;
+  }
 
   /** Consumes whatever complete frames the queue holds. */
   pump(q: ByteQueue): HandshakeResult {
@@ -130,7 +152,8 @@ export class Handshake {
         case State.DrainOption: {
           this.drainLeft -= q.skip(this.drainLeft);
           if (this.drainLeft > 0) return PENDING;
-          this.reply(C.NBD_REP_ERR_TOO_BIG, Buffer.from('option payload too large'));
+          if (this.tlsRequired) this.refuseWithoutTls();
+          else this.reply(C.NBD_REP_ERR_TOO_BIG, Buffer.from('option payload too large'));
           this.state = State.OptionHeader;
           break;
         }
@@ -140,7 +163,8 @@ export class Handshake {
           this.state = State.OptionHeader;
           const r = this.handleOption(this.option, data);
           if (r.kind !== 'pending') {
-            this.state = State.Done;
+            // After STARTTLS haggling goes on, over TLS.
+            if (r.kind !== 'starttls') this.state = State.Done;
             return r;
           }
           break;
@@ -161,9 +185,46 @@ export class Handshake {
     return PENDING;
   }
 
+  private refuseWithoutTls(): HandshakeResult {
+    if (!this.tlsRefusalLogged) {
+      this.tlsRefusalLogged = true;
+      this.log.info({ option: this.option }, 'client option refused: TLS is required (NBD_REP_ERR_TLS_REQD)');
+    }
+    return this.error(C.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+  }
+
+  /** Access check for an export, by its real name; a refusal is logged. */
+  private allowed(info: ExportInfo, quiet = false): boolean {
+    const ok = this.registry.authorize?.(info.name, this.client) ?? true;
+    if (!ok && !quiet) {
+      this.log.warn({ export: info.name, option: this.option, address: this.client.address ?? 'unix', tls: this.client.tls }, 'export access denied');
+    }
+    return ok;
+  }
+
+  private startTls(data: Buffer): HandshakeResult {
+    if (this.tlsMode === 'off') return this.error(C.NBD_REP_ERR_UNSUP, 'TLS is not enabled on this server');
+    if (this.client.tls) return this.error(C.NBD_REP_ERR_INVALID, 'TLS is already active');
+    if (data.length !== 0) return this.error(C.NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+    this.reply(C.NBD_REP_ACK);
+    // Nothing negotiated in plain text carries over into TLS, as in nbdkit: a man in
+    // the middle could have injected it.
+    this.structured = false;
+    this.baseAllocation = false;
+    this.client.tls = true;
+    return { kind: 'starttls' };
+  }
+
   private handleOption(option: number, data: Buffer): HandshakeResult {
     this.log.trace({ option, length: data.length }, 'option');
+    if (this.tlsRequired && option !== C.NBD_OPT_STARTTLS && option !== C.NBD_OPT_ABORT) {
+      // NBD_OPT_EXPORT_NAME cannot be answered with an error: the spec says hang up.
+      if (option === C.NBD_OPT_EXPORT_NAME) return { kind: 'close', reason: 'NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required', level: 'warn' };
+      return this.refuseWithoutTls();
+    }
     switch (option) {
+      case C.NBD_OPT_STARTTLS:
+        return this.startTls(data);
       case C.NBD_OPT_EXPORT_NAME:
         return this.exportName(data.toString('utf8'));
       case C.NBD_OPT_ABORT:
@@ -172,6 +233,7 @@ export class Handshake {
       case C.NBD_OPT_LIST:
         if (data.length !== 0) return this.error(C.NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
         for (const e of this.registry.list()) {
+          if (!this.allowed(e, true)) continue;
           this.reply(C.NBD_REP_SERVER, Buffer.concat([lengthPrefixed(e.name), Buffer.from(e.description, 'utf8')]));
         }
         this.reply(C.NBD_REP_ACK);
@@ -193,11 +255,16 @@ export class Handshake {
   }
 
   private exportName(name: string): HandshakeResult {
+    if (name.includes('\0')) return { kind: 'close', reason: 'export name contains NUL', level: 'warn' };
+    const info = this.registry.info(name);
+    if (info && !this.allowed(info)) return { kind: 'close', reason: `access to export "${info.name}" denied`, level: 'warn' };
     const backend = this.registry.open(name);
     if (!backend) {
       // NBD_OPT_EXPORT_NAME has no error reply: the spec's only answer is to hang up.
       return { kind: 'close', reason: `unknown export "${name}"`, level: 'info' };
     }
+    const refused = this.registry.admit?.(backend.info.name);
+    if (refused) return { kind: 'close', reason: refused, level: 'warn' };
     const flags = transmissionFlags(backend.info, this.structured);
     const b = Buffer.alloc(this.noZeroes ? 10 : 134);
     b.writeBigUInt64BE(BigInt(backend.info.size), 0);
@@ -223,10 +290,14 @@ export class Handshake {
     if (name === undefined || n === undefined || data.length !== c.at + 2 * n) {
       return this.error(C.NBD_REP_ERR_INVALID, 'malformed NBD_OPT_INFO/GO payload');
     }
+    if (name.includes('\0')) return this.error(C.NBD_REP_ERR_INVALID, 'export name contains NUL');
     const wanted = new Set<number>();
     for (let i = 0; i < n; i++) wanted.add(c.u16()!);
     const info = this.registry.info(name);
     if (!info) return this.error(C.NBD_REP_ERR_UNKNOWN, `unknown export "${name}"`);
+    if (!this.allowed(info)) return this.error(C.NBD_REP_ERR_POLICY, `access to export "${info.name}" denied`);
+    const refused = go ? this.registry.admit?.(info.name) : undefined;
+    if (refused) return this.error(C.NBD_REP_ERR_POLICY, refused);
     const flags = transmissionFlags(info, this.structured);
     const exp = Buffer.allocUnsafe(12);
     exp.writeUInt16BE(C.NBD_INFO_EXPORT, 0);
@@ -272,7 +343,10 @@ export class Handshake {
       queries.push(q);
     }
     if (!c.done) return this.error(C.NBD_REP_ERR_INVALID, 'trailing bytes in meta context payload');
-    if (!this.registry.info(name)) return this.error(C.NBD_REP_ERR_UNKNOWN, `unknown export "${name}"`);
+    if (name.includes('\0')) return this.error(C.NBD_REP_ERR_INVALID, 'export name contains NUL');
+    const info = this.registry.info(name);
+    if (!info) return this.error(C.NBD_REP_ERR_UNKNOWN, `unknown export "${name}"`);
+    if (!this.allowed(info)) return this.error(C.NBD_REP_ERR_POLICY, `access to export "${info.name}" denied`);
     let match: boolean;
     if (set) {
       match = queries.includes(C.BASE_ALLOCATION);

@@ -4,6 +4,7 @@ import { unlink } from 'node:fs/promises';
 import type { ExportRegistry } from './backend.js';
 import { Connection, DEFAULT_LIMITS, type ConnectionLimits, type RequestObserver } from './connection.js';
 import type { Logger } from './logger.js';
+import type { TlsPolicy } from './tls.js';
 
 export interface ServerLimits extends ConnectionLimits {
   /** Connections accepted at once, across all listeners. */
@@ -27,6 +28,8 @@ export class NbdServer {
     private readonly log: Logger,
     limits: Partial<ServerLimits> = {},
     private readonly observer: RequestObserver = {},
+    /** STARTTLS policy for every listener, unix sockets included. */
+    private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
     this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, ...limits };
   }
@@ -69,7 +72,7 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    const conn = new Connection(socket, this.registry, this.limits, this.log, this.observer);
+    const conn = new Connection(socket, this.registry, this.limits, this.log, this.observer, undefined, this.tls);
     this.connections.add(conn);
     conn.once('close', () => this.connections.delete(conn));
     conn.start();

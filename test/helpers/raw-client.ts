@@ -1,5 +1,6 @@
 // A byte-level NBD client for tests: send arbitrary frames, read exact byte counts.
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import * as C from '../../protocol/constants.js';
 import { clientFlags, goData, option, parseOptionReplies } from './frames.js';
 
@@ -9,11 +10,13 @@ export class RawClient {
   ended = false;
   readonly closed: Promise<void>;
 
+  private readonly onData = (d: Buffer) => {
+    this.buf = Buffer.concat([this.buf, d]);
+    this.wake();
+  };
+
   private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.buf = Buffer.concat([this.buf, d]);
-      this.wake();
-    });
+    socket.on('data', this.onData);
     socket.on('error', () => undefined);
     this.closed = new Promise((r) => socket.once('close', () => {
       this.ended = true;
@@ -22,13 +25,30 @@ export class RawClient {
     }));
   }
 
-  static async connect(port: number, host = '127.0.0.1'): Promise<RawClient> {
-    const s = connect({ port, host });
+  static async connect(port: number, host = '127.0.0.1', localAddress?: string): Promise<RawClient> {
+    const s = connect({ port, host, localAddress });
     await new Promise<void>((res, rej) => {
       s.once('connect', res);
       s.once('error', rej);
     });
     s.setNoDelay(true);
+    return new RawClient(s);
+  }
+
+  /**
+   * After the server's NBD_REP_ACK to NBD_OPT_STARTTLS: runs the TLS handshake on
+   * this socket and returns a client reading and writing through TLS. Rejects when
+   * the handshake fails or the server hangs up.
+   */
+  async starttls(options: ConnectionOptions = {}): Promise<RawClient> {
+    if (this.buf.length) throw new Error(`${this.buf.length} unread bytes before STARTTLS`);
+    this.socket.off('data', this.onData);
+    const s = tlsConnect({ socket: this.socket, servername: 'localhost', ...options });
+    await new Promise<void>((res, rej) => {
+      s.once('secureConnect', res);
+      s.once('error', rej);
+      s.once('close', () => rej(new Error('connection closed during the TLS handshake')));
+    });
     return new RawClient(s);
   }
 
