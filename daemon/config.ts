@@ -99,5 +99,8 @@ export function loadConfig(path: string): Record<string, unknown> {
   }
   if (v === null) return {};
   if (typeof v !== 'object' || Array.isArray(v)) throw new CowbdError('COWBD_BAD_CONFIG', `config ${path} must be a mapping of option names`);
+  // yargs would split nested keys at dots (an export named "snap.1"), so the
+  // exports section travels as JSON text, as --exports takes it.
+  if (v.exports !== undefined && v.exports !== null && typeof v.exports === 'object') return { ...v, exports: JSON.stringify(v.exports) };
   return v;
 }

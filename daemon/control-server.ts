@@ -65,7 +65,7 @@ export class ControlServer {
         const m = r.pattern.exec(url.pathname);
         if (!m) continue;
         const params: Record<string, string> = {};
-        r.keys.forEach((k, i) => (params[k] = decodeURIComponent(m[i + 1]!)));
+        r.keys.forEach((k, i) => (params[k] = decodeParam(m[i + 1]!)));
         const result = await r.handler(params, body);
         send(res, req.method === 'POST' ? 201 : 200, result ?? { ok: true });
         return;
@@ -80,6 +80,15 @@ export class ControlServer {
         send(res, 500, { error: { code: 'COWBD_INTERNAL', message: err instanceof Error ? err.message : String(err) } });
       }
     }
+  }
+}
+
+/** A path segment; names are checked again where they are used, this only refuses bad escapes. */
+function decodeParam(raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new CowbdError('COWBD_BAD_REQUEST', `malformed escape in "${raw}"`, 400);
   }
 }
 

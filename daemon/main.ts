@@ -9,6 +9,8 @@ import { loadConfig } from './config.js';
 import { parseSizeNumber } from './sizes.js';
 import { checkName } from './names.js';
 import { startServe } from './serve.js';
+import { ExportAccess } from './access.js';
+import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
@@ -53,6 +55,10 @@ function serveCommand(y: Argv) {
     .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
     .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
     .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
+    .option('tls', { type: 'string', default: 'off', coerce: parseTlsMode, describe: 'STARTTLS: off, on (client chooses) or require (nbdkit\'s modes)' })
+    .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
+    .option('tls-verify-peer', { type: 'boolean', default: false, describe: 'require client certificates signed by ca-cert.pem' })
+    .option('exports', { type: 'string', describe: 'per-export rules as JSON (allow, readOnly, allowUnix); usually the config file\'s exports section' })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
@@ -112,6 +118,8 @@ await yargs(hideBin(process.argv))
           defaultSize: parseSizeNumber(a['default-size'], 512),
           maxConnections: a['max-connections'],
           handshakeTimeoutMs: a['handshake-timeout'] * 1000,
+          tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },
+          exports: ExportAccess.parse(a.exports),
           metricsListen: metrics && metrics !== 'off' ? metrics : undefined,
           autoExtend: {
             threshold: cmd.requirePositive(a['autoextend-threshold'], '--autoextend-threshold'),

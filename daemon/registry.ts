@@ -2,12 +2,19 @@
 // volume so that every connection (multi-conn) sees the same file and FLUSH
 // on any of them covers writes acknowledged on all of them.
 import type { Backend, ExportInfo, ExportRegistry } from '../protocol/backend.js';
+import type { ClientInfo } from '../protocol/tls.js';
+
+export interface AccessPolicy {
+  authorize(exportName: string, client: ClientInfo): boolean;
+}
 
 export class Registry implements ExportRegistry {
   private readonly exports = new Map<string, Backend>();
   private readonly goneListeners = new Map<string, Set<() => Promise<void> | void>>();
   // Only origins may be the default: a client asking for "" wants the disk, never a snapshot of it.
   private readonly defaultCandidates = new Set<string>();
+  /** Per-export client allow-lists (the config file's `exports`); none: every client may. */
+  access?: AccessPolicy;
 
   /** `preferred` is the configured default; when it is absent the first origin by name stands in. */
   constructor(private readonly preferred: string | undefined = undefined) {}
@@ -41,6 +48,10 @@ export class Registry implements ExportRegistry {
 
   list(): ExportInfo[] {
     return [...this.exports.values()].map((b) => b.info).sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  authorize(exportName: string, client: ClientInfo): boolean {
+    return this.access ? this.access.authorize(exportName, client) : true;
   }
 
   info(name: string): ExportInfo | undefined {

@@ -1,9 +1,10 @@
 // `cowbd serve`: lock the data directory, export every volume and snapshot,
 // run the control API and metrics, and stop cleanly on a signal.
-import { mkdir } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { Logger } from 'pino';
 import { NbdServer } from '../protocol/server.js';
+import { ExportAccess } from './access.js';
 import { ControlServer } from './control-server.js';
 import { controlSocketPath } from './control-client.js';
 import { Errors } from './errors.js';
@@ -11,6 +12,7 @@ import { lockDataDir } from './lock.js';
 import { Metrics } from './metrics.js';
 import { controlRoutes } from './routes.js';
 import { Service, type AutoExtendPolicy } from './service.js';
+import { loadTls, type TlsSettings } from './tls.js';
 import { createVolume, listVolumes } from './volumes.js';
 
 export interface ServeOptions {
@@ -25,6 +27,10 @@ export interface ServeOptions {
   /** HOST:PORT for /metrics, or undefined for none. */
   metricsListen?: string;
   autoExtend: AutoExtendPolicy;
+  /** STARTTLS; default off. */
+  tls?: TlsSettings;
+  /** Per-export allow-lists and read-only flags; default: every export open to every client. */
+  exports?: ExportAccess;
 }
 
 export function parseHostPort(text: string): { host: string; port: number } {
@@ -45,6 +51,13 @@ export interface RunningDaemon {
 
 export async function startServe(opts: ServeOptions, log: Logger): Promise<RunningDaemon> {
   await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
+  // The control socket inside is 0600; a data directory others can enter also
+  // exposes the volume files' names and any file left group- or world-readable.
+  const dirMode = (await stat(opts.dataDir)).mode & 0o777;
+  if (dirMode & 0o077) log.warn({ dataDir: opts.dataDir, mode: dirMode.toString(8) }, 'the data directory is accessible to other users; chmod 700 it');
+  // Certificates are read before anything is locked or served: a bad path fails fast.
+  const tls = await loadTls(opts.tls ?? { mode: 'off', verifyPeer: false }, log);
+  const access = opts.exports ?? ExportAccess.open;
   const lock = await lockDataDir(opts.dataDir);
   const cleanups: (() => Promise<void>)[] = [() => lock.release()];
   const cleanup = async () => {
@@ -57,12 +70,16 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     }
     const metrics = new Metrics();
     const service = await Service.open(
-      { dataDir: opts.dataDir, readOnly: opts.readOnly, defaultVolume: opts.defaultVolume, autoExtend: opts.autoExtend, onCommit: (s) => metrics.observeCommit(s) },
+      {
+        dataDir: opts.dataDir, readOnly: opts.readOnly, defaultVolume: opts.defaultVolume, autoExtend: opts.autoExtend,
+        onCommit: (s) => metrics.observeCommit(s), exportReadOnly: (name) => access.readOnly(name),
+      },
       log,
     );
     cleanups.push(() => service.close());
     metrics.watch(service);
-    const server = new NbdServer(service.registry, log, { maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs }, metrics.observer());
+    if (!access.empty) service.registry.access = access;
+    const server = new NbdServer(service.registry, log, { maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs }, metrics.observer(), tls);
     service.onExportRemoved = (name) => metrics.dropExport(name);
 
     const control = new ControlServer(log.child({ component: 'control' }));
@@ -91,7 +108,10 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       metricsPort = m.port;
       log.info({ address: host, port: m.port }, 'metrics listening');
     }
-    log.info({ dataDir: opts.dataDir, exports: service.registry.list().map((e) => e.name), default: service.registry.default }, 'serving');
+    log.info({
+      dataDir: opts.dataDir, exports: service.registry.list().map((e) => e.name), default: service.registry.default,
+      tls: tls.mode, tlsVerifyPeer: opts.tls?.verifyPeer ?? false, ...(access.empty ? {} : { access: access.describe() }),
+    }, 'serving');
     let stopping: Promise<void> | undefined;
     return {
       server,

@@ -26,6 +26,8 @@ export interface ServiceOptions {
   defaultVolume: string;
   autoExtend: AutoExtendPolicy;
   onCommit?: (seconds: number) => void;
+  /** Exports NBD clients may only read (the config file's exports.NAME.readOnly). */
+  exportReadOnly?: (name: string) => boolean;
 }
 
 export interface SnapshotCreate {
@@ -131,9 +133,13 @@ export class Service {
     return svc;
   }
 
+  private readOnlyExport(name: string): boolean {
+    return this.opts.readOnly || (this.opts.exportReadOnly?.(name) ?? false);
+  }
+
   private describeOrigin(o: Origin): string {
     const n = this.cow.snapshotsOf(o.name).length;
-    return `origin volume ${o.name}, ${formatSize(o.size)}, ${n} snapshot${n === 1 ? '' : 's'}${this.opts.readOnly ? ', read-only' : ''}`;
+    return `origin volume ${o.name}, ${formatSize(o.size)}, ${n} snapshot${n === 1 ? '' : 's'}${this.readOnlyExport(o.name) ? ', read-only' : ''}`;
   }
 
   private describeSnapshot(s: Snapshot): string {
@@ -141,15 +147,15 @@ export class Service {
     const pct = u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(1) : '0.0';
     return `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}, ` +
       `${pct}% used (${u.usedChunks}/${u.capacityChunks} chunks of ${formatSize(u.chunkSize)})` +
-      `${u.transient ? ', transient' : ''}${u.readOnly || this.opts.readOnly ? ', read-only' : ''}`;
+      `${u.transient ? ', transient' : ''}${u.readOnly || this.readOnlyExport(s.name) ? ', read-only' : ''}`;
   }
 
   private exportOrigin(o: Origin): void {
-    this.registry.add(new VolumeBackend(o, () => this.describeOrigin(o), this.opts.readOnly), { defaultCandidate: true });
+    this.registry.add(new VolumeBackend(o, () => this.describeOrigin(o), this.readOnlyExport(o.name)), { defaultCandidate: true });
   }
 
   private exportSnapshot(s: Snapshot): void {
-    this.registry.add(new VolumeBackend(s, () => this.describeSnapshot(s), this.opts.readOnly || s.readOnly));
+    this.registry.add(new VolumeBackend(s, () => this.describeSnapshot(s), this.readOnlyExport(s.name) || s.readOnly));
   }
 
   private nameFree(name: string): void {

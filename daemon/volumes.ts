@@ -34,7 +34,8 @@ export async function listVolumes(dataDir: string): Promise<VolumeEntry[]> {
 /** Creates a sparse volume file; refuses an existing name. */
 export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
   const path = volumePath(dataDir, name);
-  await mkdir(dataDir, { recursive: true });
+  // 0700 as serve makes it: the control socket and volume files are the daemon user's alone.
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
   let fh;
   try {
     fh = await open(path, 'wx', 0o600);

@@ -2,7 +2,7 @@
 # Installs everything the test suite needs: Debian packages (as root) and npm packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbd-server qemu-system-x86 kmod cpio xz-utils)
+PKGS=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbd-server qemu-system-x86 kmod cpio xz-utils openssl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

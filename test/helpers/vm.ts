@@ -33,6 +33,8 @@ export interface GuestOptions {
   memoryMb?: number;
   /** Guest CPUs; default $COWBD_GUEST_CPUS or 1. */
   cpus?: number;
+  /** Extra files for the guest, at /cowbd/NAME (NAME without slashes), e.g. TLS certificates. */
+  files?: { name: string; data: Buffer; mode?: number }[];
 }
 
 export interface GuestResult {
@@ -127,6 +129,10 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
       { name: 'cowbd', mode: 0o40755 },
       { name: 'cowbd/exports', mode: 0o100644, data: Buffer.from(exportsFile) },
       { name: 'cowbd/script.sh', mode: 0o100755, data: Buffer.from(opts.script + '\n') },
+      ...(opts.files ?? []).map((f) => {
+        if (!/^[\w.-]+$/.test(f.name)) throw new Error(`guest file name must be one plain name: ${JSON.stringify(f.name)}`);
+        return { name: `cowbd/${f.name}`, mode: 0o100000 | (f.mode ?? 0o644), data: f.data };
+      }),
       // The guest powers itself off a little after the host would have killed it, so
       // even a qemu whose runner died cannot outlive the test by much.
       { name: 'cowbd/deadline', mode: 0o100644, data: Buffer.from(`${Math.ceil(timeoutMs / 1000) + 10}\n`) },
