@@ -2,6 +2,7 @@
 // interface, so the crash tests can swap files for a fault-injecting memory model.
 import * as fs from 'node:fs';
 import { execFile } from 'node:child_process';
+import { performance } from 'node:perf_hooks';
 
 export interface BlockDevice {
   /** Current size in bytes. Stores grow by writing past the end. */
@@ -33,6 +34,50 @@ const writeP = (fd: number, buf: Buffer, off: number, len: number, pos: number):
 const fdatasyncP = (fd: number): Promise<void> =>
   new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
 
+/**
+ * Reads and writes run on the calling thread while the page cache answers them
+ * quickly, and move to libuv's threadpool for a while once one does not.
+ *
+ * Why: a threadpool hop (queue, wake a worker, wake the loop) costs more CPU than
+ * a 4 KiB copy from the page cache, and the copy then lands in another core's
+ * cache before the socket send reads it again. On 2 cores that hop halved random
+ * 4 KiB reads. Node cannot ask the kernel "only if cached" (preadv2's RWF_NOWAIT),
+ * so the call is timed instead: a call slower than SLOW_MS means the disk (or
+ * dirty-page throttling) is in the way, and for ASYNC_FOR_MS every call takes the
+ * threadpool so the event loop keeps serving other clients. At most one slow call
+ * per ASYNC_FOR_MS ever blocks the loop. Large transfers always take the threadpool.
+ */
+export class IoPolicy {
+  private asyncUntil = 0;
+  syncCalls = 0;
+  asyncCalls = 0;
+  /** COWBD_SYNC_IO=0 sends every call to the threadpool, for an operator who prefers that. */
+  constructor(
+    private readonly allowSync = process.env.COWBD_SYNC_IO !== '0',
+    private readonly slowMs = 2,
+    private readonly asyncForMs = 1000,
+    private readonly maxSyncBytes = 1024 * 1024,
+  ) {}
+
+  useSync(bytes: number): boolean {
+    if (!this.allowSync || bytes > this.maxSyncBytes) return false;
+    return this.asyncUntil === 0 || performance.now() >= this.asyncUntil;
+  }
+
+  /** Times a synchronous call; a slow one sends the next calls to the threadpool. */
+  timed<T>(fn: () => T): T {
+    const t0 = performance.now();
+    try {
+      return fn();
+    } finally {
+      const t1 = performance.now();
+      this.syncCalls++;
+      if (t1 - t0 > this.slowMs) this.asyncUntil = t1 + this.asyncForMs;
+      else this.asyncUntil = 0;
+    }
+  }
+}
+
 // fallocate(1) takes one range per call; a shell loop turns N ranges into one spawn.
 // The path travels as $0 and offsets are integers, so nothing is interpolated into the script.
 const PUNCH_SCRIPT = 'while read o l; do fallocate --punch-hole --keep-size -o "$o" -l "$l" "$0" || exit 1; done';
@@ -40,6 +85,7 @@ const PUNCH_SCRIPT = 'while read o l; do fallocate --punch-hole --keep-size -o "
 export class FileDevice implements BlockDevice {
   private closed = false;
   private readonly fd: number;
+  readonly io = new IoPolicy();
   private constructor(
     readonly path: string,
     private readonly fh: fs.promises.FileHandle,
@@ -64,7 +110,15 @@ export class FileDevice implements BlockDevice {
 
   async read(buf: Buffer, offset: number): Promise<void> {
     let done = 0;
+    if (this.io.useSync(buf.length)) {
+      done = this.io.timed(() => fs.readSync(this.fd, buf, 0, buf.length, offset));
+      if (done === 0) {
+        buf.fill(0);
+        return;
+      }
+    }
     while (done < buf.length) {
+      this.io.asyncCalls++;
       const n = await readP(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) {
         buf.fill(0, done);
@@ -76,7 +130,11 @@ export class FileDevice implements BlockDevice {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     let done = 0;
-    while (done < buf.length) done += await writeP(this.fd, buf, done, buf.length - done, offset + done);
+    if (this.io.useSync(buf.length)) done = this.io.timed(() => fs.writeSync(this.fd, buf, 0, buf.length, offset));
+    while (done < buf.length) {
+      this.io.asyncCalls++;
+      done += await writeP(this.fd, buf, done, buf.length - done, offset + done);
+    }
     if (offset + buf.length > this._size) this._size = offset + buf.length;
   }
 

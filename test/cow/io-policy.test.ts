@@ -1,0 +1,57 @@
+// The page-cache fast path must give way to the threadpool once a call is slow,
+// and come back once the slow spell has passed.
+import t from 'tap';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { writeFileSync } from 'node:fs';
+import { FileDevice, IoPolicy } from '../../cow/device.js';
+
+function spin(ms: number): void {
+  const end = performance.now() + ms;
+  while (performance.now() < end);
+}
+
+t.test('a slow synchronous call sends the next calls to the threadpool for a while', async (t) => {
+  const p = new IoPolicy(true, 2, 50, 1 << 20);
+  t.ok(p.useSync(4096), 'sync while calls are fast');
+  p.timed(() => spin(0.1));
+  t.ok(p.useSync(4096), 'still sync after a fast call');
+  t.notOk(p.useSync(2 << 20), 'large transfers always go to the threadpool');
+  p.timed(() => spin(5));
+  t.notOk(p.useSync(4096), 'threadpool after a slow call');
+  await new Promise((r) => setTimeout(r, 60));
+  t.ok(p.useSync(4096), 'sync again once the spell is over');
+  t.equal(p.syncCalls, 2);
+});
+
+t.test('errors from the synchronous path still reject', async (t) => {
+  const p = new IoPolicy(true);
+  t.throws(() => p.timed(() => { throw new Error('EIO'); }), /EIO/);
+  t.ok(p.useSync(1), 'a fast failure does not switch paths');
+  t.notOk(new IoPolicy(false).useSync(1), 'COWBD_SYNC_IO=0 disables the fast path');
+});
+
+t.test('FileDevice reads and writes the same bytes on both paths, zero-filling past the end', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-io-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'f');
+  writeFileSync(path, Buffer.alloc(8192, 7));
+  const dev = await FileDevice.open(path);
+  t.teardown(() => dev.close());
+  await dev.write(Buffer.alloc(4096, 1), 0); // sync path
+  await dev.write(Buffer.alloc(3 << 20, 2), 4096); // threadpool path, grows the file
+  t.equal(dev.size, 4096 + (3 << 20));
+  const a = Buffer.alloc(8192);
+  await dev.read(a, 0);
+  t.equal(a[0], 1);
+  t.equal(a[4096], 2);
+  const tail = Buffer.alloc(8192, 9);
+  await dev.read(tail, dev.size - 4096); // half past the end
+  t.equal(tail[0], 2);
+  t.equal(tail[4096], 0, 'bytes past the end read as zeros');
+  const past = Buffer.alloc(4096, 9);
+  await dev.read(past, dev.size + 4096);
+  t.equal(past.every((b) => b === 0), true, 'a read wholly past the end is zeros');
+  t.ok(dev.io.syncCalls >= 3 && dev.io.asyncCalls >= 1, `sync ${dev.io.syncCalls}, async ${dev.io.asyncCalls}`);
+});
