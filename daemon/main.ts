@@ -54,6 +54,8 @@ function serveCommand(y: Argv) {
     .option('autoextend-percent', { type: 'number', default: 20, describe: 'grow by this percent of its size, as snapshot_autoextend_percent' })
     .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
     .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
+    .option('max-connections-per-export', { type: 'number', default: 0, describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)' })
+    .option('max-bytes-in-flight', { type: 'string', default: '1G', describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit' })
     .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
     .option('tls', { type: 'string', default: 'off', coerce: parseTlsMode, describe: 'STARTTLS: off, on (client chooses) or require (nbdkit\'s modes)' })
     .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
@@ -116,8 +118,10 @@ await yargs(hideBin(process.argv))
           readOnly: a['read-only'],
           defaultVolume: checkName(a['default-volume']),
           defaultSize: parseSizeNumber(a['default-size'], 512),
-          maxConnections: a['max-connections'],
-          handshakeTimeoutMs: a['handshake-timeout'] * 1000,
+          maxConnections: cmd.requirePositive(a['max-connections'], '--max-connections'),
+          maxConnectionsPerExport: cmd.requirePositive(a['max-connections-per-export'], '--max-connections-per-export'),
+          maxTotalBytesInFlight: a['max-bytes-in-flight'] === '0' ? 0 : parseSizeNumber(a['max-bytes-in-flight']),
+          handshakeTimeoutMs: cmd.requirePositive(a['handshake-timeout'], '--handshake-timeout') * 1000,
           tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },
           exports: ExportAccess.parse(a.exports),
           metricsListen: metrics && metrics !== 'off' ? metrics : undefined,

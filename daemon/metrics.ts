@@ -103,6 +103,18 @@ export class Metrics {
     });
   }
 
+  /** NBD server figures, read at scrape time. */
+  watchServer(server: { bytesInFlight: number }): void {
+    new client.Gauge({
+      name: 'cowbd_nbd_bytes_in_flight',
+      help: 'Write payloads and read buffers held by NBD requests in flight, summed over connections (capped by --max-bytes-in-flight)',
+      registers: [this.registry],
+      collect() {
+        this.set(server.bytesInFlight);
+      },
+    });
+  }
+
   /** The observer the NBD server reports to. */
   observer(): RequestObserver {
     return {

@@ -3,7 +3,7 @@
 import { mkdir, stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { Logger } from 'pino';
-import { NbdServer } from '../protocol/server.js';
+import { DEFAULT_TOTAL_BYTES_IN_FLIGHT, NbdServer } from '../protocol/server.js';
 import { ExportAccess } from './access.js';
 import { ControlServer } from './control-server.js';
 import { controlSocketPath } from './control-client.js';
@@ -23,6 +23,10 @@ export interface ServeOptions {
   defaultVolume: string;
   defaultSize: number;
   maxConnections: number;
+  /** NBD connections to one export at once; 0 or absent: no limit. */
+  maxConnectionsPerExport?: number;
+  /** Bytes held by requests in flight across all connections; 0: no limit. Default 1 GiB. */
+  maxTotalBytesInFlight?: number;
   handshakeTimeoutMs: number;
   /** HOST:PORT for /metrics, or undefined for none. */
   metricsListen?: string;
@@ -79,8 +83,12 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     cleanups.push(() => service.close());
     metrics.watch(service);
     if (!access.empty) service.registry.access = access;
-    const server = new NbdServer(service.registry, log, { maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs }, metrics.observer(), tls);
+    const server = new NbdServer(service.registry, log, {
+      maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs,
+      maxConnectionsPerExport: opts.maxConnectionsPerExport ?? 0, maxTotalBytesInFlight: opts.maxTotalBytesInFlight ?? DEFAULT_TOTAL_BYTES_IN_FLIGHT,
+    }, metrics.observer(), tls);
     service.onExportRemoved = (name) => metrics.dropExport(name);
+    metrics.watchServer(server);
 
     const control = new ControlServer(log.child({ component: 'control' }));
     controlRoutes(control, service);

@@ -13,6 +13,7 @@ import type { Logger } from './logger.js';
 import { encodeReply } from './replies.js';
 import { execute, validate, type Outcome, type RequestContext } from './requests.js';
 import { decodeRequest, REQUEST_HEADER_SIZE, type Request } from './wire.js';
+import type { ByteBudget } from './budget.js';
 import { clientInfo, upgradeToTls, type ClientInfo, type TlsPolicy } from './tls.js';
 
 export interface RequestObserver {
@@ -32,6 +33,8 @@ export interface ConnectionLimits {
   maxWriteBuffer: number;
   /** A client must finish option haggling within this time. */
   handshakeTimeoutMs: number;
+  /** Bytes in flight summed over every connection sharing it; reading pauses while it is spent. */
+  budget?: ByteBudget;
 }
 
 export const DEFAULT_LIMITS: ConnectionLimits = {
@@ -234,7 +237,26 @@ export class Connection extends EventEmitter {
   }
 
   private overloaded(): boolean {
-    return this.inFlight >= this.limits.maxInFlight || this.bytesInFlight >= this.limits.maxBytesInFlight;
+    return this.inFlight >= this.limits.maxInFlight || this.bytesInFlight >= this.limits.maxBytesInFlight ||
+      this.limits.budget?.exhausted === true;
+  }
+
+  private holdBytes(n: number): void {
+    this.bytesInFlight += n;
+    this.limits.budget?.take(n);
+  }
+
+  private releaseBytes(n: number): void {
+    this.bytesInFlight -= n;
+    this.limits.budget?.give(n);
+  }
+
+  private readonly onBudgetRoom = () => this.updateFlow();
+
+  /** Stops reading until the limits allow more; a spent shared budget wakes us when it has room. */
+  private holdReading(): void {
+    this.pauseReading();
+    if (this.limits.budget?.exhausted) this.limits.budget.wait(this.onBudgetRoom);
   }
 
   private pumpTransmission(): void {
@@ -264,7 +286,7 @@ export class Connection extends EventEmitter {
         continue;
       }
       if (this.overloaded() || this.writeBlocked) {
-        this.pauseReading();
+        this.holdReading();
         return;
       }
       if (q.length < REQUEST_HEADER_SIZE) return this.needMoreInput();
@@ -289,7 +311,7 @@ export class Connection extends EventEmitter {
           this.draining = { req, left: req.length, outcome };
           continue;
         }
-        this.bytesInFlight += req.length;
+        this.holdBytes(req.length);
         this.pendingWrite = req;
         continue;
       }
@@ -302,7 +324,7 @@ export class Connection extends EventEmitter {
     const started = performance.now();
     this.inFlight++;
     const bytes = req.type === C.NBD_CMD_READ ? req.length : 0;
-    this.bytesInFlight += bytes;
+    this.holdBytes(bytes);
     const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
     this.observer.requestStarted?.(this.negotiated!.exportName, command);
     const refused = validate(req, ctx);
@@ -324,7 +346,7 @@ export class Connection extends EventEmitter {
 
   private finish(req: Request, outcome: Outcome, started: number, heldBytes: number): void {
     this.inFlight--;
-    this.bytesInFlight -= heldBytes;
+    this.releaseBytes(heldBytes);
     const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
     const result = outcome.error === 0 ? 'ok' : (NBD_ERROR_NAMES[outcome.error] ?? `E${outcome.error}`);
     const moved = outcome.error === 0 && (req.type === C.NBD_CMD_READ || req.type === C.NBD_CMD_WRITE) ? req.length : 0;
@@ -373,8 +395,10 @@ export class Connection extends EventEmitter {
 
   private updateFlow(): void {
     if (this.phase !== 'transmission') return;
-    if (this.overloaded() || this.writeBlocked) {
-      this.pauseReading();
+    // Never pause inside a write's payload: its bytes are already counted, and
+    // connections holding budget they cannot release would wait on each other.
+    if ((this.overloaded() || this.writeBlocked) && !this.pendingWrite && !this.draining) {
+      this.holdReading();
       return;
     }
     if (this.readPaused) {
@@ -397,6 +421,10 @@ export class Connection extends EventEmitter {
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     this.queue.clear();
+    // A write whose payload never fully arrived still holds its bytes.
+    if (this.pendingWrite) this.releaseBytes(this.pendingWrite.length);
+    this.pendingWrite = undefined;
+    this.limits.budget?.cancel(this.onBudgetRoom);
     this.unsubscribeGone?.();
     this.negotiated?.backend.release?.();
     this.observer.connectionClosed?.(this);

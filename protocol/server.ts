@@ -2,6 +2,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { unlink } from 'node:fs/promises';
 import type { ExportRegistry } from './backend.js';
+import { ByteBudget } from './budget.js';
 import { Connection, DEFAULT_LIMITS, type ConnectionLimits, type RequestObserver } from './connection.js';
 import type { Logger } from './logger.js';
 import type { TlsPolicy } from './tls.js';
@@ -9,7 +10,14 @@ import type { TlsPolicy } from './tls.js';
 export interface ServerLimits extends ConnectionLimits {
   /** Connections accepted at once, across all listeners. */
   maxConnections: number;
+  /** Connections in transmission on one export at once; 0: no limit. Checked at GO / EXPORT_NAME. */
+  maxConnectionsPerExport: number;
+  /** Payload and read-buffer bytes held across all connections before they stop reading; 0: no limit. */
+  maxTotalBytesInFlight: number;
 }
+
+/** Total bytes in flight across connections when not configured. */
+export const DEFAULT_TOTAL_BYTES_IN_FLIGHT = 1024 * 1024 * 1024;
 
 export interface ListenAddress {
   host?: string;
@@ -31,7 +39,30 @@ export class NbdServer {
     /** STARTTLS policy for every listener, unix sockets included. */
     private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
-    this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, ...limits };
+    this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, maxConnectionsPerExport: 0, maxTotalBytesInFlight: DEFAULT_TOTAL_BYTES_IN_FLIGHT, ...limits };
+    // Without a limit the budget still counts, for the bytes-in-flight gauge.
+    this.limits.budget ??= new ByteBudget(this.limits.maxTotalBytesInFlight > 0 ? this.limits.maxTotalBytesInFlight : Infinity, log);
+    if (this.limits.maxConnectionsPerExport > 0) {
+      // Connections see the registry plus admit(); everything else is the registry's own.
+      const inner = registry;
+      this.registry = Object.create(inner, {
+        admit: { value: (name: string) => this.admit(name) ?? inner.admit?.(name) },
+      }) as ExportRegistry;
+    }
+  }
+
+  /** Bytes that requests in flight hold across all connections. */
+  get bytesInFlight(): number {
+    return this.limits.budget?.inUse ?? 0;
+  }
+
+  /** The per-export connection limit, checked when a client asks to enter transmission. */
+  private admit(exportName: string): string | undefined {
+    const max = this.limits.maxConnectionsPerExport;
+    const open = this.connectionsFor(exportName).length;
+    if (open < max) return undefined;
+    this.log.warn({ export: exportName, open, max }, 'per-export connection limit reached; refusing client');
+    return `export "${exportName}" already has ${open} connections, its limit`;
   }
 
   get connectionCount(): number {
