@@ -65,7 +65,13 @@ function serveCommand(y: Argv) {
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
 
+const REPEATABLE = new Set(['listen']);
+
 await yargs(hideBin(process.argv))
+  // A flag given twice means its last value, as in most CLIs; only flags declared as arrays repeat.
+  .middleware((argv) => {
+    for (const [k, v] of Object.entries(argv)) if (Array.isArray(v) && !REPEATABLE.has(k) && k !== '_') argv[k] = v[v.length - 1];
+  }, true)
   .scriptName('cowbd')
   .usage('$0 <command> [options]')
   .command('volume', 'manage origin volumes', (y) =>

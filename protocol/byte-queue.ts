@@ -62,6 +62,20 @@ export class ByteQueue {
     return m;
   }
 
+  /**
+   * Replaces the chunks that are views of `shared` with copies: the socket is
+   * about to read into that memory again. Only unparsed leftovers are copied,
+   * usually a partial header.
+   */
+  detach(shared: ArrayBufferLike): void {
+    for (let i = 0; i < this.chunks.length; i++) {
+      const c = this.chunks[i]!;
+      if (c.buffer !== shared) continue;
+      this.chunks[i] = Buffer.from(i === 0 ? c.subarray(this.head) : c);
+      if (i === 0) this.head = 0;
+    }
+  }
+
   clear(): void {
     this.chunks = [];
     this.head = 0;

@@ -70,3 +70,19 @@ t.test('byte queue hands out views and copies across chunks', async (t) => {
   t.equal(q.length, 0);
   t.throws(() => q.take(1));
 });
+
+t.test('byte queue detaches leftovers from a buffer the socket will reuse', async (t) => {
+  const stage = Buffer.from('abcdefgh');
+  const q = new ByteQueue();
+  q.push(Buffer.from('XY'));
+  q.push(stage.subarray(0, 6));
+  t.equal(q.take(3).toString(), 'XYa');
+  q.detach(stage.buffer);
+  stage.fill('z');
+  t.equal(q.length, 5);
+  t.equal(q.take(5).toString(), 'bcdef', 'leftovers survive the reuse');
+  const other = Buffer.from('keep');
+  q.push(other);
+  q.detach(stage.buffer);
+  t.equal(q.take(4).buffer, other.buffer, 'chunks of other buffers stay views');
+});
