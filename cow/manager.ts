@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { mkdir, readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FileDevice } from './device.js';
+import { FileDevice, type BlockDevice, type FileDeviceOptions } from './device.js';
 import { cowError } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
 import { Origin } from './origin.js';
@@ -27,7 +27,12 @@ export interface CowManagerOptions {
   onCommit?: (seconds: number, exceptions: number) => void;
   /** Chunk copies in flight per store (default 64). */
   maxCopies?: number;
+  /** TEST-ONLY: wraps every file opened here (origins and stores), e.g. in a FaultDevice. */
+  wrapDevice?: (dev: FileDevice) => ManagedDevice;
 }
+
+/** A device as the manager opens it: stores need truncate. */
+export type ManagedDevice = BlockDevice & { truncate(size: number): Promise<void> };
 
 export interface CreateSnapshotOptions {
   name: string;
@@ -112,6 +117,11 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     return join(this.dataDir, 'cow');
   }
 
+  private async openDevice(path: string, opts?: FileDeviceOptions): Promise<ManagedDevice> {
+    const dev = await FileDevice.open(path, opts);
+    return this.opts.wrapDevice ? this.opts.wrapDevice(dev) : dev;
+  }
+
   private storePath(origin: string, chunkSize: number, transient: boolean): string {
     return join(this.cowDir, `${origin}.${chunkSize / 1024}k.${transient ? 'transient' : 'cows'}`);
   }
@@ -153,7 +163,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     if (!validName(name)) throw cowError('EINVAL', `invalid volume name ${JSON.stringify(name)}`);
     const existing = this.origins.get(name);
     if (existing) return existing;
-    const dev = await FileDevice.open(join(this.dataDir, `${name}.vol`));
+    const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
     const origin = new Origin(name, dev);
     const entries: StoreEntry[] = [];
     try {
@@ -162,7 +172,16 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         const m = /^(.+)\.(\d+)k\.cows$/.exec(f);
         if (!m || m[1] !== name || !f.startsWith(prefix)) continue;
         const path = join(this.cowDir, f);
-        const sdev = await FileDevice.open(path);
+        const sdev = await this.openDevice(path);
+        if (await ExceptionStore.unfinished(sdev).catch(() => false)) {
+          // Its creation was cut short (a kill or power loss before the header was written),
+          // so it holds no snapshot that was ever acknowledged; left alone, it would stop
+          // the origin from attaching and block new stores of that chunk size.
+          await sdev.close();
+          await unlink(path).catch(() => {});
+          this.opts.logger?.warn({ origin: name, path }, 'removed an exception store whose creation never finished');
+          continue;
+        }
         const store = await ExceptionStore.open(sdev, dev, this.storeOpts(name)).catch(async (e: unknown) => {
           await sdev.close();
           throw e;
@@ -238,15 +257,19 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const created = !entry;
     if (!entry) {
       const path = this.storePath(o.origin, chunkSize, transient);
-      const sdev = await FileDevice.open(path, { create: true });
+      const sdev = await this.openDevice(path, { create: true });
       const storeOpts = { ...this.storeOpts(origin.name), chunkSize, originSize: origin.size, originName: origin.name };
+      let ours = false;
       try {
         if (sdev.size > 0 && !transient) throw cowError('EEXIST', `${path} exists`);
+        ours = true;
         if (transient) await sdev.truncate(0);
         const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts);
         entry = { store, path };
       } catch (e) {
         await sdev.close();
+        // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
+        if (ours) await unlink(path).catch(() => {});
         throw e;
       }
       entries.push(entry);

@@ -86,6 +86,13 @@ export class ExceptionStore {
   private limbo: number[] = [];
   private reclaiming: Promise<void> | null = null;
   private readonly events: StoreEvents;
+  /**
+   * Invalidated snapshots whose invalid mark is not durable yet. They stay in `live`, so
+   * an origin write to a chunk they lack a copy of waits for the mark (and fails if the
+   * store cannot take it): landing first would let a restart bring the snapshot back
+   * valid, reading the origin's new data.
+   */
+  private readonly unmarked = new Set<SnapshotRecord>();
 
   private constructor(
     readonly dev: BlockDevice,
@@ -129,6 +136,17 @@ export class ExceptionStore {
     await dev.sync();
     store.alloc.markUsed(headerChunks(opts.chunkSize) - 1, 255);
     return store;
+  }
+
+  /**
+   * True for a file whose creation never finished: create() writes the pool header last,
+   * so a file with no header (all zeros or too short) holds no acknowledged snapshot.
+   */
+  static async unfinished(dev: BlockDevice): Promise<boolean> {
+    if (dev.size < SLOT_BYTES) return true;
+    const head = Buffer.alloc(SLOT_BYTES);
+    await dev.read(head, 0);
+    return head.every((b) => b === 0);
   }
 
   /** A store whose exceptions live in memory only: gone on restart, nothing synced. */
@@ -264,7 +282,7 @@ export class ExceptionStore {
   }
 
   refreshLive(): void {
-    this.live = this.records.filter((r): r is SnapshotRecord => r !== undefined && r.live);
+    this.live = this.records.filter((r): r is SnapshotRecord => r !== undefined && (r.live || (this.unmarked.has(r) && !r.removing)));
   }
 
   get snapshotCount(): number {
@@ -353,8 +371,9 @@ export class ExceptionStore {
     rec.removing = true;
     this.refreshLive();
     while (rec.busy > 0) await new Promise<void>((r) => setImmediate(r));
-    await this.committer.submit(
+    await this.commitOrWrite(
       this.slotJob(rec, false, () => {
+        this.unmarked.delete(rec);
         const freed: number[] = [];
         rec.map.forEach((_c, p) => {
           if (p !== ZERO_CHUNK && this.alloc.unref(p)) freed.push(p);
@@ -398,11 +417,52 @@ export class ExceptionStore {
     }
   }
 
+  /** In memory at once; callers then make it durable with markInvalid before any origin write it guards. */
   private invalidate(rec: SnapshotRecord, reason: string): void {
     if (rec.state === 'invalid') return;
     rec.state = 'invalid';
+    if (!this.transient) this.unmarked.add(rec);
     this.refreshLive();
     this.events.onInvalidated?.(rec, reason);
+  }
+
+  /** Makes the invalid marks of recs durable (see `unmarked`); rejects when the store cannot take them. */
+  private async markInvalid(recs: Iterable<SnapshotRecord>): Promise<void> {
+    // A snapshot being removed gets its removal instead (a mark written after it would bring the slot back).
+    const todo = [...recs].filter((r) => this.unmarked.has(r) && !r.removing);
+    if (!todo.length) return;
+    await this.commitOrWrite({
+      dataSync: false,
+      exceptions: 0,
+      encode: (out) => {
+        for (const r of todo) if (!r.removing && this.records[r.slot] === r) this.slotWrite(r, true, out);
+      },
+      apply: () => {
+        for (const r of todo) this.unmarked.delete(r);
+        this.refreshLive();
+      },
+    });
+  }
+
+  /**
+   * A metadata-only job through the committer or, once the committer has failed (a sync
+   * error or a full file system poisons it for good), written and synced directly. Slot
+   * copies lie in the header, written in full at creation, so they need no new space:
+   * a store on a full file system still takes invalid marks and removals.
+   */
+  private async commitOrWrite(job: Job): Promise<void> {
+    if (this.committer.failed === undefined) {
+      try {
+        return await this.committer.submit(job);
+      } catch (e) {
+        if (this.committer.failed === undefined) throw e;
+      }
+    }
+    const out: MetaWrite[] = [];
+    job.encode(out);
+    for (const w of out) await this.dev.write(w.buf, w.offset);
+    await this.dev.sync();
+    job.apply();
   }
 
   private reportUsage(rec: SnapshotRecord): void {
@@ -449,16 +509,21 @@ export class ExceptionStore {
 
   private async copyForOrigin(chunks: number[]): Promise<void> {
     const cs = this.chunkSize;
-    const invalidated: SnapshotRecord[] = [];
+    // Invalid snapshots whose mark must be durable before this origin write lands.
+    const marks = new Set<SnapshotRecord>();
     const needers: SnapshotRecord[][] = [];
     const todo: number[] = [];
     for (const c of chunks) {
       const who: SnapshotRecord[] = [];
       for (const r of this.live) {
         if (r.map.get(c) !== ABSENT) continue;
+        if (r.state === 'invalid') {
+          marks.add(r); // invalidated earlier, its mark not yet durable
+          continue;
+        }
         if (!r.fits(1, 1)) {
           this.invalidate(r, 'exception store full');
-          invalidated.push(r);
+          marks.add(r);
           continue;
         }
         r.reserve(1, 1);
@@ -484,16 +549,19 @@ export class ExceptionStore {
         jobs.push(this.copyRun(todo.slice(i, j), needers.slice(i, j)));
         i = j;
       }
-      if (invalidated.length) {
-        jobs.push(this.committer.submit({ dataSync: false, exceptions: 0, encode: (out) => invalidated.forEach((r) => this.slotWrite(r, true, out)), apply: () => {} }));
-      }
+      const copyJobs = jobs.length;
+      if (marks.size) jobs.push(this.markInvalid(marks));
       const results = await Promise.allSettled(jobs);
-      const failed = results.find((r) => r.status === 'rejected');
+      const failed = results.slice(0, copyJobs).find((r) => r.status === 'rejected');
       if (failed) {
         // The copies are unusable: the snapshots that needed them cannot stay valid, and
-        // the origin write goes ahead as dm-snapshot's does.
-        for (const r of involved) this.invalidate(r, `copy failed: ${String((failed as PromiseRejectedResult).reason)}`);
+        // the origin write goes ahead as dm-snapshot's does, once that is durable.
+        const reason = (failed as PromiseRejectedResult).reason;
+        for (const r of involved) this.invalidate(r, `copy failed: ${reason instanceof Error ? reason.message : String(reason)}`);
+        await this.markInvalid(involved);
       }
+      const markFailed = results[copyJobs];
+      if (markFailed?.status === 'rejected') throw markFailed.reason;
     } finally {
       for (const r of involved) r.busy--;
       for (const r of involved) this.reportUsage(r);
@@ -826,7 +894,7 @@ export class ExceptionStore {
       throw cowError('ENOSPC', `snapshot ${rec.name} is full`);
     }
     this.invalidate(rec, 'exception store full');
-    this.committer.submit(this.slotJob(rec, true)).catch(() => {});
+    this.markInvalid([rec]).catch(() => {}); // origin writes that need the mark wait for it (or retry it)
     throw cowError('EIO', `snapshot ${rec.name} is full and was invalidated`);
   }
 

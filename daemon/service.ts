@@ -10,6 +10,7 @@ import { Registry } from './registry.js';
 import { formatSize } from './sizes.js';
 import { VolumeBackend } from './volume-backend.js';
 import { createVolume, listVolumes, volumePath } from './volumes.js';
+import { testFaults } from './test-faults.js';
 
 export interface AutoExtendPolicy {
   /** Usage percent at which a snapshot is grown; 100 disables, as in lvm.conf. */
@@ -102,6 +103,7 @@ export class Service {
       logger: cowLog,
       usageThresholds: USAGE_WARNINGS,
       onCommit: opts.onCommit ? (s) => opts.onCommit!(s) : undefined,
+      wrapDevice: testFaults(log),
     });
     const svc = new Service(cow, opts, log);
     try {

@@ -35,8 +35,9 @@ export class NbdRequestError extends Error {
 
 /**
  * Maps any thrown value to an NBD error after logging the real error.
- * Expected refusals (EPERM, ENOSPC, ...) log at debug; anything else is an I/O
- * failure worth a warning, and unknown errors become EIO.
+ * Expected refusals (EPERM, ENOSPC, ...) log at debug, unless the operating system
+ * raised them (a full or read-only file system: warn); EIO and unknown errors, which
+ * become EIO, log at error.
  */
 export function toNbdError(err: unknown, log: Logger, context: Record<string, unknown>): number {
   if (err instanceof NbdRequestError) {
@@ -46,7 +47,8 @@ export function toNbdError(err: unknown, log: Logger, context: Record<string, un
   const code = typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
   const mapped = typeof code === 'string' ? BY_CODE[code] : undefined;
   const value = mapped ?? NBD_EIO;
-  const level = value === NBD_EIO || mapped === undefined ? 'error' : 'debug';
+  const fromOs = typeof err === 'object' && err !== null && typeof (err as { syscall?: unknown }).syscall === 'string';
+  const level = value === NBD_EIO || mapped === undefined ? 'error' : fromOs ? 'warn' : 'debug';
   log[level]({ ...context, err }, 'request failed');
   return value;
 }

@@ -115,7 +115,7 @@ export async function execute(req: Request, payload: Buffer | undefined, ctx: Re
     }
   } catch (err) {
     if (data) ctx.pool.put(data);
-    const error = toNbdError(err, ctx.log, { command: C.COMMAND_NAMES[req.type] ?? req.type, offset, length: req.length });
+    const error = toNbdError(err, ctx.log, { export: b.info.name, command: C.COMMAND_NAMES[req.type] ?? req.type, offset, length: req.length });
     const at = (err as { offset?: unknown } | null)?.offset;
     return {
       error,

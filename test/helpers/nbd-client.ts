@@ -204,6 +204,10 @@ export class NbdClient {
     await this.submit(C.NBD_CMD_FLUSH, 0, 0, 0);
   }
 
+  async trim(offset: number, length: number, fua = false): Promise<void> {
+    await this.submit(C.NBD_CMD_TRIM, offset, length, fua ? C.NBD_CMD_FLAG_FUA : 0);
+  }
+
   /** Sends NBD_CMD_DISC and waits for the server to close. */
   async disconnect(): Promise<void> {
     if (!this.socket.destroyed) {
