@@ -2,6 +2,7 @@
 //
 //   npm run fuzz -- --cases 1000000 --seed 42 [--concurrency 16] [--timeout 5000]
 //                   [--warmup 2000] [--rss-bound 128] [--in-process] [--replay FILE]
+//                   [--regressions DIR]
 //
 // Prints progress every 10000 cases, then cases/s, the daemon's RSS and fd count after
 // warm-up and at the end, and the canary's figures. Failing cases are written to
@@ -28,6 +29,7 @@ const { values } = parseArgs({
     'max-failures': { type: 'string', default: '20' },
     'in-process': { type: 'boolean', default: false },
     replay: { type: 'string' },
+    regressions: { type: 'string' },
   },
 });
 
@@ -65,7 +67,7 @@ try {
       warmup: Math.min(Number(values.warmup), Math.floor(cases / 2)),
       concurrency: Number(values.concurrency),
       timeoutMs: Number(values.timeout),
-      regressionsDir: join(ROOT, 'test', 'fuzz', 'regressions'),
+      regressionsDir: values.regressions ?? join(ROOT, 'test', 'fuzz', 'regressions'),
       maxFailures: Number(values['max-failures']),
       log,
     });
