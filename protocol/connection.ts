@@ -62,6 +62,10 @@ export class Connection extends EventEmitter {
   private writeBlocked = false;
   /** A WRITE whose payload we are still receiving. */
   private pendingWrite?: Request;
+  /** Its pooled buffer and how much of it has arrived. */
+  private payload?: { buf: Buffer; filled: number };
+  /** Set when the socket reads into buffers we hand it (see direct-socket.ts). */
+  private stage?: Buffer;
   /** A rejected oversized WRITE whose payload we are skipping. */
   private draining?: { req: Request; left: number; outcome: Outcome };
   private handshakeTimer?: NodeJS.Timeout;
@@ -153,6 +157,35 @@ export class Connection extends EventEmitter {
   /** Immediate close, dropping requests in flight. */
   destroy(): void {
     this.socket.destroy();
+  }
+
+  /**
+   * Reads into chosen buffers from now on; the socket was built with adoptSocket.
+   * `stage` may be shared by every connection: a read and its callback run in one
+   * go on the loop thread, and onRead keeps nothing that points into it.
+   */
+  useDirectReads(stage: Buffer): void {
+    this.stage = stage;
+  }
+
+  nextReadBuffer(): Uint8Array {
+    const p = this.payload;
+    // The rest of a write's payload is read straight into its buffer, and never past it.
+    if (p && this.pendingWrite && this.queue.length === 0) return p.buf.subarray(p.filled, this.pendingWrite.length);
+    return this.stage!;
+  }
+
+  onRead(n: number, buf: Uint8Array): void {
+    const p = this.payload;
+    if (p && buf.buffer === p.buf.buffer && buf.buffer !== this.stage!.buffer) {
+      if (this.phase !== 'transmission') return;
+      p.filled += n;
+      this.pump();
+      return;
+    }
+    this.onData(Buffer.from(buf.buffer, buf.byteOffset, n));
+    // Whatever memory this read used (the stage, or the listener's before we existed) is read into again.
+    this.queue.detach(buf.buffer);
   }
 
   private onData(chunk: Buffer): void {
@@ -273,16 +306,26 @@ export class Connection extends EventEmitter {
       }
       if (this.pendingWrite) {
         const req = this.pendingWrite;
-        if (q.length < req.length) return this.needMoreInput();
-        this.pendingWrite = undefined;
-        if (q.contiguous(req.length)) {
-          this.dispatch(req, q.take(req.length), false);
-        } else {
+        if (!this.payload) {
+          // A payload inside one chunk we own is used in place.
+          if (!this.stage && q.contiguous(req.length)) {
+            this.pendingWrite = undefined;
+            this.dispatch(req, q.take(req.length), false);
+            continue;
+          }
           // A pooled buffer: a fresh 1 MiB allocation per write costs page faults.
-          const buf = this.pool.get(req.length);
-          q.copyOut(buf, 0, req.length);
-          this.dispatch(req, buf, true);
+          this.payload = { buf: this.pool.get(req.length), filled: 0 };
         }
+        const p = this.payload;
+        const n = Math.min(q.length, req.length - p.filled);
+        if (n > 0) {
+          q.copyOut(p.buf, p.filled, n);
+          p.filled += n;
+        }
+        if (p.filled < req.length) return this.needMoreInput();
+        this.pendingWrite = undefined;
+        this.payload = undefined;
+        this.dispatch(req, p.buf, true);
         continue;
       }
       if (this.overloaded() || this.writeBlocked) {
@@ -424,6 +467,8 @@ export class Connection extends EventEmitter {
     // A write whose payload never fully arrived still holds its bytes.
     if (this.pendingWrite) this.releaseBytes(this.pendingWrite.length);
     this.pendingWrite = undefined;
+    // Not back to the pool: nothing may read into a buffer someone else holds.
+    this.payload = undefined;
     this.limits.budget?.cancel(this.onBudgetRoom);
     this.unsubscribeGone?.();
     this.negotiated?.backend.release?.();

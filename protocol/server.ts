@@ -6,6 +6,7 @@ import { ByteBudget } from './budget.js';
 import { Connection, DEFAULT_LIMITS, type ConnectionLimits, type RequestObserver } from './connection.js';
 import type { Logger } from './logger.js';
 import type { TlsPolicy } from './tls.js';
+import { adoptSocket } from './direct-socket.js';
 
 export interface ServerLimits extends ConnectionLimits {
   /** Connections accepted at once, across all listeners. */
@@ -31,6 +32,15 @@ export class NbdServer {
   private readonly limits: ServerLimits;
   private closing?: Promise<void>;
 
+  /** Accepted sockets read into buffers their connection picks (see direct-socket.ts). */
+  private readonly directReads: boolean;
+  /**
+   * Where direct-read sockets put headers and small payloads, shared by all of
+   * them (see Connection.useDirectReads). Node also asks for a buffer before
+   * the connection exists, and gets this one.
+   */
+  private readonly stage = Buffer.allocUnsafeSlow(256 * 1024);
+
   constructor(
     private readonly registry: ExportRegistry,
     private readonly log: Logger,
@@ -39,6 +49,7 @@ export class NbdServer {
     /** STARTTLS policy for every listener, unix sockets included. */
     private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
+    this.directReads = tls.mode === 'off' && process.env.COWBD_DIRECT_READS !== '0';
     this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, maxConnectionsPerExport: 0, maxTotalBytesInFlight: DEFAULT_TOTAL_BYTES_IN_FLIGHT, ...limits };
     // Without a limit the budget still counts, for the bytes-in-flight gauge.
     this.limits.budget ??= new ByteBudget(this.limits.maxTotalBytesInFlight > 0 ? this.limits.maxTotalBytesInFlight : Infinity, log);
@@ -73,7 +84,8 @@ export class NbdServer {
   async listen(addr: ListenAddress): Promise<{ host?: string; port?: number; path?: string }> {
     // Half-open: a client that shuts down its write side still gets the replies to
     // what it sent (Connection closes once they are out).
-    const server = createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true }, (s) => this.accept(s));
+    // Paused so that, without TLS, accept() can move the handle to a direct-read socket before any byte is read.
+    const server = createServer({ noDelay: true, pauseOnConnect: this.directReads, allowHalfOpen: true }, (s) => this.accept(s));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
     if (addr.path) {
       await unlink(addr.path).catch(() => undefined);
@@ -103,7 +115,12 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    const conn = new Connection(socket, this.registry, this.limits, this.log, this.observer, undefined, this.tls);
+    let conn: Connection | undefined;
+    // STARTTLS moves the stream onto a TLSSocket, which must own the handle's reads.
+    const direct = this.directReads ? adoptSocket(socket, () => conn, this.stage) : undefined;
+    if (this.directReads && !direct) socket.resume();
+    conn = new Connection(direct ?? socket, this.registry, this.limits, this.log, this.observer, undefined, this.tls);
+    if (direct) conn.useDirectReads(this.stage);
     this.connections.add(conn);
     conn.once('close', () => this.connections.delete(conn));
     conn.start();
