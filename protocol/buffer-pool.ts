@@ -4,6 +4,15 @@
 const MIN_SHIFT = 12; // 4 KiB
 const MAX_SHIFT = 22; // 4 MiB: larger buffers are allocated and left to the GC
 const PER_CLASS_BYTES = 16 * 1024 * 1024;
+/**
+ * Buffers start this far into their memory, off the page boundary. Measured on
+ * this project's machines: pread from the page cache into a page-aligned 1 MiB
+ * buffer ran at 0.9-1.6 GiB/s, and at 2.3-5.3 GiB/s into the same buffer 16 to
+ * 2048 bytes in (the kernel's copy suffers when source and destination share
+ * their offset within a page). A large malloc is page-aligned plus a small
+ * header, so the skew is what keeps us off the boundary. Writes did not care.
+ */
+const SKEW = 256;
 
 export class BufferPool {
   private readonly free: Buffer[][] = [];
@@ -17,16 +26,18 @@ export class BufferPool {
     const cls = classOf(n);
     if (cls < 0) return Buffer.allocUnsafeSlow(n);
     const list = this.free[cls]!;
-    const b = list.pop() ?? Buffer.allocUnsafeSlow(1 << (cls + MIN_SHIFT));
+    const size = 1 << (cls + MIN_SHIFT);
+    const b = list.pop() ?? Buffer.allocUnsafeSlow(size + SKEW).subarray(SKEW);
     return b.length === n ? b : b.subarray(0, n);
   }
 
   /** Returns a buffer obtained from get(); it must no longer be in use. */
   put(b: Buffer): void {
-    if (b.byteOffset !== 0) return;
-    const full = Buffer.from(b.buffer, 0, b.buffer.byteLength);
-    const cls = classOf(full.length);
-    if (cls < 0 || full.length !== 1 << (cls + MIN_SHIFT)) return;
+    if (b.byteOffset !== SKEW) return;
+    const size = b.buffer.byteLength - SKEW;
+    const cls = classOf(size);
+    if (cls < 0 || size !== 1 << (cls + MIN_SHIFT)) return;
+    const full = Buffer.from(b.buffer, SKEW, size);
     const list = this.free[cls]!;
     if ((list.length + 1) * full.length <= PER_CLASS_BYTES) list.push(full);
   }

@@ -86,3 +86,21 @@ t.test('byte queue detaches leftovers from a buffer the socket will reuse', asyn
   q.detach(stage.buffer);
   t.equal(q.take(4).buffer, other.buffer, 'chunks of other buffers stay views');
 });
+
+t.test('buffer pool reuses buffers, kept off the page boundary', async (t) => {
+  const { BufferPool } = await import('../../protocol/buffer-pool.js');
+  const pool = new BufferPool();
+  const a = pool.get(1 << 20);
+  t.equal(a.length, 1 << 20);
+  t.not(a.byteOffset % 4096, 0, 'not page-aligned within its memory');
+  pool.put(a);
+  const b = pool.get(1000 * 1024);
+  t.equal(b.buffer, a.buffer, 'same memory again, as a view of the right length');
+  t.equal(b.length, 1000 * 1024);
+  pool.put(b);
+  pool.put(Buffer.alloc(4096)); // not ours: ignored
+  t.equal(pool.get(4096).length, 4096);
+  const huge = pool.get((4 << 20) + 1);
+  t.equal(huge.length, (4 << 20) + 1, 'beyond the largest class: allocated as asked');
+  pool.put(huge);
+});
