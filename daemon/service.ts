@@ -305,7 +305,11 @@ export class Service {
   }
 
   async flushAll(): Promise<void> {
-    for (const b of this.registry.backends()) await b.flush().catch((err: unknown) => this.log.error({ err, export: b.info.name }, 'flush failed'));
+    for (const b of this.registry.backends()) {
+      // An invalid snapshot has nothing to flush: its I/O fails, and so would the flush, logging an error at every clean stop.
+      if (b instanceof VolumeBackend && b.volume.state === 'invalid') continue;
+      await b.flush().catch((err: unknown) => this.log.error({ err, export: b.info.name }, 'flush failed'));
+    }
   }
 
   async close(): Promise<void> {

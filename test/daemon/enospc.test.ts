@@ -106,6 +106,7 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   await c.disconnect();
 
   t.equal(await d.stop(), 0, 'the daemon stayed up and stops cleanly');
+  t.notOk(d.logs.some((l) => l.msg === 'flush failed'), 'without trying to flush the invalid snapshot');
   d = await startDaemon({ dataDir, logLevel: 'info' });
   t.equal(await state(d, 'snap'), 'invalid', 'still invalid after a restart');
 

@@ -182,6 +182,7 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
 t.test('after a restart: invalid stays invalid, the rest reads as before', async (t) => {
   t.equal(d.proc.exitCode, null, 'the daemon stayed up through every fault');
   t.equal(await d.stop(), 0, 'and stops cleanly');
+  t.notOk(d.logs.some((l) => l.msg === 'flush failed'), 'without trying to flush the invalid snapshots');
   d = await start();
   for (const name of ['wfail', 'sfail', 'dead']) t.equal(await state(d, name), 'invalid', `${name} is still invalid`);
   t.equal(await state(d, 'other'), 'valid');
