@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# fio (nbd engine) against cowbd and, as the yardstick, nbdkit's file plugin,
-# each serving a fresh sparse file of the same size on the same filesystem.
+# The benchmark of issue 6: fio (nbd engine) against cowbd and, as the
+# yardstick, nbdkit's file plugin, each serving a fresh sparse file of the same
+# size on the same filesystem; then cowbd's copy-on-write costs, snapshot
+# creation latency, and memory and restart time at 1M exceptions.
 # Jobs run interleaved: every round runs each job on every target in turn, so
-# drift in the machine's state lands on all targets alike. Prints a markdown
-# table of medians across rounds. Asserts nothing about speed.
+# drift in the machine's state lands on all targets alike, and each ratio
+# compares runs of one round. Prints markdown tables of medians across rounds
+# with ratios and the issue's targets. Asserts nothing about speed.
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   ROUNDS=3 RUNTIME=8 SIZE=1G        rounds, seconds per job, volume size
-#   TARGETS="cowbd nbdkit"            which targets, in this order; the first
-#                                     nbdkit one is the baseline for ratios
-#   JOBS="seqread seqwrite randread randwrite"
+#   SECTIONS="base cow rewrite snapread create memory"   which parts to run:
+#     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
+#     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
+#               size-bounded: seq 1M over the whole volume once; random 4K
+#               writes, each into a distinct chunk (RAND_IOS of them)
+#     rewrite   1 snapshot whose chunks are all copied, time-based write jobs
+#     snapread  reading a snapshot, uncopied then copied, time-based read jobs
+#               (rewrite and snapread compare with base's cowbd runs of the
+#               round, which run on cowbd alone when base is not selected)
+#     create    snapshot creation latency, idle and under a random-write load
+#     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
+#   ROUNDS=3 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
+#   CHUNK=64K                         snapshot chunk size for cow/rewrite/snapread
+#   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
+#   TARGETS="cowbd nbdkit"            base targets; the first nbdkit one is the baseline
+#   JOBS="seqread seqwrite randread randwrite"   base jobs
+#   CREATE_SIZES="1G 1T" CREATE_N=5   volumes for snapshot creation, creations per case
+#   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
 #   BENCH_DIR=/tmp                    where the volumes live (one filesystem)
 #   KEEP=1                            keep the raw fio JSON and logs
 #
@@ -20,20 +37,46 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+BENCH=$ROOT/scripts/bench
 
 ROUNDS=${ROUNDS:-3}
-RUNTIME=${RUNTIME:-8}
+RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
+CHUNK=${CHUNK:-64K}
+CREATE_SIZES=${CREATE_SIZES:-"1G 1T"}
+CREATE_N=${CREATE_N:-5}
+MEM_SIZE=${MEM_SIZE:-4G}
+MEM_CHUNK=${MEM_CHUNK:-4K}
+RESTARTS=${RESTARTS:-3}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
+
+for s in $SECTIONS; do
+  case $s in base | cow | rewrite | snapread | create | memory) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+done
+has() { [[ " $SECTIONS " == *" $1 "* ]]; }
+bytes() { numfmt --from=iec "${1%B}"; }
+
+SIZE_BYTES=$(bytes "$SIZE")
+CHUNK_BYTES=$(bytes "$CHUNK")
+# Exception store big enough for every chunk of the volume plus its metadata: never invalidated.
+STORE_BYTES=$((SIZE_BYTES + SIZE_BYTES / 8 + 64 * 1024 * 1024))
+RAND_IOS=${RAND_IOS:-$((SIZE_BYTES / CHUNK_BYTES / 2))}
 
 WORK=$(mktemp -d "$BENCH_DIR/cowbd-bench.XXXXXX")
 RESULTS=$WORK/results
 mkdir -p "$RESULTS"
 PIDS=()
+START=$(date +%s)
 
 track_pid() { PIDS+=("$1"); }
+untrack_pid() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
 
 cleanup() {
   local pid
@@ -44,7 +87,7 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   done
   if [ "${KEEP:-0}" = 1 ]; then
-    rm -f "$WORK"/*/*.vol "$WORK"/*/bench 2>/dev/null || true
+    rm -f "$WORK"/*/*.vol "$WORK"/*/bench "$WORK"/*/cow/* 2>/dev/null || true
     echo "raw results kept in $RESULTS" >&2
   else
     rm -rf "$WORK"
@@ -53,13 +96,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+log() { echo "[$(($(date +%s) - START)) s] $*" >&2; }
+
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 wait_for_port() { # port pid
   local i
-  for i in $(seq 1 200); do
+  for i in $(seq 1 600); do
     if ! kill -0 "$2" 2>/dev/null; then echo "server (pid $2) died before listening" >&2; return 1; fi
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.05
@@ -68,20 +113,45 @@ wait_for_port() { # port pid
   return 1
 }
 
-# ---- targets ---------------------------------------------------------------
+stop_pid() { # pid: SIGTERM, wait for it to exit (a daemon flushes first)
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  untrack_pid "$1"
+}
+
+rss_of() { awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$1/status"; }
+
+# ---- cowbd control ----------------------------------------------------------
 
 COWBD=(node "$ROOT/dist/daemon/cli.js")
+
+ctl() { # sock method path [json]
+  python3 "$BENCH/cowctl.py" call "$@"
+}
+
+snap_create() { # sock origin name store-bytes chunk-bytes
+  ctl "$1" POST /v1/snapshots "{\"name\":\"$3\",\"origin\":\"$2\",\"size\":\"$4\",\"chunkSize\":\"$5\"}" >/dev/null
+}
+
+snap_remove() { # sock name
+  ctl "$1" DELETE "/v1/snapshots/$2" >/dev/null
+}
+
+# ---- targets ---------------------------------------------------------------
 
 # cowbd serving one fresh origin volume, no snapshots.
 target_cowbd_start() { # dir
   local dir=$1 port pid
   "${COWBD[@]}" volume create bench --size "$SIZE" --data-dir "$dir" >/dev/null
   port=$(free_port)
-  "${COWBD[@]}" serve --data-dir "$dir" --listen "127.0.0.1:$port" --log-level warn >"$dir/log" 2>&1 &
+  "${COWBD[@]}" serve --data-dir "$dir" --listen "127.0.0.1:$port" --metrics-listen off --log-level warn >"$dir/log" 2>&1 &
   pid=$!
   track_pid "$pid"
   wait_for_port "$port" "$pid"
   URI="nbd://127.0.0.1:$port/bench"
+  COWBD_PORT=$port
+  COWBD_SOCK=$dir/control.sock
+  COWBD_VOL=$dir/bench.vol
 }
 
 # nbdkit's file plugin on a sparse file like cowbd's: the reference server.
@@ -116,33 +186,215 @@ run_fio() { # name uri out [extra fio args...]
     --size="$SIZE" --output-format=json --output="$out" "$@" >/dev/null
 }
 
-# ---- run -------------------------------------------------------------------
+timed() { # the time-based shape of a job
+  run_fio "$@" --runtime="$RUNTIME" --time_based --ramp_time=1
+}
+
+# ---- throughput: base, cow, rewrite, snapread --------------------------------
+
+BASE_TARGETS=
+if has base; then
+  BASE_TARGETS=$TARGETS
+elif has rewrite || has snapread; then
+  BASE_TARGETS=cowbd
+fi
+START_TARGETS=$BASE_TARGETS
+if { has cow || has rewrite || has snapread; } && [[ " $START_TARGETS " != *" cowbd "* ]]; then
+  START_TARGETS="cowbd $START_TARGETS"
+fi
+BASE_JOBS=$JOBS
+if ! has base; then
+  BASE_JOBS=
+  has snapread && BASE_JOBS="seqread randread"
+  has rewrite && BASE_JOBS="$BASE_JOBS seqwrite randwrite"
+fi
 
 declare -A URIS
-for t in $TARGETS; do
+for t in $START_TARGETS; do
   if ! declare -F "target_${t}_start" >/dev/null; then echo "unknown target $t" >&2; exit 2; fi
   mkdir -p "$WORK/$t"
   URI=
   "target_${t}_start" "$WORK/$t"
   URIS[$t]=$URI
-  # Reads of a never-written sparse file measure nothing, so every target is
-  # filled once with the same sequential write before any measurement.
-  echo "filling $t ($SIZE at $URI)" >&2
+  # Reads of a never-written sparse file measure nothing, and first writes of
+  # a snapshot must copy real data, so every target is filled once with the
+  # same sequential write before any measurement.
+  log "filling $t ($SIZE at $URI)"
   run_fio seqwrite "$URI" "$WORK/$t/prefill.json"
 done
 
+if has cow; then
+  IOLOG=$WORK/randwrite-first.iolog
+  python3 "$BENCH/cowctl.py" iolog "$IOLOG" "$SIZE_BYTES" "$CHUNK_BYTES" "$RAND_IOS"
+fi
+
+COW_SNAPS="1 4"
 for round in $(seq 1 "$ROUNDS"); do
-  for job in $JOBS; do
-    for t in $TARGETS; do
-      echo "round $round/$ROUNDS: $job on $t" >&2
-      run_fio "$job" "${URIS[$t]}" "$RESULTS/$round.$job.$t.json" --runtime="$RUNTIME" --time_based --ramp_time=1
+  for job in $BASE_JOBS; do
+    for t in $BASE_TARGETS; do
+      log "round $round/$ROUNDS: $job on $t"
+      timed "$job" "${URIS[$t]}" "$RESULTS/$round.$job.$t.json"
     done
   done
+
+  if has cow; then
+    # First writes: fresh snapshots made right before each run, every chunk
+    # uncopied; runs bounded by size so none wraps onto a copied chunk. The
+    # no-snapshot run of the same shape goes first, after a sync of the volume
+    # file (creating a snapshot flushes the origin, so all start clean).
+    for job in seqwrite randwrite; do
+      extra=()
+      [ "$job" = randwrite ] && extra=(--read_iolog="$IOLOG")
+      sync "$COWBD_VOL"
+      log "round $round/$ROUNDS: first-write $job on cowbd, no snapshot"
+      run_fio "$job" "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd.json" "${extra[@]}"
+      for n in $COW_SNAPS; do
+        for i in $(seq 1 "$n"); do snap_create "$COWBD_SOCK" bench "cow$i" "$STORE_BYTES" "$CHUNK_BYTES"; done
+        log "round $round/$ROUNDS: first-write $job on cowbd, $n snapshot(s)"
+        run_fio "$job" "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd-${n}snap.json" "${extra[@]}"
+        ctl "$COWBD_SOCK" GET /v1/snapshots/cow1 >"$RESULTS/$round.cow-$job.cowbd-${n}snap.meta"
+        for i in $(seq 1 "$n"); do snap_remove "$COWBD_SOCK" "cow$i"; done
+      done
+    done
+  fi
+
+  if has rewrite || has snapread; then
+    snapuri=${URIS[cowbd]%/bench}/rs
+    snap_create "$COWBD_SOCK" bench rs "$STORE_BYTES" "$CHUNK_BYTES"
+    if has snapread; then
+      for job in seqread randread; do
+        log "round $round/$ROUNDS: $job on a snapshot, chunks uncopied"
+        timed "$job" "$snapuri" "$RESULTS/$round.$job.snap-uncopied.json"
+      done
+    fi
+    log "round $round/$ROUNDS: copying every chunk (sequential write of the whole origin)"
+    run_fio seqwrite "${URIS[cowbd]}" "$RESULTS/$round.copyall.cowbd-1snap.json"
+    ctl "$COWBD_SOCK" GET /v1/snapshots/rs >"$RESULTS/$round.copyall.cowbd-1snap.meta"
+    if has rewrite; then
+      for job in seqwrite randwrite; do
+        log "round $round/$ROUNDS: $job on cowbd, 1 snapshot, chunks all copied"
+        timed "$job" "${URIS[cowbd]}" "$RESULTS/$round.$job.cowbd-1snap-copied.json"
+      done
+    fi
+    if has snapread; then
+      for job in seqread randread; do
+        log "round $round/$ROUNDS: $job on a snapshot, chunks all copied"
+        timed "$job" "$snapuri" "$RESULTS/$round.$job.snap-copied.json"
+      done
+    fi
+    snap_remove "$COWBD_SOCK" rs
+  fi
 done
 
-for t in $TARGETS; do
+for t in $START_TARGETS; do
   if declare -F "target_${t}_stop" >/dev/null; then "target_${t}_stop" "$WORK/$t"; fi
 done
+# The throughput servers are done: free their page cache and disk before the next sections.
+for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+rm -f "$WORK"/*/*.vol "$WORK"/*/bench "$WORK"/*/cow/* 2>/dev/null || true
 
-python3 "$ROOT/scripts/bench/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$JOBS" \
-  --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE"
+# ---- snapshot creation --------------------------------------------------------
+
+if has create; then
+  dir=$WORK/create
+  mkdir -p "$dir"
+  vols=()
+  for s in $CREATE_SIZES; do
+    v=c$(echo "$s" | tr 'A-Z' 'a-z')
+    "${COWBD[@]}" volume create "$v" --size "$s" --data-dir "$dir" >/dev/null
+    vols+=("$v")
+  done
+  port=$(free_port)
+  "${COWBD[@]}" serve --data-dir "$dir" --listen "127.0.0.1:$port" --metrics-listen off --log-level info >"$dir/log" 2>&1 &
+  cpid=$!
+  track_pid "$cpid"
+  wait_for_port "$port" "$cpid"
+  for v in "${vols[@]}"; do
+    vb=$(stat -c %s "$dir/$v.vol")
+    # Volumes up to 16 GiB are filled (their chunks hold data, so a load copies); bigger ones stay sparse.
+    if [ "$vb" -le $((16 << 30)) ]; then
+      log "create: filling $v"
+      fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$port/$v" --rw=write --bs=1M --iodepth=8 --size="$vb" \
+        --output-format=json --output="$dir/fill-$v.json" >/dev/null
+      store=$((vb + vb / 8 + 64 * 1024 * 1024))
+    else
+      store=$((2 << 30))
+    fi
+    for load in idle load; do
+      sync "$dir/$v.vol"
+      lpid=
+      if [ $load = load ]; then
+        fio --name=load --ioengine=nbd --uri="nbd://127.0.0.1:$port/$v" --rw=randwrite --bs=4k --iodepth=16 --size="$vb" \
+          --time_based --runtime=600 --output-format=json --output="$RESULTS/create.$v.load.fio.json" >/dev/null &
+        lpid=$!
+        track_pid "$lpid"
+        sleep 2
+      fi
+      for mode in fresh held; do
+        # fresh: the origin has no other snapshot (its store file is created);
+        # held: one other snapshot exists (its store is reused).
+        [ $mode = held ] && snap_create "$dir/control.sock" "$v" hold "$store" 65536
+        log "create: $CREATE_N snapshots of $v, $load, $mode"
+        python3 "$BENCH/cowctl.py" create-times "$dir/control.sock" "$v" "$store" "$CREATE_N" >"$RESULTS/create.$v.$load.$mode.json"
+        [ $mode = held ] && snap_remove "$dir/control.sock" hold
+      done
+      if [ -n "$lpid" ]; then
+        kill -INT "$lpid" 2>/dev/null || true
+        wait "$lpid" 2>/dev/null || true
+        untrack_pid "$lpid"
+      fi
+    done
+  done
+  stop_pid "$cpid"
+  cp "$dir/log" "$RESULTS/create.log"
+  rm -f "$dir"/*.vol "$dir"/cow/*
+fi
+
+# ---- memory and restart ------------------------------------------------------
+
+if has memory; then
+  dir=$WORK/memory
+  mkdir -p "$dir"
+  "${COWBD[@]}" volume create m --size "$MEM_SIZE" --data-dir "$dir" >/dev/null
+  port=$(free_port)
+  mport=$(free_port)
+  serve=("${COWBD[@]}" serve --data-dir "$dir" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" --log-level warn)
+  mem_bytes=$(bytes "$MEM_SIZE")
+  mem_chunk=$(bytes "$MEM_CHUNK")
+  "${serve[@]}" >"$dir/log" 2>&1 &
+  mpid=$!
+  track_pid "$mpid"
+  wait_for_port "$port" "$mpid"
+  log "memory: filling m ($MEM_SIZE)"
+  fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$port/m" --rw=write --bs=1M --iodepth=8 --size="$MEM_SIZE" \
+    --output-format=json --output="$RESULTS/memory.fill.fio.json" >/dev/null
+  stop_pid "$mpid"
+  log "memory: $RESTARTS restarts with no snapshot"
+  python3 "$BENCH/cowctl.py" restart "$RESTARTS" "$RESULTS/memory.restart0.json" -- "${serve[@]}"
+  "${serve[@]}" >>"$dir/log" 2>&1 &
+  mpid=$!
+  track_pid "$mpid"
+  wait_for_port "$port" "$mpid"
+  snap_create "$dir/control.sock" m ms $((mem_bytes + mem_bytes / 8 + 64 * 1024 * 1024)) "$mem_chunk"
+  rss0=$(rss_of "$mpid")
+  log "memory: copying every $MEM_CHUNK chunk of m (sequential 1M writes)"
+  fio --name=copy --ioengine=nbd --uri="nbd://127.0.0.1:$port/m" --rw=write --bs=1M --iodepth=8 --size="$MEM_SIZE" \
+    --output-format=json --output="$RESULTS/memory.copy.fio.json" >/dev/null
+  sleep 1
+  rss1=$(rss_of "$mpid")
+  ctl "$dir/control.sock" GET /v1/snapshots/ms >"$RESULTS/memory.snap.json"
+  mapb=$(python3 -c 'import re, sys, urllib.request
+t = urllib.request.urlopen(sys.argv[1]).read().decode()
+m = re.search(r"^cowbd_cow_exception_map_bytes (\S+)$", t, re.M)
+print(m.group(1) if m else "null")' "http://127.0.0.1:$mport/metrics")
+  echo "{\"rssBefore\": $rss0, \"rssAfter\": $rss1, \"exceptionMapBytes\": $mapb}" >"$RESULTS/memory.live.json"
+  stop_pid "$mpid"
+  log "memory: $RESTARTS restarts with the snapshot's exceptions"
+  python3 "$BENCH/cowctl.py" restart "$RESTARTS" "$RESULTS/memory.restart1.json" -- "${serve[@]}"
+  rm -f "$dir"/*.vol "$dir"/cow/*
+fi
+
+log "done"
+python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$BASE_JOBS" --base-targets "$BASE_TARGETS" \
+  --sections "$SECTIONS" --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE" --chunk "$CHUNK" --rand-ios "$RAND_IOS" \
+  --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))"

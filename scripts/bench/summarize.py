@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Turns the fio JSON files written by run.sh into a markdown table.
+"""Turns the files written by run.sh into markdown tables.
 
-Files are named ROUND.JOB.TARGET.json. For each job and target it reports the
-median over rounds of MiB/s and IOPS, and each target's ratio to the baseline
-(the first target whose name starts with "nbdkit"), so new targets such as
-cowbd with snapshots only need new result files.
+fio results are named ROUND.JOB.TARGET.json (plus ROUND.JOB.TARGET.meta, the
+snapshot's state after a copy-on-write run). For each comparison it reports the
+median over rounds of the figure and of its reference, the ratio of the two
+medians, the spread of the per-round ratios (each from runs of one round), and
+the issue 6 target. create.*.json and memory.*.json hold the snapshot creation
+and the memory/restart figures.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -28,7 +31,7 @@ def load(path):
 
 def side(job):
     """The direction the job measured: fio reports both, one of them idle."""
-    rw = job["job options"]["rw"]
+    rw = job["job options"].get("rw", "")
     return "write" if "write" in rw else "read"
 
 
@@ -48,79 +51,238 @@ def machine():
                     break
     except OSError:
         pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.0f} GiB"
+    except OSError:
+        pass
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": cmd("nproc"),
         "cpu": cpu,
+        "mem": mem,
         "kernel": platform.release(),
         "node": cmd("node", "--version"),
         "nbdkit": cmd("nbdkit", "--version"),
         "fio": cmd("fio", "--version"),
+        "commit": cmd("git", "rev-parse", "--short", "HEAD"),
+        "dirty": bool(cmd("git", "status", "--porcelain", "--untracked-files=no")),
         # Other work shows up as spread between rounds; the load (which includes fio and the servers themselves) hints at it.
         "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"],
     }
 
 
+def fmt_ratio(x):
+    return "–" if x is None else f"{x:.2f}"
+
+
+class Results:
+    def __init__(self, path):
+        self.samples = {}  # (job, target) -> {round: (MiB/s, IOPS)}
+        self.meta = {}  # (job, target) -> {round: snapshot usage}
+        self.errors = []
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            parts = name.split(".")
+            if len(parts) != 4 or not parts[0].isdigit():
+                continue
+            rnd, job, target, ext = int(parts[0]), parts[1], parts[2], parts[3]
+            if ext == "meta":
+                with open(full) as f:
+                    self.meta.setdefault((job, target), {})[rnd] = json.load(f)
+                continue
+            if ext != "json":
+                continue
+            data = load(full)
+            for j in data["jobs"]:
+                if j.get("error"):
+                    self.errors.append(f"{name}: fio error {j['error']}")
+                    continue
+                s = j[side(j)]
+                self.samples.setdefault((job, target), {})[rnd] = (s["bw_bytes"] / MiB, s["iops"])
+
+    def median(self, key, idx):
+        got = self.samples.get(key)
+        return statistics.median(v[idx] for v in got.values()) if got else None
+
+    def compare(self, key, ref, idx):
+        """(figure, reference, ratio of medians, min and max of per-round ratios, rounds)"""
+        fig, base = self.median(key, idx), self.median(ref, idx)
+        a, b = self.samples.get(key, {}), self.samples.get(ref, {})
+        per = [a[r][idx] / b[r][idx] for r in sorted(a) if r in b and b[r][idx]]
+        ratio = fig / base if fig is not None and base else None
+        return fig, base, ratio, (min(per), max(per)) if per else None, len(per)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
-    ap.add_argument("--targets", required=True)
-    ap.add_argument("--jobs", required=True)
+    ap.add_argument("--targets", default="cowbd nbdkit")
+    ap.add_argument("--base-targets", default=None)
+    ap.add_argument("--jobs", default="seqread seqwrite randread randwrite")
+    ap.add_argument("--sections", default="base")
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--runtime", default="?")
     ap.add_argument("--size", default="?")
+    ap.add_argument("--chunk", default="64K")
+    ap.add_argument("--rand-ios", default="?")
+    ap.add_argument("--create-n", default="?")
+    ap.add_argument("--mem-size", default="?")
+    ap.add_argument("--mem-chunk", default="?")
+    ap.add_argument("--elapsed", default=None)
     args = ap.parse_args()
-    targets = args.targets.split()
+    sections = args.sections.split()
+    base_targets = (args.base_targets if args.base_targets is not None else args.targets).split()
     jobs = args.jobs.split()
-    baseline = next((t for t in targets if t.startswith("nbdkit")), None)
-
-    samples = {}  # (job, target) -> list of (MiB/s, IOPS)
-    errors = []
-    for name in sorted(os.listdir(args.results)):
-        if not name.endswith(".json"):
-            continue
-        _, job, target = name[:-5].split(".", 2)
-        data = load(os.path.join(args.results, name))
-        for j in data["jobs"]:
-            if j.get("error"):
-                errors.append(f"{name}: fio error {j['error']}")
-                continue
-            s = j[side(j)]
-            samples.setdefault((job, target), []).append((s["bw_bytes"] / MiB, s["iops"]))
+    nbdkit = next((t for t in base_targets if t.startswith("nbdkit")), None)
+    R = Results(args.results)
 
     m = machine()
     print(f"Date: {m['date']}  ")
-    print(f"Machine: {m['nproc']} × {m['cpu']}, Linux {m['kernel']}  ")
+    print(f"cowbd: commit {m['commit']}{' with uncommitted changes in the working tree' if m['dirty'] else ''}  ")
+    print(f"Machine: {m['nproc']} × {m['cpu']}, {m['mem']} RAM, Linux {m['kernel']}  ")
     print(f"Software: node {m['node']}, {m['nbdkit']}, {m['fio']}  ")
-    print(f"Load average at the end: {' '.join(m['load'])}  ")
-    print(f"Method: fio ioengine=nbd, one job, {args.runtime} s per run (+1 s ramp), "
-          f"volume {args.size}, {args.rounds} interleaved rounds, medians shown")
+    print(f"Load average at the end: {' '.join(m['load'])}" + (f"; whole run {int(args.elapsed) // 60} min {int(args.elapsed) % 60} s  " if args.elapsed else "  "))
+    print(f"Method: fio ioengine=nbd, one job; time-based jobs {args.runtime} s (+1 s ramp); volume {args.size}; "
+          f"snapshot chunks {args.chunk}; {args.rounds} interleaved rounds; medians shown, ratio = median / median of the reference, "
+          f"\"per round\" = min–max of the ratios of runs in the same round")
     print()
-    header = ["job", "target", "MiB/s", "MiB/s min–max", "IOPS", "runs"]
-    if baseline:
-        header += [f"MiB/s vs {baseline}", f"IOPS vs {baseline}"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
-    for job in jobs:
-        base = samples.get((job, baseline)) if baseline else None
-        base_bw = statistics.median(x[0] for x in base) if base else None
-        base_iops = statistics.median(x[1] for x in base) if base else None
-        for target in targets:
-            got = samples.get((job, target), [])
-            if not got:
-                print(f"| {job} | {target} | – | – | – | 0 |" + (" – | – |" if baseline else ""))
-                continue
+
+    SEQ, RAND = 0, 1  # index into (MiB/s, IOPS)
+    unit = {SEQ: "MiB/s", RAND: "IOPS"}
+    rows = []  # (item, what, key, ref, idx, target)
+    if "base" in sections and nbdkit:
+        for job, what, tgt in [("seqwrite", "seq 1M write qd8", 0.9), ("seqread", "seq 1M read qd8", 0.9),
+                               ("randread", "rand 4K read qd16", 0.8), ("randwrite", "rand 4K write qd16", 0.8)]:
+            rows.append(("1", f"origin, no snapshot: {what}, vs nbdkit file", (job, "cowbd"), (job, nbdkit), SEQ if job.startswith("seq") else RAND, tgt))
+    if "cow" in sections:
+        rows.append(("2", "1 snapshot, first writes: seq 1M write over the volume once, vs no snapshot (same shape)",
+                     ("cow-seqwrite", "cowbd-1snap"), ("cow-seqwrite", "cowbd"), SEQ, 0.5))
+        rows.append(("2", f"1 snapshot, first writes: {args.rand_ios} rand 4K writes qd16 into distinct chunks, vs no snapshot (same writes)",
+                     ("cow-randwrite", "cowbd-1snap"), ("cow-randwrite", "cowbd"), RAND, 0.35))
+    if "rewrite" in sections:
+        rows.append(("3", "1 snapshot, chunks all copied: seq 1M write qd8, vs no snapshot", ("seqwrite", "cowbd-1snap-copied"), ("seqwrite", "cowbd"), SEQ, 0.95))
+        rows.append(("3", "1 snapshot, chunks all copied: rand 4K write qd16, vs no snapshot", ("randwrite", "cowbd-1snap-copied"), ("randwrite", "cowbd"), RAND, 0.95))
+    if "cow" in sections:
+        rows.append(("4", "4 snapshots, first writes: seq 1M write, vs 1 snapshot", ("cow-seqwrite", "cowbd-4snap"), ("cow-seqwrite", "cowbd-1snap"), SEQ, 0.8))
+        rows.append(("4", "4 snapshots, first writes: rand 4K write, vs 1 snapshot", ("cow-randwrite", "cowbd-4snap"), ("cow-randwrite", "cowbd-1snap"), RAND, 0.8))
+    if "snapread" in sections:
+        for state in ("uncopied", "copied"):
+            rows.append(("5", f"snapshot read, chunks {state}: seq 1M read qd8, vs origin", ("seqread", f"snap-{state}"), ("seqread", "cowbd"), SEQ, 0.9))
+            rows.append(("5", f"snapshot read, chunks {state}: rand 4K read qd16, vs origin", ("randread", f"snap-{state}"), ("randread", "cowbd"), RAND, 0.9))
+
+    if rows:
+        print("### Throughput against the targets")
+        print()
+        print("| # | case | figure | reference | ratio | per round | target | met |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
+        for item, what, key, ref, idx, tgt in rows:
+            fig, base, ratio, per, n = R.compare(key, ref, idx)
+            f = "–" if fig is None else f"{fig:.0f} {unit[idx]}"
+            b = "–" if base is None else f"{base:.0f} {unit[idx]}"
+            p = "–" if per is None else f"{per[0]:.2f}–{per[1]:.2f} ({n})"
+            met = "–" if ratio is None else ("yes" if ratio >= tgt else "no")
+            print(f"| {item} | {what} | {f} | {b} | {fmt_ratio(ratio)} | {p} | ≥ {tgt} | {met} |")
+        print()
+
+    # Snapshots' own account of the copy-on-write runs: was every write a first write?
+    notes = []
+    for (job, target), per in sorted(R.meta.items()):
+        exc = [u.get("exceptions", 0) for u in per.values()]
+        states = sorted({u.get("state", "?") for u in per.values()})
+        ios = args.rand_ios if job == "cow-randwrite" else None
+        notes.append(f"- {job} on {target}: exceptions in the snapshot after the run {min(exc)}–{max(exc)}"
+                     + (f" (for {ios} writes)" if ios else "") + f", state {'/'.join(states)}")
+    if notes:
+        print("Snapshots after the copy-on-write runs (a first-write run must leave one exception per chunk written, and the snapshot valid):")
+        print()
+        print("\n".join(notes))
+        print()
+
+    # Every fio figure, as the older table printed them.
+    keys = sorted(R.samples, key=lambda k: (k[0], k[1]))
+    if keys:
+        print("### Every run (medians)")
+        print()
+        print("| job | target | MiB/s | MiB/s min–max | IOPS | runs |" + (f" MiB/s vs {nbdkit} |" if nbdkit else ""))
+        print("|---|---|---:|---:|---:|---:|" + ("---:|" if nbdkit else ""))
+        for job, target in keys:
+            got = list(R.samples[(job, target)].values())
             bw = statistics.median(x[0] for x in got)
             iops = statistics.median(x[1] for x in got)
-            lo = min(x[0] for x in got)
-            hi = max(x[0] for x in got)
-            row = [job, target, f"{bw:.1f}", f"{lo:.1f}–{hi:.1f}", f"{iops:.0f}", str(len(got))]
-            if baseline:
-                row += [f"{bw / base_bw:.2f}" if base_bw else "–", f"{iops / base_iops:.2f}" if base_iops else "–"]
-            print("| " + " | ".join(row) + " |")
-    if errors:
+            lo, hi = min(x[0] for x in got), max(x[0] for x in got)
+            row = f"| {job} | {target} | {bw:.1f} | {lo:.1f}–{hi:.1f} | {iops:.0f} | {len(got)} |"
+            if nbdkit:
+                base = R.median((job, nbdkit), 0)
+                row += f" {bw / base:.2f} |" if base else " – |"
+            print(row)
         print()
-        for e in errors:
+
+    if "create" in sections:
+        files = sorted(glob.glob(os.path.join(args.results, "create.*.*.*.json")))
+        files = [f for f in files if not f.endswith(".fio.json")]
+        if files:
+            print(f"### Snapshot creation (POST /v1/snapshots on the control socket, {args.create_n} creations per case, each removed before the next)")
+            print()
+            print("| volume | load | other snapshot | create median ms | create max ms | remove median ms | load IOPS | target | met |")
+            print("|---|---|---|---:|---:|---:|---:|---:|---|")
+            for f in files:
+                _, vol, load_, mode, _ = os.path.basename(f).split(".")
+                with open(f) as fh:
+                    d = json.load(fh)
+                ms = d["ms"]
+                iops = "–"
+                lf = os.path.join(args.results, f"create.{vol}.load.fio.json")
+                if load_ == "load" and os.path.exists(lf):
+                    try:
+                        iops = f"{load(lf)['jobs'][0]['write']['iops']:.0f}"
+                    except (ValueError, KeyError, IndexError):
+                        iops = "?"
+                med = statistics.median(ms)
+                print(f"| {vol[1:].upper()} | {load_} | {'none (store created)' if mode == 'fresh' else 'one held'} | {med:.1f} | {max(ms):.1f} | "
+                      f"{statistics.median(d.get('removeMs', [0])):.1f} | {iops} | ≤ 10 | {'yes' if med <= 10 else 'no'} |")
+            print()
+
+    if "memory" in sections:
+        p = lambda n: os.path.join(args.results, f"memory.{n}")
+        try:
+            with open(p("restart0.json")) as f:
+                r0 = json.load(f)
+            with open(p("restart1.json")) as f:
+                r1 = json.load(f)
+            with open(p("live.json")) as f:
+                live = json.load(f)
+            with open(p("snap.json")) as f:
+                snap = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"memory: results missing ({e})")
+            return 1
+        n = snap["exceptions"]
+        rss0 = statistics.median(r["rss"] for r in r0["runs"])
+        rss1 = statistics.median(r["rss"] for r in r1["runs"])
+        maps = [r.get("exceptionMapBytes") for r in r1["runs"] if r.get("exceptionMapBytes") is not None]
+        copy = load(p("copy.fio.json"))["jobs"][0]["write"]
+        print(f"### Memory and restart ({args.mem_size} volume, {args.mem_chunk} chunks, {n} exceptions made by one sequential 1M write "
+              f"of the whole volume after a snapshot, {copy['bw_bytes'] / MiB:.0f} MiB/s; restart = spawn of `cowbd serve` to NBD greeting, "
+              f"page cache warm; RSS 1 s after the greeting)")
+        print()
+        print("| figure | value | target | met |")
+        print("|---|---:|---:|---|")
+        per = (rss1 - rss0) / n
+        print(f"| RSS after restart, no snapshot (median of {len(r0['runs'])}) | {rss0 / MiB:.1f} MiB | | |")
+        print(f"| RSS after restart, {n} exceptions (median of {len(r1['runs'])}) | {rss1 / MiB:.1f} MiB | | |")
+        print(f"| RSS growth per exception, restarted | {per:.1f} B | ≤ 16 B | {'yes' if per <= 16 else 'no'} |")
+        print(f"| RSS growth per exception, live (before vs after the copying write, same process) | {(live['rssAfter'] - live['rssBefore']) / n:.1f} B | | |")
+        if maps:
+            print(f"| exception maps + allocator (cowbd_cow_exception_map_bytes) per exception | {statistics.median(maps) / n:.1f} B | | |")
+        med0, med1 = r0["medianMs"], r1["medianMs"]
+        print(f"| restart to serving, no snapshot (median; max) | {med0:.0f} ms; {max(r['ms'] for r in r0['runs']):.0f} ms | | |")
+        print(f"| restart to serving, {n} exceptions (median; max) | {med1:.0f} ms; {max(r['ms'] for r in r1['runs']):.0f} ms | ≤ 2000 ms | {'yes' if med1 <= 2000 else 'no'} |")
+        print()
+
+    if R.errors:
+        for e in R.errors:
             print(f"- {e}")
         return 1
     return 0
