@@ -10,7 +10,7 @@ import { mib } from '../helpers/proc.js';
 import { campaign, loadRegressions, replayRegressions, summary } from './campaign.js';
 import { startFuzzDaemon } from './target.js';
 
-const CASES = Number(process.env.COWBD_FUZZ_CASES ?? 6000);
+const CASES = Number(process.env.COWBD_FUZZ_CASES ?? 5000);
 const SEED = Number(process.env.COWBD_FUZZ_SEED ?? 20240611);
 /** RSS may grow this much past the post-warm-up baseline (buffer pools and GC heap settle). */
 const RSS_BOUND_MIB = 96;
