@@ -3,7 +3,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { percentiles } from '../helpers/nbd-client.js';
-import { mib, sample, type ProcSample } from '../helpers/proc.js';
+import { mib, sample, waitForFds, type ProcSample } from '../helpers/proc.js';
 import { Canary, fuzzRun, runCase, type FuzzFailure } from './driver.js';
 import { loadCase, type SavedCase } from './fuzzer.js';
 import { CANARY_EXPORT, type FuzzTarget } from './target.js';
@@ -48,17 +48,6 @@ export async function settleConnections(t: FuzzTarget, n: number, timeoutMs = 10
   return c;
 }
 
-/** fd count once it stops moving (the last sockets' close callbacks run after the gauge drops). */
-async function settledSample(pid: number, target: number, timeoutMs = 10_000): Promise<ProcSample> {
-  const deadline = Date.now() + timeoutMs;
-  let s = sample(pid);
-  while (s.fds > target && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 50));
-    s = sample(pid);
-  }
-  return s;
-}
-
 export async function campaign(t: FuzzTarget, o: CampaignOptions): Promise<CampaignResult> {
   const canary = new Canary(t, CANARY_EXPORT, o.timeoutMs, o.seed);
   await canary.start();
@@ -81,13 +70,13 @@ export async function campaign(t: FuzzTarget, o: CampaignOptions): Promise<Campa
   };
   const warmRun = await fuzzRun(t, { ...common, start: 0, cases: o.warmup, onProgress: progress('warm-up') });
   const connectionsWarm = await settleConnections(t, 1);
-  const warm = t.dead() ? { rssKiB: 0, fds: 0 } : await settledSample(t.pid, 0, 300);
+  const warm = t.dead() ? { rssKiB: 0, fds: 0 } : await waitForFds(t.pid, 0, 300);
   o.log(`baseline after ${warmRun.cases} warm-up cases: RSS ${mib(warm.rssKiB)} MiB, ${warm.fds} fds, ${connectionsWarm} connection(s) open`);
   const main = warmRun.aborted
     ? { cases: 0, failures: [], elapsedMs: 0, aborted: warmRun.aborted }
     : await fuzzRun(t, { ...common, start: o.warmup, cases: o.cases - o.warmup, onProgress: progress('fuzz') });
   const connectionsEnd = t.dead() ? NaN : await settleConnections(t, connectionsWarm);
-  const end = t.dead() ? { rssKiB: 0, fds: 0 } : await settledSample(t.pid, warm.fds);
+  const end = t.dead() ? { rssKiB: 0, fds: 0 } : await waitForFds(t.pid, warm.fds);
   await canary.stop(!t.dead());
   const cases = warmRun.cases + main.cases;
   const elapsedMs = warmRun.elapsedMs + main.elapsedMs;
