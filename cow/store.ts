@@ -181,7 +181,9 @@ export class ExceptionStore {
       rec.map.forEach((_c, p) => {
         if (p === ZERO_CHUNK) return;
         rec.dataChunks++;
-        store.alloc.markUsed(p, store.alloc.refs[p]! + 1);
+        // A chunk past the end of the refs array so far reads undefined: count from 0, not
+        // NaN, which a Uint8Array stores as 0 — a mapped chunk left free to be reused.
+        store.alloc.markUsed(p, (store.alloc.refs[p] ?? 0) + 1);
       });
     }
     // Only now is every used chunk known, so only now may anything be allocated.

@@ -2,14 +2,17 @@
 //
 //   npm run soak -- --cycles 100 [--seed N] [--size 16M] [--clients 4] [--depth 8]
 //                   [--load-ms 300-2000] [--max-snapshots 6] [--data-dir DIR]
+//                   [--stop-on-failure] [--daemon-log FILE]
 //
 // Every cycle runs writers (FUA writes, plain writes, FLUSHes, verified reads) and a
 // verified snapshot reader, SIGKILLs the daemon at a random moment (every third cycle
 // in the middle of a snapshot creation), restarts it on the same data directory and
 // checks the origin against the durability model and every snapshot block for block
 // (test/helpers/soak.ts). Prints figures at the end; exit status 1 on any failure.
-// The data directory is removed afterwards unless --data-dir names one.
+// The data directory is removed afterwards unless --data-dir names one; with
+// --stop-on-failure the run ends at the first failing check, the data as it found it.
 import { parseArgs } from 'node:util';
+import { createWriteStream } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -26,6 +29,8 @@ const { values } = parseArgs({
     'load-ms': { type: 'string', default: '300-2000' },
     'max-snapshots': { type: 'string', default: '6' },
     'data-dir': { type: 'string' },
+    'stop-on-failure': { type: 'boolean', default: false },
+    'daemon-log': { type: 'string' },
   },
 });
 
@@ -36,8 +41,10 @@ const dataDir = values['data-dir'] ?? (await mkdtemp(join(tmpdir(), 'cowbd-soak-
 const log = (s: string) => console.log(`[soak] ${s}`);
 log(`seed ${seed}, ${values.cycles} cycles, origin ${values.size}, ${values.clients} clients x ${values.depth} in flight, data dir ${dataDir}`);
 
+const daemonLog = values['daemon-log'] ? createWriteStream(values['daemon-log']) : undefined;
 const t0 = Date.now();
 const r = await runSoak({
+  stopOnFailure: values['stop-on-failure'], daemonLog: daemonLog ? (rec) => daemonLog.write(`${JSON.stringify(rec)}\n`) : undefined,
   dataDir, seed, size, cycles: Number(values.cycles), clients: Number(values.clients), depth: Number(values.depth),
   loadMs: [lo, hi ?? lo], maxSnapshots: Number(values['max-snapshots']), log,
 });

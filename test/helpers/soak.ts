@@ -40,6 +40,10 @@ export interface SoakOptions {
   /** Snapshots kept at most (the oldest are removed at the start of a cycle). */
   maxSnapshots: number;
   log?: (line: string) => void;
+  /** Every daemon log line, for diagnosis. */
+  daemonLog?: (rec: Record<string, unknown>) => void;
+  /** Stops at the first cycle that fails, leaving the data directory as the check found it. */
+  stopOnFailure?: boolean;
 }
 
 export interface SoakResult {
@@ -182,6 +186,9 @@ interface SnapInfo {
   small: boolean;
   seenInvalid: boolean;
   createdCycle: number;
+  chunk: string;
+  /** Created with the writers paused at a cycle's start, or during the kill. */
+  how: 'start' | 'kill';
 }
 
 async function readAll(c: NbdClient, size: number, each: (buf: Buffer, firstBlock: number) => void): Promise<void> {
@@ -213,6 +220,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
   let nextId = 1;
   let nextSnap = 1;
   const keepLog = (rec: Record<string, unknown>) => {
+    o.daemonLog?.(rec);
     if (Number(rec.level) >= 50 && rec.snapshot === undefined && r.errorLogs.length < 20) r.errorLogs.push(JSON.stringify(rec).slice(0, 600));
     return false;
   };
@@ -236,6 +244,10 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
         await checkOrigin(d);
         await checkSnapshots(d);
         log(`cycle ${cycle - 1}: restarted in ${restart.toFixed(0)} ms; origin and ${snaps.size} snapshot(s) verified`);
+        if (o.stopOnFailure && r.failures.length) {
+          await d.stop();
+          return r;
+        }
       }
       r.cycles = cycle;
 
@@ -273,7 +285,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
     const start = model.clock;
     await call(dm.dataDir, 'POST', '/v1/snapshots', { name, origin: 'vol', size, chunkSize: chunk });
     model.flushed(start); // creation flushes the origin
-    snaps.set(name, { name, expect: Uint32Array.from(model.current), small, seenInvalid: false, createdCycle: r.cycles });
+    snaps.set(name, { name, expect: Uint32Array.from(model.current), small, seenInvalid: false, createdCycle: r.cycles, chunk, how: 'start' });
     r.snapshotsCreated++;
   }
 
@@ -329,7 +341,9 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
         for (let i = 0; i < buf.length / BLOCK; i++) {
           const b = first + i;
           const id = blockId(buf, i * BLOCK, b);
-          if (id !== s.expect[b] && bad++ < 5) fail(`snapshot ${s.name} block ${b} holds write ${id}, expected ${s.expect[b]}`);
+          if (id !== s.expect[b] && bad++ < 5) {
+            fail(`snapshot ${s.name} (chunk ${s.chunk}, created in cycle ${s.createdCycle} at ${s.how === 'kill' ? 'a kill' : 'its start'}) block ${b} holds write ${id}, expected ${s.expect[b]}`);
+          }
         }
       }).catch((e: unknown) => {
         // A small snapshot may go invalid between the listing and the read? Not without writes; anything else is a failure.
@@ -463,15 +477,16 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
       const name = `s${nextSnap++}${small ? 'tiny' : ''}`;
       const chunk = CHUNKS[Math.floor(rnd() * CHUNKS.length)]!;
       const size = small ? String(4 * parseInt(chunk, 10) * 1024) : String(o.size + 2 * MiB);
-      pendingCreate = { name, expect: Uint32Array.from(model.current), small, seenInvalid: false, createdCycle: cycle };
+      pendingCreate = { name, expect: Uint32Array.from(model.current), small, seenInvalid: false, createdCycle: cycle, chunk, how: 'kill' };
       const start = model.clock;
       const created = call(dm.dataDir, 'POST', '/v1/snapshots', { name, origin: 'vol', size, chunkSize: chunk }).then(
         () => true,
         () => false,
       );
-      // Anywhere from before the request is read to after the reply: 0-25 ms.
-      const delay = rnd() * 25;
-      if (delay > 1) await sleep(delay);
+      // Anywhere from before the request is read to after the reply (a creation takes a few
+      // ms): 0-12 ms, spun on setImmediate for sub-millisecond resolution.
+      const until = performance.now() + rnd() * 12;
+      while (performance.now() < until) await new Promise((res) => setImmediate(res));
       dm.proc.kill('SIGKILL');
       r.killsDuringCreate++;
       if (await created) {
