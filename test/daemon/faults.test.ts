@@ -9,6 +9,8 @@
 //  - EIO writing a copy into a snapshot store, or syncing it: that snapshot is
 //    invalidated (durably: still invalid after a restart), the origin write lands,
 //    a snapshot in another store is untouched;
+//  - a store whose sync failed (its committer gives up for good) still removes its
+//    snapshots, after which a new store of that chunk size works;
 //  - each failure is logged with the real error under `err` and the export's name.
 import t from 'tap';
 import { mkdtemp, rm, writeFile, rename } from 'node:fs/promises';
@@ -179,13 +181,29 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
   await c.disconnect();
 });
 
+t.test('a store whose sync failed still removes its snapshots; a new store then works', async (t) => {
+  // The 32 KiB store's committer gave up when its sync failed: the removal goes in directly.
+  await call(d.dataDir, 'DELETE', '/v1/snapshots/sfail');
+  t.notOk((await call<SnapView[]>(d.dataDir, 'GET', '/v1/snapshots')).some((s) => s.name === 'sfail'), 'removed');
+  await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'fresh', origin: 'vol0', size: '4M', chunkSize: '32K' });
+  const c = await NbdClient.connect({ port: d.port, exportName: 'vol0' });
+  const before = await c.read(11 * MiB, 32 * KiB);
+  await c.write(11 * MiB, fill(32 * KiB, 27));
+  t.equal(await state(d, 'fresh'), 'valid', 'a snapshot in the new store of that chunk size copies and stays valid');
+  const f = await NbdClient.connect({ port: d.port, exportName: 'fresh' });
+  t.same(await f.read(11 * MiB, 32 * KiB), before, 'and reads its point in time');
+  await f.disconnect();
+  await c.disconnect();
+});
+
 t.test('after a restart: invalid stays invalid, the rest reads as before', async (t) => {
   t.equal(d.proc.exitCode, null, 'the daemon stayed up through every fault');
   t.equal(await d.stop(), 0, 'and stops cleanly');
   t.notOk(d.logs.some((l) => l.msg === 'flush failed'), 'without trying to flush the invalid snapshots');
   d = await start();
-  for (const name of ['wfail', 'sfail', 'dead']) t.equal(await state(d, name), 'invalid', `${name} is still invalid`);
+  for (const name of ['wfail', 'dead']) t.equal(await state(d, name), 'invalid', `${name} is still invalid`);
   t.equal(await state(d, 'other'), 'valid');
+  t.equal(await state(d, 'fresh'), 'valid');
   const o = await NbdClient.connect({ port: d.port, exportName: 'other' });
   t.same(await o.read(8 * MiB, 2 * MiB), fill(2 * MiB, 20), 'the valid snapshot reads its point in time');
   await o.disconnect();
