@@ -118,7 +118,7 @@ export class Service {
     }
     cow.on('usage', (e) => {
       log.warn({ snapshot: e.name, origin: e.origin, percent: e.percent, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
-        `snapshot ${e.name} is ${e.percent}% full`);
+        `snapshot ${e.name} is now ${e.percent.toFixed(2)}% full`);
       void svc.autoExtend(e.name);
     });
     cow.on('invalidated', (e) => {

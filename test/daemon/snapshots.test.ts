@@ -167,7 +167,7 @@ t.test('auto-extend grows a filling snapshot and logs it', async (t) => {
   }
   t.ok(cap >= 2 * MiB, `capacity grew to ${cap}`);
   t.ok(d.logs.some((l) => typeof l.msg === 'string' && l.msg.endsWith('auto-extended')), 'auto-extend logged');
-  t.ok(d.logs.some((l) => typeof l.msg === 'string' && /is \d+% full/.test(l.msg)), 'usage warning logged');
+  t.ok(d.logs.some((l) => typeof l.msg === 'string' && /is now \d+\.\d\d% full/.test(l.msg)), 'usage warning logged');
   c.close();
 });
 
