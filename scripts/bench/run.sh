@@ -123,7 +123,17 @@ rss_of() { awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$1/status"; }
 
 # ---- cowbd control ----------------------------------------------------------
 
-COWBD=(node "$ROOT/dist/daemon/cli.js")
+# Other work in this tree may rebuild dist/ while the bench runs: every daemon
+# started here runs one copy of it, taken now, so one run measures one build.
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if [ -n "$(git status --porcelain --untracked-files=no -- cow daemon protocol 2>/dev/null)" ]; then
+  COMMIT="$COMMIT + uncommitted changes to $(git status --porcelain --untracked-files=no -- cow daemon protocol | awk '{ print $2 }' | paste -sd, -)"
+fi
+mkdir -p "$WORK/build"
+cp -r "$ROOT/dist" "$WORK/build/dist"
+cp "$ROOT/package.json" "$WORK/build/"
+ln -s "$ROOT/node_modules" "$WORK/build/node_modules"
+COWBD=(node "$WORK/build/dist/daemon/cli.js")
 
 ctl() { # sock method path [json]
   python3 "$BENCH/cowctl.py" call "$@"
@@ -397,4 +407,4 @@ fi
 log "done"
 python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$BASE_JOBS" --base-targets "$BASE_TARGETS" \
   --sections "$SECTIONS" --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE" --chunk "$CHUNK" --rand-ios "$RAND_IOS" \
-  --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))"
+  --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))" --commit "$COMMIT"

@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--mem-size", default="?")
     ap.add_argument("--mem-chunk", default="?")
     ap.add_argument("--elapsed", default=None)
+    ap.add_argument("--commit", default=None, help="what was built, as run.sh saw it when it started")
     args = ap.parse_args()
     sections = args.sections.split()
     base_targets = (args.base_targets if args.base_targets is not None else args.targets).split()
@@ -140,7 +141,10 @@ def main():
 
     m = machine()
     print(f"Date: {m['date']}  ")
-    print(f"cowbd: commit {m['commit']}{' with uncommitted changes in the working tree' if m['dirty'] else ''}  ")
+    if args.commit:
+        print(f"cowbd: built from {args.commit}  ")
+    else:
+        print(f"cowbd: commit {m['commit']}{' with uncommitted changes in the working tree' if m['dirty'] else ''}  ")
     print(f"Machine: {m['nproc']} × {m['cpu']}, {m['mem']} RAM, Linux {m['kernel']}  ")
     print(f"Software: node {m['node']}, {m['nbdkit']}, {m['fio']}  ")
     print(f"Load average at the end: {' '.join(m['load'])}" + (f"; whole run {int(args.elapsed) // 60} min {int(args.elapsed) % 60} s  " if args.elapsed else "  "))
