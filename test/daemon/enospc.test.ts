@@ -16,7 +16,7 @@ import { promisify } from 'node:util';
 import * as C from '../../protocol/constants.js';
 import { call } from '../../daemon/control-client.js';
 import { startDaemon, type Daemon } from '../helpers/daemon.js';
-import { NbdClient, NbdError } from '../helpers/nbd-client.js';
+import { NbdClient, fill, nbdErrno } from '../helpers/nbd-client.js';
 
 const execFileP = promisify(execFile);
 const KiB = 1024;
@@ -42,21 +42,6 @@ async function tmpfs(dir: string, size: string): Promise<string | undefined> {
   return undefined;
 }
 
-function fill(len: number, seed: number): Buffer {
-  const b = Buffer.alloc(len);
-  for (let i = 0; i < len; i += 4) b.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
-  return b;
-}
-
-async function nbdErrno(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-    return 0;
-  } catch (e) {
-    if (e instanceof NbdError) return e.errno;
-    throw e;
-  }
-}
 
 const state = async (d: Daemon, name: string) => (await call<{ state: string }>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
 

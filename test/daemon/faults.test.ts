@@ -20,7 +20,7 @@ import * as C from '../../protocol/constants.js';
 import { call } from '../../daemon/control-client.js';
 import type { FaultRule } from '../../cow/fault-device.js';
 import { startDaemon, type Daemon } from '../helpers/daemon.js';
-import { NbdClient, NbdError } from '../helpers/nbd-client.js';
+import { NbdClient, fill, nbdErrno } from '../helpers/nbd-client.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -37,21 +37,6 @@ async function faults(rules: FaultRule[]): Promise<void> {
   await rename(`${rulesFile}.tmp`, rulesFile);
 }
 
-function fill(len: number, seed: number): Buffer {
-  const b = Buffer.alloc(len);
-  for (let i = 0; i < len; i += 4) b.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
-  return b;
-}
-
-async function nbdErrno(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-    return 0;
-  } catch (e) {
-    if (e instanceof NbdError) return e.errno;
-    throw e;
-  }
-}
 
 interface SnapView { name: string; state: string }
 const state = async (d: Daemon, name: string) => (await call<SnapView>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;

@@ -233,3 +233,21 @@ export function percentiles(xs: number[] | Float64Array): { n: number; p50: numb
   const at = (p: number) => (a.length ? a[Math.min(a.length - 1, Math.floor(p * a.length))]! : 0);
   return { n: a.length, p50: at(0.5), p90: at(0.9), p99: at(0.99), max: a.length ? a[a.length - 1]! : 0 };
 }
+
+/** A deterministic, seed-dependent pattern (len a multiple of 4). */
+export function fill(len: number, seed: number): Buffer {
+  const b = Buffer.alloc(len);
+  for (let i = 0; i < len; i += 4) b.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
+  return b;
+}
+
+/** 0 when the request succeeded, else the NBD error it was answered with. */
+export async function nbdErrno(p: Promise<unknown>): Promise<number> {
+  try {
+    await p;
+    return 0;
+  } catch (e) {
+    if (e instanceof NbdError) return e.errno;
+    throw e;
+  }
+}

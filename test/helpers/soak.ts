@@ -25,6 +25,9 @@ import { performance } from 'node:perf_hooks';
 import { call } from '../../daemon/control-client.js';
 import { startDaemon, type Daemon } from './daemon.js';
 import { NbdClient, NbdError } from './nbd-client.js';
+import { rng32 } from '../cow/helpers.js';
+
+export { rng32 };
 
 export interface SoakOptions {
   dataDir: string;
@@ -74,16 +77,6 @@ const BLOCK = 4096;
 const MiB = 1 << 20;
 const CHUNKS = ['64K', '32K', '128K', '16K'];
 
-export function rng32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Content of block b written by write id (0: never written, zeros). */
 function blockData(out: Buffer, at: number, id: number, b: number): void {
