@@ -20,29 +20,32 @@ export function rng32(seed: number): () => number {
 export const pick = <T>(r: () => number, xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
 export const int = (r: () => number, lo: number, hi: number): number => lo + Math.floor(r() * (hi - lo + 1));
 
-/** Sector content: id and sector number, then a fill byte derived from both. id 0 is all zeros. */
-export function fillSector(buf: Buffer, at: number, id: number, sector: number): void {
+/** Block content: id and block number, then a fill byte derived from both. id 0 is all zeros. */
+export function fillTagged(buf: Buffer, at: number, size: number, id: number, block: number): void {
   if (id === 0) {
-    buf.fill(0, at, at + SECTOR);
+    buf.fill(0, at, at + size);
     return;
   }
-  buf.fill((id * 31 + sector * 7) & 0xff, at, at + SECTOR);
+  buf.fill((id * 31 + block * 7) & 0xff, at, at + size);
   buf.writeUInt32LE(id, at);
-  buf.writeUInt32LE(sector, at + 4);
+  buf.writeUInt32LE(block, at + 4);
 }
 
-/** The id a sector holds, or -1 for content no write produced (torn or foreign). */
-export function sectorId(buf: Buffer, at: number, sector: number): number {
+/** The id a block of fillTagged holds, or -1 for content no write produced (torn or foreign). */
+export function taggedId(buf: Buffer, at: number, size: number, block: number): number {
   const id = buf.readUInt32LE(at);
   if (id === 0) {
-    for (let i = at; i < at + SECTOR; i++) if (buf[i] !== 0) return -1;
+    for (let i = at; i < at + size; i++) if (buf[i] !== 0) return -1;
     return 0;
   }
-  if (buf.readUInt32LE(at + 4) !== sector) return -1;
-  const f = (id * 31 + sector * 7) & 0xff;
-  for (let i = at + 8; i < at + SECTOR; i++) if (buf[i] !== f) return -1;
+  if (buf.readUInt32LE(at + 4) !== block) return -1;
+  const f = (id * 31 + block * 7) & 0xff;
+  for (let i = at + 8; i < at + size; i++) if (buf[i] !== f) return -1;
   return id;
 }
+
+export const fillSector = (buf: Buffer, at: number, id: number, sector: number): void => fillTagged(buf, at, SECTOR, id, sector);
+export const sectorId = (buf: Buffer, at: number, sector: number): number => taggedId(buf, at, SECTOR, sector);
 
 export function pattern(firstSector: number, count: number, id: number): Buffer {
   const b = Buffer.alloc(count * SECTOR);

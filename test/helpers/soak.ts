@@ -25,7 +25,7 @@ import { performance } from 'node:perf_hooks';
 import { call } from '../../daemon/control-client.js';
 import { startDaemon, type Daemon } from './daemon.js';
 import { NbdClient, NbdError } from './nbd-client.js';
-import { rng32 } from '../cow/helpers.js';
+import { fillTagged, rng32, taggedId } from '../cow/helpers.js';
 
 export { rng32 };
 
@@ -77,30 +77,6 @@ const BLOCK = 4096;
 const MiB = 1 << 20;
 const CHUNKS = ['64K', '32K', '128K', '16K'];
 
-
-/** Content of block b written by write id (0: never written, zeros). */
-function blockData(out: Buffer, at: number, id: number, b: number): void {
-  if (id === 0) {
-    out.fill(0, at, at + BLOCK);
-    return;
-  }
-  out.fill((id * 31 + b * 7) & 0xff, at, at + BLOCK);
-  out.writeUInt32LE(id, at);
-  out.writeUInt32LE(b, at + 4);
-}
-
-/** The write id a block holds, or -1 when its bytes are no write's. */
-function blockId(buf: Buffer, at: number, b: number): number {
-  const id = buf.readUInt32LE(at);
-  if (id === 0) {
-    for (let i = at; i < at + BLOCK; i += 4) if (buf.readUInt32LE(i) !== 0) return -1;
-    return 0;
-  }
-  if (buf.readUInt32LE(at + 4) !== b) return -1;
-  const f = (id * 31 + b * 7) & 0xff;
-  for (let i = at + 8; i < at + BLOCK; i++) if (buf[i] !== f) return -1;
-  return id;
-}
 
 interface Hist {
   id: number;
@@ -288,7 +264,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
     await readAll(c, o.size, (buf, first) => {
       for (let i = 0; i < buf.length / BLOCK; i++) {
         const b = first + i;
-        const id = blockId(buf, i * BLOCK, b);
+        const id = taggedId(buf, i * BLOCK, BLOCK, b);
         const allowed = model.allowed(b);
         r.blocksChecked++;
         if (!allowed.includes(id)) {
@@ -333,7 +309,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
       await readAll(c, o.size, (buf, first) => {
         for (let i = 0; i < buf.length / BLOCK; i++) {
           const b = first + i;
-          const id = blockId(buf, i * BLOCK, b);
+          const id = taggedId(buf, i * BLOCK, BLOCK, b);
           if (id !== s.expect[b] && bad++ < 5) {
             fail(`snapshot ${s.name} (chunk ${s.chunk}, created in cycle ${s.createdCycle} at ${s.how === 'kill' ? 'a kill' : 'its start'}) block ${b} holds write ${id}, expected ${s.expect[b]}`);
           }
@@ -397,7 +373,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
             // A verified read: nothing of ours is in flight on these blocks.
             const buf = await c.read(b0 * BLOCK, n * BLOCK);
             for (let i = 0; i < n; i++) {
-              const id = blockId(buf, i * BLOCK, b0 + i);
+              const id = taggedId(buf, i * BLOCK, BLOCK, b0 + i);
               if (id !== model.current[b0 + i]) fail(`read of origin block ${b0 + i} returned write ${id}, last acknowledged ${model.current[b0 + i]}`);
             }
             r.readsVerified += n;
@@ -407,7 +383,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
             const hs: Hist[] = [];
             for (let i = 0; i < n; i++) {
               const id = nextId++;
-              blockData(buf, i * BLOCK, id, b0 + i);
+              fillTagged(buf, i * BLOCK, BLOCK, id, b0 + i);
               hs.push(model.issue(b0 + i, id));
             }
             await c.write(b0 * BLOCK, buf, fua);
@@ -432,7 +408,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
         try {
           const buf = await c.read(b0 * BLOCK, 16 * BLOCK);
           for (let i = 0; i < 16; i++) {
-            const id = blockId(buf, i * BLOCK, b0 + i);
+            const id = taggedId(buf, i * BLOCK, BLOCK, b0 + i);
             if (id !== s.expect[b0 + i]) fail(`read of snapshot ${s.name} block ${b0 + i} returned write ${id}, expected ${s.expect[b0 + i]}`);
           }
           r.snapshotReadsVerified += 16;
