@@ -177,7 +177,7 @@ export class Connection extends EventEmitter {
 
   onRead(n: number, buf: Uint8Array): void {
     const p = this.payload;
-    if (p && buf.buffer === p.buf.buffer && buf.buffer !== this.stage!.buffer) {
+    if (p && buf.buffer === p.buf.buffer) {
       if (this.phase !== 'transmission') return;
       p.filled += n;
       this.pump();
