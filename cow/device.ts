@@ -46,6 +46,11 @@ const fdatasyncP = (fd: number): Promise<void> =>
  * dirty-page throttling) is in the way, and for ASYNC_FOR_MS every call takes the
  * threadpool so the event loop keeps serving other clients. At most one slow call
  * per ASYNC_FOR_MS ever blocks the loop. Large transfers always take the threadpool.
+ *
+ * Large reads take it sooner than writes: a read's reply is sent by the loop, so a
+ * worker's copy out of the page cache runs beside the loop's socket sends (1 MiB
+ * sequential reads: the loop thread was 98 % busy when it did both). A write's
+ * payload arrives through the loop anyway, and moving its copy gained nothing.
  */
 export class IoPolicy {
   private asyncUntil = 0;
@@ -57,10 +62,11 @@ export class IoPolicy {
     private readonly slowMs = 2,
     private readonly asyncForMs = 1000,
     private readonly maxSyncBytes = 1024 * 1024,
+    private readonly maxSyncReadBytes = Number(process.env.COWBD_SYNC_READ_MAX ?? 256 * 1024),
   ) {}
 
-  useSync(bytes: number): boolean {
-    if (!this.allowSync || bytes > this.maxSyncBytes) return false;
+  useSync(bytes: number, read = false): boolean {
+    if (!this.allowSync || bytes > (read ? this.maxSyncReadBytes : this.maxSyncBytes)) return false;
     return this.asyncUntil === 0 || performance.now() >= this.asyncUntil;
   }
 
@@ -110,7 +116,7 @@ export class FileDevice implements BlockDevice {
 
   async read(buf: Buffer, offset: number): Promise<void> {
     let done = 0;
-    if (this.io.useSync(buf.length)) {
+    if (this.io.useSync(buf.length, true)) {
       done = this.io.timed(() => fs.readSync(this.fd, buf, 0, buf.length, offset));
       if (done === 0) {
         buf.fill(0);

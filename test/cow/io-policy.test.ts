@@ -18,6 +18,9 @@ t.test('a slow synchronous call sends the next calls to the threadpool for a whi
   p.timed(() => spin(0.1));
   t.ok(p.useSync(4096), 'still sync after a fast call');
   t.notOk(p.useSync(2 << 20), 'large transfers always go to the threadpool');
+  t.ok(p.useSync(256 << 10, true), 'reads up to 256 KiB stay on the loop');
+  t.notOk(p.useSync(1 << 20, true), 'a 1 MiB read goes to the threadpool: the loop sends its reply meanwhile');
+  t.ok(p.useSync(1 << 20), 'a 1 MiB write stays on the loop');
   p.timed(() => spin(5));
   t.notOk(p.useSync(4096), 'threadpool after a slow call');
   await new Promise((r) => setTimeout(r, 60));

@@ -168,6 +168,22 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   }
   t.ok(img.equals(disk.data.subarray(0, 256 * 1024)), 'chunks reassemble to the data');
 
+  // One byte where the quick probes of a 4 KiB grain do not look must still end the
+  // zero run: 64 KiB..128 KiB, with that byte at 100 KiB + 1000, is no hole.
+  disk.data.fill(0, 0, 256 * 1024);
+  disk.data.fill(5, 0, 64 * 1024);
+  disk.data[100 * 1024 + 1000] = 1;
+  disk.data.fill(5, 128 * 1024, 256 * 1024);
+  c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 3));
+  const hidden = [];
+  for (;;) {
+    const ch = await c.chunk();
+    hidden.push(ch);
+    if (ch.flags & C.NBD_REPLY_FLAG_DONE) break;
+  }
+  t.same(hidden.map((ch) => ch.type), [C.NBD_REPLY_TYPE_OFFSET_DATA], 'a byte hidden inside a grain is data, not hole');
+  t.ok(hidden[0]!.payload.subarray(8).equals(disk.data.subarray(0, 256 * 1024)), 'and it is sent');
+
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 2, C.NBD_CMD_FLAG_DF));
   const df = await c.chunk();
   t.equal(df.type, C.NBD_REPLY_TYPE_OFFSET_DATA, 'DF gives one data chunk');
