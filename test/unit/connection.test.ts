@@ -237,3 +237,38 @@ t.test('many requests in flight, replies out of order', async (t) => {
   c.close();
   await s2.close();
 });
+
+t.test('large writes streamed back to back, with reads between them, in one send', async (t) => {
+  // Large writes switch the socket to header-sized reads between payloads; a read
+  // request, a small write and a header split across sends must all still parse.
+  const c = await RawClient.connect(port);
+  await c.go('disk');
+  const big = (k: number) => Buffer.alloc(256 * 1024, 0x30 + k);
+  const frames: Buffer[] = [];
+  for (let k = 0; k < 3; k++) frames.push(request(C.NBD_CMD_WRITE, k * 256 * 1024, 256 * 1024, 10 + k), big(k));
+  frames.push(request(C.NBD_CMD_READ, 0, 8, 20));
+  frames.push(request(C.NBD_CMD_WRITE, 768 * 1024, 16, 21), Buffer.alloc(16, 0x77));
+  frames.push(request(C.NBD_CMD_WRITE, 512 * 1024, 256 * 1024, 22), big(9));
+  const all = Buffer.concat(frames);
+  // Header of the last write split in the middle.
+  const cut = all.length - 256 * 1024 - 14;
+  c.send(all.subarray(0, cut));
+  await sleep(5);
+  c.send(all.subarray(cut));
+  const errors = new Map<number, number>();
+  let readData: Buffer | undefined;
+  for (let i = 0; i < 6; i++) {
+    // Replies may come in any order: only the read's (cookie 20) carries data.
+    const h = await c.read(16);
+    const cookie = h.readUInt32BE(12);
+    errors.set(cookie, h.readUInt32BE(4));
+    if (cookie === 20) readData = await c.read(8);
+  }
+  t.same([...errors.keys()].sort((a, b) => a - b), [10, 11, 12, 20, 21, 22], 'one reply per request');
+  t.same(readData, Buffer.alloc(8, 0x30), 'the read between large writes saw the first write');
+  t.same([...errors.values()], [0, 0, 0, 0, 0, 0], 'six replies, no errors');
+  t.ok(disk.data.subarray(0, 256 * 1024).equals(big(0)) && disk.data.subarray(256 * 1024, 512 * 1024).equals(big(1)), 'first payloads intact');
+  t.ok(disk.data.subarray(512 * 1024, 768 * 1024).equals(big(9)), 'the write whose header was split landed');
+  t.ok(disk.data.subarray(768 * 1024, 768 * 1024 + 16).equals(Buffer.alloc(16, 0x77)), 'the small write landed');
+  c.close();
+});
