@@ -277,9 +277,8 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     }
     const store = entry.store;
     try {
-      const rec = await origin.quiesced(
-        () => store.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
-        !transient,
+      const rec = await origin.quiesced(() =>
+        store.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
       );
       if (this.snaps.has(o.name)) {
         await store.remove(rec);

@@ -326,7 +326,7 @@ export class ExceptionStore {
 
   // ---- snapshot lifecycle -------------------------------------------------------------
 
-  /** Durable when it resolves. The caller (Origin) has quiesced and flushed the origin. */
+  /** Durable when it resolves. The caller (Origin) has quiesced the origin; see Origin.quiesced. */
   async createSnapshot(o: NewSnapshot): Promise<SnapshotRecord> {
     const slot = this.records.findIndex((r) => r === undefined);
     if (slot < 0) throw cowError('ENOSPC', `an exception store holds at most ${MAX_SNAPSHOTS} snapshots`);

@@ -8,7 +8,7 @@ import { Snapshot } from '../../cow/snapshot.js';
 import { makeRig, sectorId, type Rig } from './helpers.js';
 
 async function snap(rig: Rig, name: string): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }), true);
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }));
   return new Snapshot(rig.origin, rig.store, rec);
 }
 
@@ -36,7 +36,7 @@ t.test('snapshot reads racing origin writes on the same chunk are never torn', a
   const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 65536, originSize: size, originName: 'o' });
   const origin = new Origin('o', originDev);
   origin.stores.push(store);
-  const rec = await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }), true);
+  const rec = await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   const s = new Snapshot(origin, store, rec);
   let torn = 0;
   let reads = 0;
@@ -110,7 +110,7 @@ t.test('copies in flight are capped', async (t) => {
   const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 8192, originSize: size, originName: 'o', maxCopies: 2 });
   const origin = new Origin('o', originDev);
   origin.stores.push(store);
-  await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }), true);
+  await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   let active = 0;
   let peak = 0;
   const orig = storeDev.write.bind(storeDev);

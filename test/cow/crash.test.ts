@@ -2,10 +2,11 @@
 // devices; at random device I/Os a crash image is taken (every unsynced write lost,
 // applied or torn per sector). Each image is reopened and checked against the model:
 //  - the origin holds every write acknowledged with FUA or followed by an acknowledged
-//    flush (or a snapshot creation, which flushes), and otherwise only writes issued;
+//    flush, and otherwise only writes issued;
 //  - every snapshot whose creation was acknowledged (and removal not started) exists,
-//    is valid, and reads its creation-time content, its own durable writes, or writes
-//    it issued later, sector by sector; removed ones are gone;
+//    is valid, and reads its creation-time content (what the origin may hold of the
+//    writes issued before the creation: creation does not flush), its own durable
+//    writes, or writes it issued later, sector by sector; removed ones are gone;
 //  - the store opens without repair and keeps working: writes after the crash never
 //    disturb what snapshots read.
 // COWBD_CRASH_ITERATIONS scales the number of workloads (default 40, ~2000 crash points).

@@ -69,6 +69,8 @@ export class VolumeModel {
   constructor(
     readonly name: string,
     readonly base: number[],
+    /** After a crash at t, what the base may read as (default: exactly base). */
+    readonly crashBase?: (s: number, t: number) => number[],
   ) {
     this.hist = base.map(() => []);
   }
@@ -110,8 +112,25 @@ export class VolumeModel {
       if (r.failed || r.ack >= t) continue;
       if (r.fua || this.flushes.some((f) => f.issue > r.ack && f.ack < t)) d = i;
     }
-    const out = [d >= 0 ? h[d]!.id : this.base[s]!];
+    const out = d >= 0 ? [h[d]!.id] : this.crashBase ? this.crashBase(s, t) : [this.base[s]!];
     for (let i = d + 1; i < h.length; i++) if (h[i]!.issue < t) out.push(h[i]!.id);
+    return out;
+  }
+
+  /**
+   * crashAllowed as of an earlier instant `at` (a snapshot's creation): only writes
+   * issued before it count, but flushes acknowledged up to the crash at t make them durable.
+   */
+  crashAllowedBefore(s: number, at: number, t: number): number[] {
+    const h = this.hist[s]!;
+    let d = -1;
+    for (let i = h.length - 1; i >= 0 && d < 0; i--) {
+      const r = h[i]!;
+      if (r.issue >= at || r.failed || r.ack >= t) continue;
+      if (r.fua || this.flushes.some((f) => f.issue > r.ack && f.ack < t)) d = i;
+    }
+    const out = [d >= 0 ? h[d]!.id : this.base[s]!];
+    for (let i = d + 1; i < h.length; i++) if (h[i]!.issue < at) out.push(h[i]!.id);
     return out;
   }
 

@@ -12,7 +12,7 @@ const CS = 4096;
 const SPC = CS / SECTOR;
 
 async function snap(rig: Rig, name: string, capacityChunks: number): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy: 'invalidate', readOnly: false }), true);
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy: 'invalidate', readOnly: false }));
   return new Snapshot(rig.origin, rig.store, rec);
 }
 

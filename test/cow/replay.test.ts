@@ -38,7 +38,7 @@ t.test('a reopened store keeps every chunk its snapshots map, past chunk 1024', 
     return { origin, store, close: async () => { await store.close(); await origin.close(); } };
   };
   const snap = async (r: Awaited<ReturnType<typeof open>>, name: string) =>
-    new Snapshot(r.origin, r.store, await r.origin.quiesced(() => r.store.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false }), true));
+    new Snapshot(r.origin, r.store, await r.origin.quiesced(() => r.store.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false })));
 
   const first = await open(true);
   await snap(first, 'a');

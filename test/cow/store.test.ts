@@ -22,7 +22,7 @@ import {
 import { SECTOR, makeRig, pattern, reopenRig, sectorId, type Rig } from './helpers.js';
 
 async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }), true);
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }));
   return new Snapshot(rig.origin, rig.store, rec);
 }
 
@@ -269,7 +269,7 @@ t.test('transient store: works, nothing persisted', async (t) => {
   const { Origin } = await import('../../cow/origin.js');
   const origin = new Origin('o', originDev);
   origin.stores.push(store);
-  const rec = await origin.quiesced(() => store.createSnapshot({ name: 't', capacityChunks: 4, policy: 'invalidate', readOnly: false }), false);
+  const rec = await origin.quiesced(() => store.createSnapshot({ name: 't', capacityChunks: 4, policy: 'invalidate', readOnly: false }));
   const s = new Snapshot(origin, store, rec);
   t.equal(s.usage().usedChunks, 0, 'no metadata chunks');
   await origin.write(Buffer.alloc(4096, 2), 0, false);

@@ -143,13 +143,15 @@ export class Workload {
     const [lo, hi] = this.o.capacity;
     const capacityChunks = int(this.r, lo, hi);
     const policy: OverflowPolicy = this.r() < 0.5 ? 'invalidate' : 'overflow';
-    const info: SnapInfo = { name, model: new VolumeModel(name, base), createIssue: ++this.clock, createAck: Infinity, removeIssue: Infinity, removeAck: Infinity, vol: undefined, invalid: false, policy };
+    const at = ++this.clock;
+    // Creation does not flush the origin: after a crash, the snapshot's base is what
+    // the origin itself may hold of the writes issued before the creation.
+    const origin = this.origin;
+    const model = new VolumeModel(name, base, (s, t) => origin.crashAllowedBefore(s, at, t));
+    const info: SnapInfo = { name, model, createIssue: at, createAck: Infinity, removeIssue: Infinity, removeAck: Infinity, vol: undefined, invalid: false, policy };
     this.snaps.push(info);
-    const flush = { issue: info.createIssue, ack: Infinity };
-    const rec = await this.rig.origin.quiesced(() => this.rig.store.createSnapshot({ name, capacityChunks, policy, readOnly: false }), true);
+    const rec = await this.rig.origin.quiesced(() => this.rig.store.createSnapshot({ name, capacityChunks, policy, readOnly: false }));
     info.createAck = ++this.clock;
-    flush.ack = info.createAck;
-    this.origin.flushes.push(flush);
     info.vol = new Snapshot(this.rig.origin, this.rig.store, rec);
   }
 
