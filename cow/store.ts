@@ -683,6 +683,8 @@ export class ExceptionStore {
     this.checkReadable(rec);
     const cs = this.chunkSize;
     const len = buf.length;
+    const first = Math.floor(offset / cs);
+    if (offset + len <= (first + 1) * cs) return this.readWithin(rec, buf, offset, first);
     const ios: Promise<void>[] = [];
     const readers: number[] = [];
     // Coalesce: consecutive chunks from the origin, or from consecutive store chunks,
@@ -741,6 +743,31 @@ export class ExceptionStore {
       if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
     }
     // Invalidated meanwhile: what was read may mix in origin writes the snapshot never saw.
+    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
+  }
+
+  /** read() of a range inside chunk c, without the segment bookkeeping: most small reads. */
+  private async readWithin(rec: SnapshotRecord, buf: Buffer, offset: number, c: number): Promise<void> {
+    const p = rec.map.get(c);
+    rec.busy++;
+    this.storeReads++;
+    try {
+      if (p === ABSENT) {
+        this.originReaders.enter(c);
+        try {
+          await this.origin.read(buf, offset);
+        } finally {
+          this.originReaders.leave(c);
+        }
+      } else if (p === ZERO_CHUNK) {
+        buf.fill(0);
+      } else {
+        await this.dev.read(buf, p * this.chunkSize + (offset - c * this.chunkSize));
+      }
+    } finally {
+      rec.busy--;
+      if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
+    }
     if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
   }
 

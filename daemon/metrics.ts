@@ -9,8 +9,21 @@ const STATES = ['valid', 'invalid', 'overflow'] as const;
 const COMMANDS = ['read', 'write', 'disc', 'flush', 'trim', 'cache', 'write_zeroes', 'block_status', 'unknown'];
 const RESULTS = ['ok', 'EPERM', 'EIO', 'ENOMEM', 'EINVAL', 'ENOSPC', 'EOVERFLOW', 'ENOTSUP', 'ESHUTDOWN'];
 
+/**
+ * One export's labelled series, looked up once: prom-client hashes the label object on
+ * every inc/observe, which came to 13 % of the CPU of 4 KiB snapshot reads.
+ */
+interface ExportSeries {
+  inFlight: { inc(): void; dec(): void };
+  /** By `${command} ${result}`. */
+  requests: Map<string, { inc(): void }>;
+  latency: Map<string, { observe(v: number): void }>;
+  bytes: Map<string, { inc(v: number): void }>;
+}
+
 export class Metrics {
   readonly registry = new client.Registry();
+  private readonly series = new Map<string, ExportSeries>();
   private readonly requests: client.Counter<'export' | 'command' | 'result'>;
   private readonly bytes: client.Counter<'export' | 'direction'>;
   private readonly latency: client.Histogram<'export' | 'command'>;
@@ -120,20 +133,38 @@ export class Metrics {
     return {
       connectionOpened: () => this.connections.inc(),
       connectionClosed: () => this.connections.dec(),
-      requestStarted: (exp) => this.inFlight.inc({ export: exp }),
+      requestStarted: (exp) => this.exportSeries(exp).inFlight.inc(),
       requestDone: (exp, command, result, bytes, seconds) => {
-        this.inFlight.dec({ export: exp });
-        this.requests.inc({ export: exp, command, result });
-        this.latency.observe({ export: exp, command }, seconds);
+        const s = this.exportSeries(exp);
+        s.inFlight.dec();
+        const key = `${command} ${result}`;
+        let req = s.requests.get(key);
+        if (!req) s.requests.set(key, (req = this.requests.labels({ export: exp, command, result })));
+        req.inc();
+        let lat = s.latency.get(command);
+        if (!lat) s.latency.set(command, (lat = this.latency.labels({ export: exp, command })));
+        lat.observe(seconds);
         if (bytes > 0 && (command === 'read' || command === 'write')) {
-          this.bytes.inc({ export: exp, direction: command }, bytes);
+          let b = s.bytes.get(command);
+          if (!b) s.bytes.set(command, (b = this.bytes.labels({ export: exp, direction: command })));
+          b.inc(bytes);
         }
       },
     };
   }
 
+  private exportSeries(exp: string): ExportSeries {
+    let s = this.series.get(exp);
+    if (!s) {
+      s = { inFlight: this.inFlight.labels({ export: exp }), requests: new Map(), latency: new Map(), bytes: new Map() };
+      this.series.set(exp, s);
+    }
+    return s;
+  }
+
   /** Forgets the labelled series of an export that went away. */
   dropExport(exp: string): void {
+    this.series.delete(exp);
     this.inFlight.remove({ export: exp });
     for (const direction of ['read', 'write']) this.bytes.remove({ export: exp, direction });
     for (const command of COMMANDS) {

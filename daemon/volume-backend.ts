@@ -14,18 +14,26 @@ const ZEROS = Buffer.alloc(STATUS_BLOCK);
 const STATE_HOLE_ZERO = 3;
 
 export class VolumeBackend implements Backend {
+  /**
+   * Built once: every request reads it. The description is computed only when read
+   * (LIST, INFO, GO): formatting a snapshot's usage per request cost 6 % of 4 KiB reads.
+   */
+  readonly info: ExportInfo;
+
   constructor(
     readonly volume: Volume,
-    private readonly describe: () => string,
-    private readonly readOnly: boolean,
-  ) {}
-
-  get info(): ExportInfo {
-    return {
-      name: this.volume.name,
-      description: this.describe(),
-      size: this.volume.size,
-      readOnly: this.readOnly,
+    describe: () => string,
+    readOnly: boolean,
+  ) {
+    this.info = {
+      name: volume.name,
+      get description() {
+        return describe();
+      },
+      get size() {
+        return volume.size;
+      },
+      readOnly,
       canFlush: true,
       canFua: true,
       canTrim: true,
