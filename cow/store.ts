@@ -379,6 +379,15 @@ export class ExceptionStore {
 
   /** Frees the snapshot's chunks at once: durable removal first, then holes punched. */
   async remove(rec: SnapshotRecord): Promise<void> {
+    // Origin writes stop copying for a snapshot being removed. Were the removal cut
+    // short by a crash, the snapshot would come back valid, reading what the origin
+    // wrote meanwhile: so it is first marked invalid, durably, while it still gets
+    // its copies (as `unmarked`, it stays in `live` until the mark lands).
+    if (!this.transient && rec.state !== 'invalid') {
+      rec.state = 'invalid';
+      this.unmarked.add(rec);
+      await this.markInvalid([rec]);
+    }
     rec.removing = true;
     this.refreshLive();
     while (rec.busy > 0) await new Promise<void>((r) => setImmediate(r));

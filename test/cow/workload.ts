@@ -115,8 +115,9 @@ export class Workload {
         await this.drain();
         await this.create();
       } else if (x < 0.08 && live.length > 0) {
+        // No I/O of its own in flight, but origin writes go on while it is removed.
         await this.drain();
-        await this.remove(pick(r, live));
+        this.launch(this.remove(pick(r, live)));
       } else if (x < 0.12) {
         const target = live.length && r() < 0.5 ? pick(r, live) : undefined;
         this.launch(this.flush(target));

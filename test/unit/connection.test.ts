@@ -145,6 +145,16 @@ t.test('a bad magic closes that connection only', async (t) => {
   good.close();
 });
 
+/** The chunks of one structured reply, up to the one flagged DONE. */
+async function replyChunks(c: RawClient): Promise<Awaited<ReturnType<RawClient['chunk']>>[]> {
+  const chunks = [];
+  for (;;) {
+    const ch = await c.chunk();
+    chunks.push(ch);
+    if (ch.flags & C.NBD_REPLY_FLAG_DONE) return chunks;
+  }
+}
+
 t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', async (t) => {
   const c = await RawClient.connect(port);
   await c.go('disk', { structured: true, meta: true });
@@ -152,12 +162,7 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   disk.data.fill(7, 0, 4096);
   disk.data.fill(9, 184 * 1024, 192 * 1024);
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 1));
-  const chunks = [];
-  for (;;) {
-    const ch = await c.chunk();
-    chunks.push(ch);
-    if (ch.flags & C.NBD_REPLY_FLAG_DONE) break;
-  }
+  const chunks = await replyChunks(c);
   const kinds = chunks.map((ch) => ch.type);
   t.same(kinds, [C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_NONE]);
   // Reassemble and compare with the backend.
@@ -175,12 +180,7 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   disk.data[100 * 1024 + 1000] = 1;
   disk.data.fill(5, 128 * 1024, 256 * 1024);
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 3));
-  const hidden = [];
-  for (;;) {
-    const ch = await c.chunk();
-    hidden.push(ch);
-    if (ch.flags & C.NBD_REPLY_FLAG_DONE) break;
-  }
+  const hidden = await replyChunks(c);
   t.same(hidden.map((ch) => ch.type), [C.NBD_REPLY_TYPE_OFFSET_DATA], 'a byte hidden inside a grain is data, not hole');
   t.ok(hidden[0]!.payload.subarray(8).equals(disk.data.subarray(0, 256 * 1024)), 'and it is sent');
 
