@@ -695,10 +695,40 @@ export class ExceptionStore {
 
   async read(rec: SnapshotRecord, buf: Buffer, offset: number): Promise<void> {
     this.checkReadable(rec);
+    const c = Math.floor(offset / this.chunkSize);
+    rec.busy++;
+    this.storeReads++;
+    try {
+      // Most small reads lie in one chunk: no segment bookkeeping for them.
+      if (offset + buf.length <= (c + 1) * this.chunkSize) await this.readWithin(rec, buf, offset, c);
+      else await this.readSpan(rec, buf, offset);
+    } finally {
+      rec.busy--;
+      if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
+    }
+    // Invalidated meanwhile: what was read may mix in origin writes the snapshot never saw.
+    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
+  }
+
+  private async readWithin(rec: SnapshotRecord, buf: Buffer, offset: number, c: number): Promise<void> {
+    const p = rec.map.get(c);
+    if (p === ZERO_CHUNK) {
+      buf.fill(0);
+    } else if (p !== ABSENT) {
+      await this.dev.read(buf, p * this.chunkSize + (offset - c * this.chunkSize));
+    } else {
+      this.originReaders.enter(c);
+      try {
+        await this.origin.read(buf, offset);
+      } finally {
+        this.originReaders.leave(c);
+      }
+    }
+  }
+
+  private async readSpan(rec: SnapshotRecord, buf: Buffer, offset: number): Promise<void> {
     const cs = this.chunkSize;
     const len = buf.length;
-    const first = Math.floor(offset / cs);
-    if (offset + len <= (first + 1) * cs) return this.readWithin(rec, buf, offset, first);
     const ios: Promise<void>[] = [];
     const readers: number[] = [];
     // Coalesce: consecutive chunks from the origin, or from consecutive store chunks,
@@ -714,8 +744,6 @@ export class ExceptionStore {
       else if (kind === 1) ios.push(this.dev.read(sub, segDev));
       else sub.fill(0);
     };
-    rec.busy++;
-    this.storeReads++;
     try {
       let pos = 0;
       let c = Math.floor(offset / cs);
@@ -753,36 +781,7 @@ export class ExceptionStore {
       await Promise.all(ios);
     } finally {
       for (const c of readers) this.originReaders.leave(c);
-      rec.busy--;
-      if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
     }
-    // Invalidated meanwhile: what was read may mix in origin writes the snapshot never saw.
-    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
-  }
-
-  /** read() of a range inside chunk c, without the segment bookkeeping: most small reads. */
-  private async readWithin(rec: SnapshotRecord, buf: Buffer, offset: number, c: number): Promise<void> {
-    const p = rec.map.get(c);
-    rec.busy++;
-    this.storeReads++;
-    try {
-      if (p === ABSENT) {
-        this.originReaders.enter(c);
-        try {
-          await this.origin.read(buf, offset);
-        } finally {
-          this.originReaders.leave(c);
-        }
-      } else if (p === ZERO_CHUNK) {
-        buf.fill(0);
-      } else {
-        await this.dev.read(buf, p * this.chunkSize + (offset - c * this.chunkSize));
-      }
-    } finally {
-      rec.busy--;
-      if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
-    }
-    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
   }
 
   async write(rec: SnapshotRecord, buf: Buffer, offset: number, fua: boolean): Promise<void> {

@@ -21,6 +21,12 @@ interface ExportSeries {
   bytes: Map<string, { inc(v: number): void }>;
 }
 
+function cached<T>(m: Map<string, T>, key: string, make: () => T): T {
+  let v = m.get(key);
+  if (v === undefined) m.set(key, (v = make()));
+  return v;
+}
+
 export class Metrics {
   readonly registry = new client.Registry();
   private readonly series = new Map<string, ExportSeries>();
@@ -137,29 +143,17 @@ export class Metrics {
       requestDone: (exp, command, result, bytes, seconds) => {
         const s = this.exportSeries(exp);
         s.inFlight.dec();
-        const key = `${command} ${result}`;
-        let req = s.requests.get(key);
-        if (!req) s.requests.set(key, (req = this.requests.labels({ export: exp, command, result })));
-        req.inc();
-        let lat = s.latency.get(command);
-        if (!lat) s.latency.set(command, (lat = this.latency.labels({ export: exp, command })));
-        lat.observe(seconds);
+        cached(s.requests, `${command} ${result}`, () => this.requests.labels({ export: exp, command, result })).inc();
+        cached(s.latency, command, () => this.latency.labels({ export: exp, command })).observe(seconds);
         if (bytes > 0 && (command === 'read' || command === 'write')) {
-          let b = s.bytes.get(command);
-          if (!b) s.bytes.set(command, (b = this.bytes.labels({ export: exp, direction: command })));
-          b.inc(bytes);
+          cached(s.bytes, command, () => this.bytes.labels({ export: exp, direction: command })).inc(bytes);
         }
       },
     };
   }
 
   private exportSeries(exp: string): ExportSeries {
-    let s = this.series.get(exp);
-    if (!s) {
-      s = { inFlight: this.inFlight.labels({ export: exp }), requests: new Map(), latency: new Map(), bytes: new Map() };
-      this.series.set(exp, s);
-    }
-    return s;
+    return cached(this.series, exp, () => ({ inFlight: this.inFlight.labels({ export: exp }), requests: new Map(), latency: new Map(), bytes: new Map() }));
   }
 
   /** Forgets the labelled series of an export that went away. */
