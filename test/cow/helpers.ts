@@ -103,34 +103,20 @@ export class VolumeModel {
     return out;
   }
 
-  /** What a read may return after a crash at time t. */
-  crashAllowed(s: number, t: number): number[] {
+  /**
+   * What a read may return after a crash at time t, counting only writes issued before
+   * `before` (a snapshot's creation: flushes acknowledged up to t still make them durable).
+   */
+  crashAllowed(s: number, t: number, before = t): number[] {
     const h = this.hist[s]!;
     let d = -1;
     for (let i = h.length - 1; i >= 0 && d < 0; i--) {
       const r = h[i]!;
-      if (r.failed || r.ack >= t) continue;
+      if (r.issue >= before || r.failed || r.ack >= t) continue;
       if (r.fua || this.flushes.some((f) => f.issue > r.ack && f.ack < t)) d = i;
     }
     const out = d >= 0 ? [h[d]!.id] : this.crashBase ? this.crashBase(s, t) : [this.base[s]!];
-    for (let i = d + 1; i < h.length; i++) if (h[i]!.issue < t) out.push(h[i]!.id);
-    return out;
-  }
-
-  /**
-   * crashAllowed as of an earlier instant `at` (a snapshot's creation): only writes
-   * issued before it count, but flushes acknowledged up to the crash at t make them durable.
-   */
-  crashAllowedBefore(s: number, at: number, t: number): number[] {
-    const h = this.hist[s]!;
-    let d = -1;
-    for (let i = h.length - 1; i >= 0 && d < 0; i--) {
-      const r = h[i]!;
-      if (r.issue >= at || r.failed || r.ack >= t) continue;
-      if (r.fua || this.flushes.some((f) => f.issue > r.ack && f.ack < t)) d = i;
-    }
-    const out = [d >= 0 ? h[d]!.id : this.base[s]!];
-    for (let i = d + 1; i < h.length; i++) if (h[i]!.issue < at) out.push(h[i]!.id);
+    for (let i = d + 1; i < h.length; i++) if (h[i]!.issue < before) out.push(h[i]!.id);
     return out;
   }
 

@@ -148,7 +148,7 @@ export class Workload {
     // Creation does not flush the origin: after a crash, the snapshot's base is what
     // the origin itself may hold of the writes issued before the creation.
     const origin = this.origin;
-    const model = new VolumeModel(name, base, (s, t) => origin.crashAllowedBefore(s, at, t));
+    const model = new VolumeModel(name, base, (s, t) => origin.crashAllowed(s, t, at));
     const info: SnapInfo = { name, model, createIssue: at, createAck: Infinity, removeIssue: Infinity, removeAck: Infinity, vol: undefined, invalid: false, policy };
     this.snaps.push(info);
     const rec = await this.rig.origin.quiesced(() => this.rig.store.createSnapshot({ name, capacityChunks, policy, readOnly: false }));
