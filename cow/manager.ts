@@ -25,8 +25,10 @@ export interface CowManagerOptions {
   usageThresholds?: number[];
   /** Called after each group commit with its latency in seconds. */
   onCommit?: (seconds: number, exceptions: number) => void;
-  /** Chunk copies in flight per store (default 64). */
+  /** Chunk copies in flight per store (default: 16 MiB of chunks). */
   maxCopies?: number;
+  /** Bytes of origin writes each origin may acknowledge before their copies land (write-behind.ts). */
+  writeBehindBytes?: number;
   /** TEST-ONLY: wraps every file opened here (origins and stores), e.g. in a FaultDevice. */
   wrapDevice?: (dev: FileDevice) => ManagedDevice;
 }
@@ -54,6 +56,8 @@ export interface CowStats {
   snapshots: number;
   storeChunks: number;
   memoryBytes: number;
+  /** Origin writes acknowledged and not yet in their volume files. */
+  writeBehindBytes: number;
 }
 
 export interface InvalidatedEvent {
@@ -164,7 +168,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const existing = this.origins.get(name);
     if (existing) return existing;
     const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
-    const origin = new Origin(name, dev);
+    const origin = new Origin(name, dev, { writeBehindBytes: this.opts.writeBehindBytes });
     const entries: StoreEntry[] = [];
     try {
       const prefix = `${name}.`;
@@ -201,7 +205,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     this.origins.set(name, origin);
     this.stores.set(name, entries);
     for (const { store } of entries) {
-      origin.stores.push(store);
+      origin.attach(store);
       for (const rec of store.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, store, rec));
     }
     this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.store.snapshotCount, 0) }, 'origin attached');
@@ -215,6 +219,8 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   async detachOrigin(name: string): Promise<void> {
     const origin = this.origins.get(name);
     if (!origin) return;
+    // Held writes still need their stores for their copies.
+    await origin.settle();
     for (const [sn, s] of this.snaps) if (s.origin === origin) this.snaps.delete(sn);
     for (const e of this.stores.get(name) ?? []) {
       await e.store.close();
@@ -273,7 +279,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         throw e;
       }
       entries.push(entry);
-      origin.stores.push(entry.store);
+      origin.attach(entry.store);
     }
     const store = entry.store;
     try {
@@ -333,7 +339,9 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         memoryBytes += store.memoryBytes;
       }
     }
-    return { ...this.totals, snapshots: this.snaps.size, storeChunks, memoryBytes };
+    let writeBehindBytes = 0;
+    for (const o of this.origins.values()) writeBehindBytes += o.behind.heldBytes;
+    return { ...this.totals, snapshots: this.snaps.size, storeChunks, memoryBytes, writeBehindBytes };
   }
 
   private checkOpen(): void {

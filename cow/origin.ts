@@ -1,17 +1,31 @@
 // The origin volume: writes go to the volume file after every snapshot that still reads
-// the old data has its copy. With no live snapshot it is a plain file: no locks, no
-// metadata, one pwrite.
+// the old data has its copy; until then they are held in memory (write-behind.ts). With
+// no live snapshot it is a plain file: no locks, no metadata, one pwrite.
+import { totalmem } from 'node:os';
 import type { BlockDevice } from './device.js';
 import { ZEROS } from './buffer-pool.js';
-import type { ExceptionStore } from './store.js';
+import { cowError } from './errors.js';
+import type { ExceptionStore, OriginView } from './store.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { Volume } from './volume.js';
+import { WriteBehind, type HeldWrite } from './write-behind.js';
 
-export class Origin implements Volume {
+/** Default bound on held writes: a sixteenth of RAM, at most 1 GiB. */
+export const DEFAULT_WRITE_BEHIND = Math.min(1 << 30, Math.floor(totalmem() / 16));
+
+export interface OriginOptions {
+  /** Bytes of acknowledged origin writes held while their copies are made (0: none). */
+  writeBehindBytes?: number;
+}
+
+export class Origin implements Volume, OriginView {
   readonly state = 'valid' as const;
   readonly size: number;
   readonly stores: ExceptionStore[] = [];
   private readonly syncer: SyncCoalescer;
+  readonly behind: WriteBehind;
+  /** Bumped by each snapshot creation: a held write is visible to snapshots of a later epoch. */
+  epoch = 0;
   /** Set while a snapshot is being created: new writes wait behind it. */
   private gate: Promise<void> | null = null;
   private inflight = 0;
@@ -20,9 +34,17 @@ export class Origin implements Volume {
   constructor(
     readonly name: string,
     readonly dev: BlockDevice,
+    opts: OriginOptions = {},
   ) {
     this.size = dev.size;
     this.syncer = new SyncCoalescer(() => dev.sync());
+    this.behind = new WriteBehind(opts.writeBehindBytes ?? DEFAULT_WRITE_BEHIND);
+  }
+
+  /** Adds a store of this origin's snapshots; its snapshots read the origin through here. */
+  attach(store: ExceptionStore): void {
+    store.view = this;
+    this.stores.push(store);
   }
 
   private get copying(): ExceptionStore[] | undefined {
@@ -32,7 +54,16 @@ export class Origin implements Volume {
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
-    return this.dev.read(buf, offset);
+    return this.readAsOf(buf, offset, Infinity);
+  }
+
+  /** The origin as a snapshot of the given epoch sees it: the file plus writes held from before it. */
+  readAsOf(buf: Buffer, offset: number, epoch: number): Promise<void> {
+    // Taken before the file is read: a write landing meanwhile is then applied twice
+    // (the same bytes), never missed.
+    const held = this.behind.overlapping(offset, offset + buf.length);
+    if (!held.length) return this.dev.read(buf, offset);
+    return this.dev.read(buf, offset).then(() => WriteBehind.apply(held, buf, offset, epoch));
   }
 
   private async enter(): Promise<void> {
@@ -47,23 +78,94 @@ export class Origin implements Volume {
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     if (this.gate) await this.enter();
     else this.inflight++;
+    let held: HeldWrite | undefined;
     try {
       const stores = this.copying;
-      if (stores) await this.prepare(stores, offset, buf.length);
-      await this.dev.write(buf, offset);
-      if (fua) await this.syncer.sync();
+      if (stores || !this.behind.empty) held = await this.writeCow(stores, buf, offset, fua);
+      else await this.dev.write(buf, offset);
     } finally {
       this.leave();
     }
+    // Waited for outside the quiesce count: a snapshot created meanwhile sees it as held.
+    if (held && !held.owned) {
+      await held.landed;
+      if (held.error) throw held.error;
+    }
+    if (fua) await this.syncer.sync();
   }
 
-  private async prepare(stores: ExceptionStore[], offset: number, length: number): Promise<void> {
-    if (stores.length === 1) await stores[0]!.beforeOriginWrite(offset, length);
-    else await Promise.all(stores.map((s) => s.beforeOriginWrite(offset, length)));
+  /** A write some snapshot needs copies for, or that follows held writes: held, or written once no copy is due. */
+  private async writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): Promise<HeldWrite | undefined> {
+    const end = offset + buf.length;
+    // Writes held before the last snapshot creation are part of that snapshot's view, so
+    // they must be in the file before a copy for it reads any chunk they touch; and one
+    // merged into them would leak into it. Rare (right after a creation), so wait.
+    await this.settleChunks(offset, buf.length, (h) => h.gen < this.epoch);
+    const prior = this.behind.overlapping(offset, end);
+    if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
+      if (stores) await this.prepare(stores, offset, buf.length, this.epoch);
+      await this.dev.write(buf, offset);
+      return undefined;
+    }
+    const own = !fua && this.behind.hasRoom(buf.length);
+    const h = this.behind.hold(buf, offset, this.epoch, own);
+    h.landed = this.land(h, prior);
+    return h;
   }
 
-  flush(): Promise<void> {
+  /**
+   * Waits until no held write matching pred touches a chunk (of any store) of the range:
+   * copies read whole chunks from the file.
+   */
+  private async settleChunks(offset: number, length: number, pred?: (h: HeldWrite) => boolean): Promise<void> {
+    let cs = 1;
+    for (const s of this.stores) cs = Math.max(cs, s.chunkSize);
+    const a = Math.floor(offset / cs) * cs;
+    const b = Math.ceil((offset + length) / cs) * cs;
+    for (;;) {
+      let held = this.behind.overlapping(a, b);
+      if (pred) held = held.filter(pred);
+      if (!held.length) return;
+      await this.behind.settle(held);
+    }
+  }
+
+  /** For an operation that bypasses the table: held writes it follows land first. */
+  private async settleBefore(offset: number, length: number): Promise<void> {
+    if (this.behind.empty) return;
+    await this.behind.settle(this.behind.overlapping(offset, offset + length));
+    await this.settleChunks(offset, length, (h) => h.gen < this.epoch);
+  }
+
+  /** Lands a held write in the file: after the writes it follows, and after its copies are committed. */
+  private async land(h: HeldWrite, prior: readonly HeldWrite[]): Promise<void> {
+    try {
+      if (prior.length) await this.behind.settle(prior);
+      const stores = this.copying;
+      if (stores) await this.prepare(stores, h.offset, h.data.length, h.gen);
+      await this.dev.write(h.data, h.offset);
+    } catch (e) {
+      h.error = e instanceof Error ? e : new Error(String(e));
+    } finally {
+      this.behind.release(h);
+    }
+  }
+
+  private async prepare(stores: ExceptionStore[], offset: number, length: number, gen = Infinity): Promise<void> {
+    if (stores.length === 1) await stores[0]!.beforeOriginWrite(offset, length, gen);
+    else await Promise.all(stores.map((s) => s.beforeOriginWrite(offset, length, gen)));
+  }
+
+  async flush(): Promise<void> {
+    if (!this.behind.empty) await this.behind.settle();
+    const failed = this.behind.takeFailure();
+    if (failed) throw cowError('EIO', `an acknowledged write could not be written: ${failed.message}`);
     return this.syncer.sync();
+  }
+
+  /** Resolves once every held write has landed in the file (not synced). */
+  settle(): Promise<void> {
+    return this.behind.settle();
   }
 
   /**
@@ -74,6 +176,7 @@ export class Origin implements Volume {
     if (!this.dev.punchHoles) return;
     await this.enter();
     try {
+      await this.settleBefore(offset, length);
       const stores = this.copying;
       if (!stores) {
         const a = Math.ceil(offset / 4096) * 4096;
@@ -108,6 +211,7 @@ export class Origin implements Volume {
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
     await this.enter();
     try {
+      await this.settleBefore(offset, length);
       const stores = this.copying;
       if (stores) await this.prepare(stores, offset, length);
       for (let at = 0; at < length; at += ZEROS.length) {
@@ -134,6 +238,9 @@ export class Origin implements Volume {
     try {
       if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
       this.drained = null;
+      // Writes still held belong to what fn's snapshot sees (store.createSnapshot takes
+      // the epoch); their copies go only to the snapshots that existed before them.
+      this.epoch++;
       return await fn();
     } finally {
       this.gate = null;
@@ -143,6 +250,7 @@ export class Origin implements Volume {
 
   async close(): Promise<void> {
     await this.quiesced(async () => {});
+    await this.behind.settle();
     await this.dev.close();
   }
 }

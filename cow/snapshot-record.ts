@@ -16,6 +16,8 @@ export class SnapshotRecord {
   /** Snapshot I/O and store jobs in flight that involve this snapshot. */
   busy = 0;
   removing = false;
+  /** The origin's epoch at creation (in memory only): held origin writes of an earlier gen are in its view. */
+  epoch = 0;
   /** Highest usage threshold (percent) already reported. */
   reportedPct = 0;
 

@@ -54,6 +54,13 @@ export interface StoreOptions {
   maxCopies?: number;
 }
 
+/** What snapshots read of the origin: the file plus writes held from before their creation. */
+export interface OriginView {
+  /** Snapshots created now get this epoch (Origin bumps it while quiesced). */
+  readonly epoch: number;
+  readAsOf(buf: Buffer, offset: number, epoch: number): Promise<void>;
+}
+
 export interface NewSnapshot {
   name: string;
   capacityChunks: number;
@@ -95,6 +102,8 @@ export class ExceptionStore {
    * valid, reading the origin's new data.
    */
   private readonly unmarked = new Set<SnapshotRecord>();
+  /** Set by Origin.attach; without it snapshots read the origin device directly. */
+  view: OriginView | undefined;
 
   private constructor(
     readonly dev: BlockDevice,
@@ -341,6 +350,7 @@ export class ExceptionStore {
     if (slot < 0) throw cowError('ENOSPC', `an exception store holds at most ${MAX_SNAPSHOTS} snapshots`);
     const perArea = this.transient ? 0 : entriesPerArea(this.chunkSize);
     const rec = new SnapshotRecord(slot, randomU32(), o.name, 'valid', o.policy, o.readOnly, o.capacityChunks, Date.now(), perArea);
+    rec.epoch = this.view?.epoch ?? 0;
     if (!rec.fits(0, 0)) throw cowError('EINVAL', `snapshot size must be at least ${rec.usedChunks} chunks`);
     rec.removing = true; // not live until durable
     this.records[slot] = rec;
@@ -497,29 +507,42 @@ export class ExceptionStore {
 
   // ---- origin writes ------------------------------------------------------------------
 
-  /** True when some live snapshot has no exception for the chunk. */
-  private anyLacks(chunk: number): boolean {
-    for (const r of this.live) if (r.map.get(chunk) === ABSENT) return true;
+  /** True when some live snapshot of an epoch up to gen has no exception for the chunk. */
+  private anyLacks(chunk: number, gen = Infinity): boolean {
+    for (const r of this.live) if (r.map.get(chunk) === ABSENT && r.epoch <= gen) return true;
     return false;
+  }
+
+  /** True when an origin write of [offset, offset+length) would need a copy now. */
+  needsCopy(offset: number, length: number): boolean {
+    const last = Math.floor((offset + length - 1) / this.chunkSize);
+    for (let c = Math.floor(offset / this.chunkSize); c <= last; c++) if (this.anyLacks(c)) return true;
+    return false;
+  }
+
+  /** Reads the origin as the snapshot sees it. */
+  private readOrigin(rec: SnapshotRecord, buf: Buffer, offset: number): Promise<void> {
+    return this.view ? this.view.readAsOf(buf, offset, rec.epoch) : this.origin.read(buf, offset);
   }
 
   /**
    * Runs before an origin write of [offset, offset+length): copies every chunk some live
    * snapshot still reads from the origin, commits the exceptions, and waits out snapshot
-   * reads of those chunks from the origin, so the write can land.
+   * reads of those chunks from the origin, so the write can land. A write held since
+   * epoch gen copies only for snapshots of that epoch or older: later ones already see it.
    */
-  async beforeOriginWrite(offset: number, length: number): Promise<void> {
+  async beforeOriginWrite(offset: number, length: number, gen = Infinity): Promise<void> {
     const cs = this.chunkSize;
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + length - 1) / cs);
     let need: number[] | undefined;
     for (let c = first; c <= last; c++) {
-      if (this.anyLacks(c)) (need ??= []).push(c);
+      if (this.anyLacks(c, gen)) (need ??= []).push(c);
     }
     if (need) {
       for (const c of need) await this.locks.acquire(c);
       try {
-        await this.copyForOrigin(need);
+        await this.copyForOrigin(need, gen);
       } finally {
         for (const c of need) this.locks.release(c);
       }
@@ -527,7 +550,7 @@ export class ExceptionStore {
     if (this.originReaders.size) await this.originReaders.waitRange(first, last);
   }
 
-  private async copyForOrigin(chunks: number[]): Promise<void> {
+  private async copyForOrigin(chunks: number[], gen: number): Promise<void> {
     const cs = this.chunkSize;
     // Invalid snapshots whose mark must be durable before this origin write lands.
     const marks = new Set<SnapshotRecord>();
@@ -536,7 +559,7 @@ export class ExceptionStore {
     for (const c of chunks) {
       const who: SnapshotRecord[] = [];
       for (const r of this.live) {
-        if (r.map.get(c) !== ABSENT) continue;
+        if (r.map.get(c) !== ABSENT || r.epoch > gen) continue;
         if (r.state === 'invalid') {
           marks.add(r); // invalidated earlier, its mark not yet durable
           continue;
@@ -719,7 +742,7 @@ export class ExceptionStore {
     } else {
       this.originReaders.enter(c);
       try {
-        await this.origin.read(buf, offset);
+        await this.readOrigin(rec, buf, offset);
       } finally {
         this.originReaders.leave(c);
       }
@@ -740,7 +763,7 @@ export class ExceptionStore {
     const flush = (): void => {
       if (segLen === 0) return;
       const sub = buf.subarray(segBuf, segBuf + segLen);
-      if (kind === 0) ios.push(this.origin.read(sub, segDev));
+      if (kind === 0) ios.push(this.readOrigin(rec, sub, segDev));
       else if (kind === 1) ios.push(this.dev.read(sub, segDev));
       else sub.fill(0);
     };
@@ -861,7 +884,7 @@ export class ExceptionStore {
       const buf = full ? data : this.bufs.get(cs);
       try {
         if (!full) {
-          if (p === ABSENT) await this.origin.read(buf, c * cs);
+          if (p === ABSENT) await this.readOrigin(rec, buf, c * cs);
           else if (p === ZERO_CHUNK) buf.fill(0);
           else await this.dev.read(buf, p * cs);
           data.copy(buf, within);

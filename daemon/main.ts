@@ -56,6 +56,7 @@ function serveCommand(y: Argv) {
     .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
     .option('max-connections-per-export', { type: 'number', default: 0, describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)' })
     .option('max-bytes-in-flight', { type: 'string', default: '1G', describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit' })
+    .option('write-behind', { type: 'string', default: 'auto', describe: 'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies' })
     .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
     .option('tls', { type: 'string', default: 'off', coerce: parseTlsMode, describe: 'STARTTLS: off, on (client chooses) or require (nbdkit\'s modes)' })
     .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
@@ -127,6 +128,7 @@ await yargs(hideBin(process.argv))
           maxConnections: cmd.requirePositive(a['max-connections'], '--max-connections'),
           maxConnectionsPerExport: cmd.requirePositive(a['max-connections-per-export'], '--max-connections-per-export'),
           maxTotalBytesInFlight: a['max-bytes-in-flight'] === '0' ? 0 : parseSizeNumber(a['max-bytes-in-flight']),
+          writeBehindBytes: a['write-behind'] === 'auto' ? undefined : a['write-behind'] === '0' ? 0 : parseSizeNumber(a['write-behind']),
           handshakeTimeoutMs: cmd.requirePositive(a['handshake-timeout'], '--handshake-timeout') * 1000,
           tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },
           exports: ExportAccess.parse(a.exports),

@@ -120,6 +120,12 @@ export class Metrics {
         this.set(svc.cow.stats().memoryBytes);
       },
     });
+    new client.Gauge({
+      name: 'cowbd_cow_write_behind_bytes', help: 'Origin writes acknowledged and held in memory until their chunks are copied', registers,
+      collect() {
+        this.set(svc.cow.stats().writeBehindBytes);
+      },
+    });
   }
 
   /** NBD server figures, read at scrape time. */

@@ -35,6 +35,8 @@ export interface ServeOptions {
   tls?: TlsSettings;
   /** Per-export allow-lists and read-only flags; default: every export open to every client. */
   exports?: ExportAccess;
+  /** Bytes of origin writes acknowledged per origin while their copies are made; default: cow's. */
+  writeBehindBytes?: number;
 }
 
 export function parseHostPort(text: string): { host: string; port: number } {
@@ -77,6 +79,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       {
         dataDir: opts.dataDir, readOnly: opts.readOnly, defaultVolume: opts.defaultVolume, autoExtend: opts.autoExtend,
         onCommit: (s) => metrics.observeCommit(s), exportReadOnly: (name) => access.readOnly(name),
+        writeBehindBytes: opts.writeBehindBytes,
       },
       log,
     );

@@ -29,6 +29,7 @@ export interface ServiceOptions {
   onCommit?: (seconds: number) => void;
   /** Exports NBD clients may only read (the config file's exports.NAME.readOnly). */
   exportReadOnly?: (name: string) => boolean;
+  writeBehindBytes?: number;
 }
 
 export interface SnapshotCreate {
@@ -104,6 +105,7 @@ export class Service {
       usageThresholds: USAGE_WARNINGS,
       onCommit: opts.onCommit ? (s) => opts.onCommit!(s) : undefined,
       wrapDevice: testFaults(log),
+      writeBehindBytes: opts.writeBehindBytes,
     });
     const svc = new Service(cow, opts, log);
     try {

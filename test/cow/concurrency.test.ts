@@ -18,6 +18,7 @@ t.test('concurrent origin writes to one chunk wait for one copy', async (t) => {
   rig.storeDev.yieldTurns = 2;
   const snaps = [await snap(rig, 'a'), await snap(rig, 'b'), await snap(rig, 'c')];
   await Promise.all(Array.from({ length: 20 }, (_v, i) => rig.origin.write(Buffer.alloc(4096, 10 + i), (i % 16) * 4096, false)));
+  await rig.origin.settle();
   t.equal(rig.store.stats.copies, 1, 'one copy for 20 writers and 3 snapshots');
   for (const s of snaps) {
     const b = Buffer.alloc(65536);
@@ -35,7 +36,7 @@ t.test('snapshot reads racing origin writes on the same chunk are never torn', a
   storeDev.yieldTurns = 1;
   const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 65536, originSize: size, originName: 'o' });
   const origin = new Origin('o', originDev);
-  origin.stores.push(store);
+  origin.attach(store);
   const rec = await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   const s = new Snapshot(origin, store, rec);
   let torn = 0;
@@ -98,6 +99,7 @@ t.test('group commit: concurrent exceptions share syncs', async (t) => {
     return orig();
   };
   await Promise.all(Array.from({ length: 256 }, (_v, i) => rig.origin.write(Buffer.alloc(4096, 1), i * 4096 * 4, false)));
+  await rig.origin.settle();
   t.equal(rig.store.stats.exceptions, 256);
   t.ok(syncs < 256 / 4, `${syncs} syncs for 256 exceptions in ${rig.store.stats.commits} commits`);
 });
@@ -109,7 +111,7 @@ t.test('copies in flight are capped', async (t) => {
   storeDev.yieldTurns = 3;
   const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 8192, originSize: size, originName: 'o', maxCopies: 2 });
   const origin = new Origin('o', originDev);
-  origin.stores.push(store);
+  origin.attach(store);
   await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   let active = 0;
   let peak = 0;
@@ -127,6 +129,7 @@ t.test('copies in flight are capped', async (t) => {
   };
   // Non-adjacent chunks so nothing coalesces into one copy.
   await Promise.all(Array.from({ length: 32 }, (_v, i) => origin.write(Buffer.alloc(512, 9), i * 2 * 8192, false)));
+  await origin.settle();
   t.ok(peak <= 2, `peak ${peak} concurrent chunk copies`);
   t.equal(store.stats.copies, 32);
 });

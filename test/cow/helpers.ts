@@ -150,7 +150,7 @@ export async function makeRig(originSectors: number, chunkSize: number, initialI
   const storeDev = new MemDevice(0);
   const store = await ExceptionStore.create(storeDev, originDev, { chunkSize, originSize: img.length, originName: 'o' });
   const origin = new Origin('o', originDev);
-  origin.stores.push(store);
+  origin.attach(store);
   return { originDev, storeDev, origin, store };
 }
 
@@ -159,7 +159,7 @@ export async function reopenRig(originImg: Buffer, storeImg: Buffer): Promise<Ri
   const storeDev = new MemDevice(storeImg.length, storeImg);
   const store = await ExceptionStore.open(storeDev, originDev, {});
   const origin = new Origin('o', originDev);
-  origin.stores.push(store);
+  origin.attach(store);
   return { originDev, storeDev, origin, store };
 }
 

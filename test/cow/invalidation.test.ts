@@ -81,6 +81,7 @@ t.test('a failed copy: the mark is written (even past a failed committer) before
   let failSyncs = 1;
   rig.storeDev.sync = () => (failSyncs-- > 0 ? Promise.reject(Object.assign(new Error('EIO: injected'), { code: 'EIO' })) : sync());
   await rig.origin.write(pattern(3 * SPC, SPC, 30), 3 * CS, false);
+  await rig.origin.flush();
   t.equal(s.state, 'invalid', 'invalidated');
   t.same(await violations(seen, 'a'), []);
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
@@ -92,12 +93,15 @@ t.test('a store that takes no writes at all: origin writes needing the mark fail
   const s = await snap(rig, 'a', 32);
   const seen = captureOriginWrites(rig);
   rig.storeDev.failWrites = true;
-  t.equal(await codeOf(rig.origin.write(pattern(3 * SPC, SPC, 40), 3 * CS, false)), 'EIO', 'the copy and the mark both fail: so does the write');
+  // Acknowledged while its copy is made (write-behind): the failure comes with the flush.
+  t.equal(await codeOf(rig.origin.write(pattern(3 * SPC, SPC, 40), 3 * CS, false)), 'ok', 'held');
+  t.equal(await codeOf(rig.origin.flush()), 'EIO', 'the copy and the mark both fail: the write never lands, the flush says so');
   t.equal(s.state, 'invalid');
   t.equal(await codeOf(rig.origin.write(pattern(9 * SPC, SPC, 41), 9 * CS, false)), 'EIO', 'and every write to a chunk it lacks');
   rig.storeDev.failWrites = false;
   t.equal(await codeOf(rig.origin.write(pattern(9 * SPC, SPC, 42), 9 * CS, false)), 'ok', 'the store recovers: the mark goes in, the write lands');
   t.equal(await codeOf(rig.origin.write(pattern(10 * SPC, SPC, 43), 10 * CS, false)), 'ok', 'later writes no longer wait for it');
+  t.equal(await codeOf(rig.origin.flush()), 'ok', 'the flush after the recovery is clean');
   t.same(await violations(seen, 'a'), []);
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
   t.equal(re.store.records.find((r) => r?.name === 'a')?.state, 'invalid', 'durably invalid');

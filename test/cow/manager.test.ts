@@ -124,9 +124,11 @@ t.test('names, errors and events', async (t) => {
   const s = await m.createSnapshot({ name: 's', origin: 'v', size: 4 * 65536 });
   await t.rejects(m.createSnapshot({ name: 's', origin: 'v', size: MiB }), { code: 'EEXIST' });
   await o.write(fill(65536, 1), 0, false);
+  await o.settle();
   t.equal(usage.length, 1, 'crossed 50%');
   t.match(usage[0], { name: 's', usedChunks: 3, capacityChunks: 4 });
   await o.write(fill(3 * 65536, 1), 65536, false);
+  await o.settle();
   t.equal(s.state, 'invalid');
   t.match(invalid, [{ name: 's', origin: 'v', capacityChunks: 4 }]);
   await t.rejects(m.removeSnapshot('nope'), { code: 'ENOENT' });

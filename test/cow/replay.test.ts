@@ -34,7 +34,7 @@ t.test('a reopened store keeps every chunk its snapshots map, past chunk 1024', 
     const s = await FileDevice.open(storePath, { create });
     const store = create ? await ExceptionStore.create(s, o, { chunkSize: CS, originSize: o.size, originName: 'o' }) : await ExceptionStore.open(s, o, {});
     const origin = new Origin('o', o);
-    origin.stores.push(store);
+    origin.attach(store);
     return { origin, store, close: async () => { await store.close(); await origin.close(); } };
   };
   const snap = async (r: Awaited<ReturnType<typeof open>>, name: string) =>

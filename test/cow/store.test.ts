@@ -101,6 +101,7 @@ t.test('first origin write copies once; snapshot keeps old data; restart keeps i
   const s1 = await snap(rig, 'a', 100);
   const s2 = await snap(rig, 'b', 100);
   await rig.origin.write(pattern(0, 16, 50), 0, false);
+  await rig.origin.settle();
   t.equal(rig.store.stats.copies, 2, 'two chunks copied once, shared by both snapshots');
   t.equal(s1.usage().usedChunks, 2 + 2, 'each snapshot is charged its 2 chunks plus 2 metadata');
   t.equal(s2.usage().usedChunks, 4);
@@ -178,6 +179,7 @@ t.test('overflow policy: own writes get ENOSPC, reads go on, extend recovers', a
   t.equal(s.usage().capacityChunks, 8);
   // Origin writes that do not fit invalidate even an overflow-policy snapshot.
   await rig.origin.write(pattern(32, 64, 94), 32 * SECTOR, false);
+  await rig.origin.settle();
   t.equal(s.state, 'invalid');
   const { snaps } = await reopen(rig);
   t.equal(snaps.get('po')!.state, 'invalid');
@@ -268,7 +270,7 @@ t.test('transient store: works, nothing persisted', async (t) => {
   const store = ExceptionStore.createTransient(storeDev, originDev, { chunkSize: 4096, originSize: 64 * SECTOR, originName: 'o' });
   const { Origin } = await import('../../cow/origin.js');
   const origin = new Origin('o', originDev);
-  origin.stores.push(store);
+  origin.attach(store);
   const rec = await origin.quiesced(() => store.createSnapshot({ name: 't', capacityChunks: 4, policy: 'invalidate', readOnly: false }));
   const s = new Snapshot(origin, store, rec);
   t.equal(s.usage().usedChunks, 0, 'no metadata chunks');

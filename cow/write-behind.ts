@@ -1,0 +1,140 @@
+// Origin writes held in memory while their chunks are copied.
+//
+// An origin write that needs copies may not reach the volume file before those copies
+// are durable: the page cache could write it back first, and a power loss would then
+// leave a snapshot reading data written after it. Making the writer wait for the copy's
+// fdatasync made first writes run at the disk's synced speed (a tenth of a write into
+// the page cache). So the write is held here instead and acknowledged at once, like a
+// write into a disk's volatile cache; it lands in the file once its copies are
+// committed. Until then reads of the origin see it through this table, and so do
+// snapshots created after it (their `epoch` is above its `gen`), while older snapshots
+// keep reading the file. FLUSH and FUA wait for landing, so durability is unchanged;
+// a power loss may lose a held write exactly as it may lose any unflushed write.
+//
+// The table is bounded: over `maxBytes` a writer waits for its own write to land,
+// which is the synchronous behaviour and the backpressure. A write that cannot land
+// (its copy and the snapshot's invalid mark both failed) is dropped and fails the next
+// FLUSH, as a disk's failed write-back does; until a write lands again, writers wait for
+// their own, so each gets its error.
+
+/** Bookkeeping granularity for overlap lookups; overlap itself is byte-exact. */
+const UNIT = 64 * 1024;
+const NONE: readonly HeldWrite[] = [];
+
+export interface HeldWrite {
+  readonly seq: number;
+  /** The origin's snapshot epoch when the write was acknowledged. */
+  readonly gen: number;
+  readonly offset: number;
+  readonly end: number;
+  readonly data: Buffer;
+  /** Counted in heldBytes: acknowledged before landing, so the table owns a copy. */
+  readonly owned: boolean;
+  /** Resolves (never rejects) once the write is in the file, or has failed: see error. */
+  landed: Promise<void>;
+  error?: Error;
+}
+
+export class WriteBehind {
+  private readonly byUnit = new Map<number, HeldWrite[]>();
+  private readonly all = new Set<HeldWrite>();
+  private seq = 0;
+  /** Bytes of acknowledged writes held (copies the table owns). */
+  heldBytes = 0;
+  /** Writes acknowledged and held since start, for metrics and tests. */
+  heldTotal = 0;
+  private failure: Error | undefined;
+  /** The last write to land failed: acknowledge nothing early until one lands again. */
+  private degraded = false;
+
+  constructor(readonly maxBytes: number) {}
+
+  get empty(): boolean {
+    return this.all.size === 0;
+  }
+
+  get count(): number {
+    return this.all.size;
+  }
+
+  /** True when a write of n more bytes may be acknowledged before it lands. */
+  hasRoom(n: number): boolean {
+    return !this.degraded && this.heldBytes + n <= this.maxBytes;
+  }
+
+  /** Held writes overlapping [offset, end), oldest first; taken before a read of the file. */
+  overlapping(offset: number, end: number): readonly HeldWrite[] {
+    if (this.all.size === 0) return NONE;
+    let out: HeldWrite[] | undefined;
+    const u0 = Math.floor(offset / UNIT);
+    const u1 = Math.floor((end - 1) / UNIT);
+    if (u1 - u0 >= this.all.size) {
+      for (const h of this.all) if (h.offset < end && h.end > offset) (out ??= []).push(h);
+      return out ?? NONE;
+    }
+    for (let u = u0; u <= u1; u++) {
+      const list = this.byUnit.get(u);
+      if (!list) continue;
+      for (const h of list) {
+        if (h.offset < end && h.end > offset && !out?.includes(h)) (out ??= []).push(h);
+      }
+    }
+    if (out && out.length > 1) out.sort((a, b) => a.seq - b.seq);
+    return out ?? NONE;
+  }
+
+  /** Registers a write; with own=true the data is copied (the caller's buffer is pooled). */
+  hold(data: Buffer, offset: number, gen: number, own: boolean): HeldWrite {
+    const copy = own ? Buffer.from(data) : data;
+    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, owned: own, landed: Promise.resolve() };
+    this.all.add(h);
+    for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
+      const list = this.byUnit.get(u);
+      if (list) list.push(h);
+      else this.byUnit.set(u, [h]);
+    }
+    if (own) {
+      this.heldBytes += data.length;
+      this.heldTotal++;
+    }
+    return h;
+  }
+
+  /** Takes a write out of the table once it is in the file (or failed). */
+  release(h: HeldWrite): void {
+    if (!this.all.delete(h)) return;
+    for (let u = Math.floor(h.offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
+      const list = this.byUnit.get(u)!;
+      if (list.length === 1) this.byUnit.delete(u);
+      else list.splice(list.indexOf(h), 1);
+    }
+    if (h.owned) this.heldBytes -= h.data.length;
+    this.degraded = h.error !== undefined;
+    if (h.error && h.owned) this.failure ??= h.error;
+  }
+
+  /** Resolves once every write held now has landed. */
+  async settle(list: Iterable<HeldWrite> = this.all): Promise<void> {
+    const waits: Promise<void>[] = [];
+    for (const h of list) waits.push(h.landed);
+    await Promise.all(waits);
+  }
+
+  /** A landing failure of a write already acknowledged, reported once (by the next FLUSH). */
+  takeFailure(): Error | undefined {
+    const f = this.failure;
+    this.failure = undefined;
+    return f;
+  }
+
+  /** Copies the bytes of each held write (oldest first) over what was read from the file at offset. */
+  static apply(list: readonly HeldWrite[], buf: Buffer, offset: number, beforeEpoch = Infinity): void {
+    const end = offset + buf.length;
+    for (const h of list) {
+      if (h.gen >= beforeEpoch) continue;
+      const a = Math.max(offset, h.offset);
+      const b = Math.min(end, h.end);
+      if (b > a) h.data.copy(buf, a - offset, a - h.offset, b - h.offset);
+    }
+  }
+}
