@@ -7,9 +7,12 @@ import { performance } from 'node:perf_hooks';
 export interface BlockDevice {
   /** Current size in bytes. Stores grow by writing past the end. */
   readonly size: number;
-  /** Fills buf from offset; bytes past the end read as zeros. */
-  read(buf: Buffer, offset: number): Promise<void>;
-  write(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Fills buf from offset; bytes past the end read as zeros. background: no client waits
+   * on this call directly (a copy, a held write landing), so it stays off the event loop.
+   */
+  read(buf: Buffer, offset: number, background?: boolean): Promise<void>;
+  write(buf: Buffer, offset: number, background?: boolean): Promise<void>;
   /** Makes every completed write durable (fdatasync). */
   sync(): Promise<void>;
   /** Deallocates a range; it then reads as zeros. Optional: callers fall back to nothing. */
@@ -114,9 +117,9 @@ export class FileDevice implements BlockDevice {
     return this._size;
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
+  async read(buf: Buffer, offset: number, background = false): Promise<void> {
     let done = 0;
-    if (this.io.useSync(buf.length, true)) {
+    if (!background && this.io.useSync(buf.length, true)) {
       done = this.io.timed(() => fs.readSync(this.fd, buf, 0, buf.length, offset));
       if (done === 0) {
         buf.fill(0);
@@ -134,9 +137,9 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  async write(buf: Buffer, offset: number): Promise<void> {
+  async write(buf: Buffer, offset: number, background = false): Promise<void> {
     let done = 0;
-    if (this.io.useSync(buf.length)) done = this.io.timed(() => fs.writeSync(this.fd, buf, 0, buf.length, offset));
+    if (!background && this.io.useSync(buf.length)) done = this.io.timed(() => fs.writeSync(this.fd, buf, 0, buf.length, offset));
     while (done < buf.length) {
       this.io.asyncCalls++;
       done += await writeP(this.fd, buf, done, buf.length - done, offset + done);

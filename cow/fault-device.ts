@@ -79,14 +79,14 @@ export class FaultDevice implements BlockDevice {
     return this.inner.size;
   }
 
-  read(buf: Buffer, offset: number): Promise<void> {
+  read(buf: Buffer, offset: number, background?: boolean): Promise<void> {
     const e = this.plan().check(this.path, 'read', offset, buf.length);
-    return e ? Promise.reject(e) : this.inner.read(buf, offset);
+    return e ? Promise.reject(e) : this.inner.read(buf, offset, background);
   }
 
-  write(buf: Buffer, offset: number): Promise<void> {
+  write(buf: Buffer, offset: number, background?: boolean): Promise<void> {
     const e = this.plan().check(this.path, 'write', offset, buf.length);
-    return e ? Promise.reject(e) : this.inner.write(buf, offset);
+    return e ? Promise.reject(e) : this.inner.write(buf, offset, background);
   }
 
   sync(): Promise<void> {

@@ -143,7 +143,7 @@ export class Origin implements Volume, OriginView {
       if (prior.length) await this.behind.settle(prior);
       const stores = this.copying;
       if (stores) await this.prepare(stores, h.offset, h.data.length, h.gen);
-      await this.dev.write(h.data, h.offset);
+      await this.dev.write(h.data, h.offset, true);
     } catch (e) {
       h.error = e instanceof Error ? e : new Error(String(e));
     } finally {
@@ -251,6 +251,7 @@ export class Origin implements Volume, OriginView {
   async close(): Promise<void> {
     await this.quiesced(async () => {});
     await this.behind.settle();
+    this.behind.trim();
     await this.dev.close();
   }
 }

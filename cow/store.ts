@@ -622,7 +622,7 @@ export class ExceptionStore {
     if (wait) await wait;
     try {
       // One read of the origin run.
-      await this.origin.read(buf, chunks[0]! * cs);
+      await this.origin.read(buf, chunks[0]! * cs, true);
       // A chunk of zeros (a hole in a sparse origin, mostly) becomes a zero exception: no
       // data chunk to write, sync or charge. dm-snapshot copies it like any other.
       const zeros = ZEROS.subarray(0, cs);
@@ -647,7 +647,7 @@ export class ExceptionStore {
           while (b < copied && data[b] === data[b - 1]! + 1 && phys[data[b]!] === phys[data[b - 1]!]! + 1) b++;
           const k0 = data[a]!;
           const k1 = data[b - 1]! + 1;
-          writes.push(this.dev.write(buf.subarray(k0 * cs, k1 * cs), phys[k0]! * cs));
+          writes.push(this.dev.write(buf.subarray(k0 * cs, k1 * cs), phys[k0]! * cs, true));
           a = b;
         }
         await Promise.all(writes);
