@@ -63,7 +63,17 @@ export class Origin implements Volume, OriginView {
     // (the same bytes), never missed.
     const held = this.behind.overlapping(offset, offset + buf.length);
     if (!held.length) return this.dev.read(buf, offset);
-    return this.dev.read(buf, offset).then(() => WriteBehind.apply(held, buf, offset, epoch));
+    this.behind.pin(held);
+    return this.dev.read(buf, offset).then(
+      () => {
+        WriteBehind.apply(held, buf, offset, epoch);
+        this.behind.unpin(held);
+      },
+      (e: unknown) => {
+        this.behind.unpin(held);
+        throw e;
+      },
+    );
   }
 
   private async enter(): Promise<void> {

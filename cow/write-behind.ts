@@ -39,6 +39,9 @@ export interface HeldWrite {
   /** Resolves (never rejects) once the write is in the file, or has failed: see error. */
   landed: Promise<void>;
   error?: Error;
+  /** Reads that will still copy from data: it is recycled only once they are done. */
+  pins: number;
+  released: boolean;
 }
 
 export class WriteBehind {
@@ -96,7 +99,7 @@ export class WriteBehind {
   /** Registers a write; with own=true the data is copied (the caller's buffer is pooled). */
   hold(data: Buffer, offset: number, gen: number, own: boolean): HeldWrite {
     const copy = own ? this.copyOf(data) : data;
-    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, owned: own, landed: Promise.resolve() };
+    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, owned: own, landed: Promise.resolve(), pins: 0, released: false };
     this.all.add(h);
     for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
       const list = this.byUnit.get(u);
@@ -118,9 +121,10 @@ export class WriteBehind {
       if (list.length === 1) this.byUnit.delete(u);
       else list.splice(list.indexOf(h), 1);
     }
+    h.released = true;
     if (h.owned) {
       this.heldBytes -= h.data.length;
-      this.recycle(h.data);
+      if (h.pins === 0) this.recycle(h.data);
     }
     this.degraded = h.error !== undefined;
     if (h.error && h.owned) this.failure ??= h.error;
@@ -169,6 +173,15 @@ export class WriteBehind {
     const f = this.failure;
     this.failure = undefined;
     return f;
+  }
+
+  /** Keeps the writes' data from being recycled until unpin: a read copies from it after its file read. */
+  pin(list: readonly HeldWrite[]): void {
+    for (const h of list) h.pins++;
+  }
+
+  unpin(list: readonly HeldWrite[]): void {
+    for (const h of list) if (--h.pins === 0 && h.released && h.owned) this.recycle(h.data);
   }
 
   /** Copies the bytes of each held write (oldest first) over what was read from the file at offset. */

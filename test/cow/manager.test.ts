@@ -32,6 +32,7 @@ t.test('create, write, restart, list, extend, remove', async (t) => {
   t.equal(s.size, 16 * MiB);
   await origin.write(fill(MiB, 2), 0, false);
   await s.write(fill(65536, 3), 2 * MiB, true);
+  await origin.settle();
   const u = m.list()[0]!;
   t.match(u, { name: 'snap', origin: 'vol', state: 'valid', usedChunks: 16 + 1 + 2, capacityChunks: 64, chunkSize: 65536 });
   t.ok(commits.length > 0, 'commit latency reported');
