@@ -1,0 +1,136 @@
+// Origin writes held while their chunks are copied (cow/write-behind.ts): acknowledged
+// before the copy is durable, never in the volume file before it, visible to origin
+// reads and to snapshots created after them, waited for by FLUSH and FUA, bounded.
+import t from 'tap';
+import { Origin } from '../../cow/origin.js';
+import { Snapshot } from '../../cow/snapshot.js';
+import { SECTOR, makeRig, pattern, sectorId, type Rig } from './helpers.js';
+
+const CS = 4096;
+const SPC = CS / SECTOR;
+
+async function snap(rig: Rig, name: string): Promise<Snapshot> {
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
+  return new Snapshot(rig.origin, rig.store, rec);
+}
+
+/** Holds every call of fn until open() (a gate on a device method). */
+function gate<A extends unknown[]>(obj: { [k: string]: unknown }, name: string): { open(): void; waiting(): number } {
+  const orig = (obj[name] as (...a: A) => Promise<void>).bind(obj);
+  let opened = false;
+  const queue: Array<() => void> = [];
+  obj[name] = (...a: A) => (opened ? orig(...a) : new Promise<void>((r) => queue.push(r)).then(() => orig(...a)));
+  return {
+    open() {
+      opened = true;
+      for (const f of queue.splice(0)) f();
+    },
+    waiting: () => queue.length,
+  };
+}
+
+const idAt = async (v: { read(b: Buffer, o: number): Promise<void> }, sector: number): Promise<number> => {
+  const b = Buffer.alloc(SECTOR);
+  await v.read(b, sector * SECTOR);
+  return sectorId(b, 0, sector);
+};
+
+const settled = async <T>(p: Promise<T>): Promise<boolean> => {
+  let done = false;
+  void p.then(
+    () => (done = true),
+    () => (done = true),
+  );
+  for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
+  return done;
+};
+
+t.test('acknowledged before its copy is durable, in the file only after', async (t) => {
+  const rig = await makeRig(64 * SPC, CS);
+  const s = await snap(rig, 'a');
+  const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
+  t.ok(await settled(rig.origin.write(pattern(3 * SPC, SPC, 7), 3 * CS, false)), 'acknowledged while the copy waits for its sync');
+  t.equal(rig.origin.behind.heldBytes, CS);
+  t.equal(await idAt(rig.origin, 3 * SPC), 7, 'origin reads see the held write');
+  const raw = Buffer.alloc(SECTOR);
+  await rig.originDev.read(raw, 3 * CS);
+  t.equal(sectorId(raw, 0, 3 * SPC), 1, 'the volume file still holds the old data');
+  t.equal(await idAt(s, 3 * SPC), 1, 'the snapshot reads the old data');
+  const flushed = rig.origin.flush();
+  t.notOk(await settled(flushed), 'FLUSH waits for the held write');
+  syncs.open();
+  await flushed;
+  t.equal(rig.origin.behind.heldBytes, 0);
+  t.equal(sectorId(rig.originDev.durableImage(), 3 * CS, 3 * SPC), 7, 'durable in the file after FLUSH');
+  t.equal(await idAt(s, 3 * SPC), 1, 'the snapshot still reads the old data, from its copy');
+  t.equal(rig.store.stats.copies, 1);
+});
+
+t.test('FUA writes and writes over the bound wait for their own landing', async (t) => {
+  const rig = await makeRig(64 * SPC, CS);
+  rig.origin = new Origin('o', rig.originDev, { writeBehindBytes: 2 * CS });
+  rig.origin.attach(rig.store);
+  await snap(rig, 'a');
+  const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
+  t.notOk(await settled(rig.origin.write(pattern(1 * SPC, SPC, 5), 1 * CS, true)), 'FUA: not before the copy and the write are durable');
+  t.ok(await settled(rig.origin.write(pattern(2 * SPC, SPC, 5), 2 * CS, false)), 'first held write');
+  t.ok(await settled(rig.origin.write(pattern(4 * SPC, SPC, 5), 4 * CS, false)), 'second held write fills the bound');
+  const over = rig.origin.write(pattern(6 * SPC, SPC, 5), 6 * CS, false);
+  t.notOk(await settled(over), 'a third waits: the bound is 2 chunks');
+  t.equal(rig.origin.behind.heldBytes, 2 * CS, 'never more than the bound held');
+  syncs.open();
+  await over;
+  await rig.origin.flush();
+  for (const c of [1, 2, 4, 6]) t.equal(sectorId(rig.originDev.durableImage(), c * CS, c * SPC), 5);
+});
+
+t.test('a bound of 0 makes every write wait for its copies, as before write-behind', async (t) => {
+  const rig = await makeRig(64 * SPC, CS);
+  rig.origin = new Origin('o', rig.originDev, { writeBehindBytes: 0 });
+  rig.origin.attach(rig.store);
+  await snap(rig, 'a');
+  await rig.origin.write(pattern(0, SPC, 9), 0, false);
+  t.equal(rig.store.stats.copies, 1, 'copied before the write returned');
+  t.equal(rig.origin.behind.count, 0);
+});
+
+t.test('a snapshot created while writes are held sees them; later writes copy them for it', async (t) => {
+  const rig = await makeRig(64 * SPC, CS);
+  const a = await snap(rig, 'a');
+  const originWrites = gate(rig.originDev as unknown as { [k: string]: unknown }, 'write');
+  // Held: copied for a (committed), but not yet in the volume file.
+  await rig.origin.write(pattern(5 * SPC, 2, 11), 5 * CS, false);
+  await rig.origin.write(pattern(5 * SPC + 4, 2, 12), 5 * CS + 4 * SECTOR, false);
+  for (let i = 0; i < 20 && originWrites.waiting() < 2; i++) await new Promise<void>((r) => setImmediate(r));
+  t.equal(originWrites.waiting(), 2, 'both held writes wait for the file');
+  const b = await snap(rig, 'b');
+  t.equal(await idAt(b, 5 * SPC), 11, 'b sees the first held write');
+  t.equal(await idAt(b, 5 * SPC + 4), 12, 'and the second');
+  t.equal(await idAt(b, 5 * SPC + 2), 1, 'and the file between them');
+  t.equal(await idAt(a, 5 * SPC), 1, 'a does not');
+  // A write to the same chunk after b: b needs a copy holding the held writes.
+  const later = rig.origin.write(pattern(5 * SPC, SPC, 13), 5 * CS, false);
+  t.notOk(await settled(later), 'waits until the older held writes are in the file');
+  originWrites.open();
+  await later;
+  await rig.origin.flush();
+  t.equal(await idAt(rig.origin, 5 * SPC), 13);
+  t.equal(await idAt(b, 5 * SPC), 11, 'b kept its view of the chunk');
+  t.equal(await idAt(b, 5 * SPC + 4), 12);
+  t.equal(await idAt(a, 5 * SPC + 4), 1, 'a kept its own');
+});
+
+t.test('zeroing and discarding after held writes keep their order', async (t) => {
+  const rig = await makeRig(64 * SPC, CS);
+  await snap(rig, 'a');
+  const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
+  await rig.origin.write(pattern(8 * SPC, SPC, 21), 8 * CS, false);
+  const z = rig.origin.writeZeroes(8 * CS, CS, false);
+  t.notOk(await settled(z), 'zeroing waits for the held write it follows');
+  syncs.open();
+  await z;
+  await rig.origin.flush();
+  const b = Buffer.alloc(CS);
+  await rig.origin.read(b, 8 * CS);
+  t.ok(b.equals(Buffer.alloc(CS)), 'zeros, not the earlier write');
+});
