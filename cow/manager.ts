@@ -168,7 +168,10 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const existing = this.origins.get(name);
     if (existing) return existing;
     const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
-    const origin = new Origin(name, dev, { writeBehindBytes: this.opts.writeBehindBytes });
+    const origin = new Origin(name, dev, {
+      writeBehindBytes: this.opts.writeBehindBytes,
+      onLost: (err, offset, length) => this.opts.logger?.error({ err, origin: name, offset, length }, 'acknowledged origin write lost'),
+    });
     const entries: StoreEntry[] = [];
     try {
       const prefix = `${name}.`;

@@ -16,6 +16,8 @@ export const DEFAULT_WRITE_BEHIND = Math.min(1 << 30, Math.floor(totalmem() / 16
 export interface OriginOptions {
   /** Bytes of acknowledged origin writes held while their copies are made (0: none). */
   writeBehindBytes?: number;
+  /** An acknowledged write could not land: the next FLUSH fails; this says so at once. */
+  onLost?(err: Error, offset: number, length: number): void;
 }
 
 export class Origin implements Volume, OriginView {
@@ -34,7 +36,7 @@ export class Origin implements Volume, OriginView {
   constructor(
     readonly name: string,
     readonly dev: BlockDevice,
-    opts: OriginOptions = {},
+    private readonly opts: OriginOptions = {},
   ) {
     this.size = dev.size;
     this.syncer = new SyncCoalescer(() => dev.sync());
@@ -156,6 +158,7 @@ export class Origin implements Volume, OriginView {
       await this.dev.write(h.data, h.offset, true);
     } catch (e) {
       h.error = e instanceof Error ? e : new Error(String(e));
+      if (h.owned) this.opts.onLost?.(h.error, h.offset, h.data.length);
     } finally {
       this.behind.release(h);
     }

@@ -196,6 +196,16 @@ run_fio() { # name uri out [extra fio args...]
     --size="$SIZE" --output-format=json --output="$out" "$@" >/dev/null
 }
 
+# Seconds one NBD_CMD_FLUSH takes on a fresh connection: what the writes just
+# acknowledged still cost to be durable (the page cache's writeback, and for
+# cowbd the chunk copies of writes it holds; see docs/cow-design.md).
+flush_time() { # uri out
+  nbdsh -u "$1" -c 'import time
+t = time.monotonic()
+h.flush()
+print(f"{time.monotonic() - t:.3f}")' >"$2"
+}
+
 timed() { # the time-based shape of a job
   run_fio "$@" --runtime="$RUNTIME" --time_based --ramp_time=1
 }
@@ -258,10 +268,12 @@ for round in $(seq 1 "$ROUNDS"); do
       sync "$COWBD_VOL"
       log "round $round/$ROUNDS: first-write $job on cowbd, no snapshot"
       run_fio "$job" "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd.json" "${extra[@]}"
+      flush_time "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd.flush"
       for n in $COW_SNAPS; do
         for i in $(seq 1 "$n"); do snap_create "$COWBD_SOCK" bench "cow$i" "$STORE_BYTES" "$CHUNK_BYTES"; done
         log "round $round/$ROUNDS: first-write $job on cowbd, $n snapshot(s)"
         run_fio "$job" "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd-${n}snap.json" "${extra[@]}"
+        flush_time "${URIS[cowbd]}" "$RESULTS/$round.cow-$job.cowbd-${n}snap.flush"
         ctl "$COWBD_SOCK" GET /v1/snapshots/cow1 >"$RESULTS/$round.cow-$job.cowbd-${n}snap.meta"
         for i in $(seq 1 "$n"); do snap_remove "$COWBD_SOCK" "cow$i"; done
       done

@@ -81,6 +81,8 @@ class Results:
     def __init__(self, path):
         self.samples = {}  # (job, target) -> {round: (MiB/s, IOPS)}
         self.meta = {}  # (job, target) -> {round: snapshot usage}
+        self.flush = {}  # (job, target) -> {round: seconds of the FLUSH after the run}
+        self.runs = {}  # (job, target) -> {round: (bytes, seconds)}
         self.errors = []
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
@@ -92,6 +94,10 @@ class Results:
                 with open(full) as f:
                     self.meta.setdefault((job, target), {})[rnd] = json.load(f)
                 continue
+            if ext == "flush":
+                with open(full) as f:
+                    self.flush.setdefault((job, target), {})[rnd] = float(f.read().strip() or "nan")
+                continue
             if ext != "json":
                 continue
             data = load(full)
@@ -101,6 +107,7 @@ class Results:
                     continue
                 s = j[side(j)]
                 self.samples.setdefault((job, target), {})[rnd] = (s["bw_bytes"] / MiB, s["iops"])
+                self.runs.setdefault((job, target), {})[rnd] = (s["io_bytes"], s["runtime"] / 1000)
 
     def median(self, key, idx):
         got = self.samples.get(key)
@@ -188,6 +195,30 @@ def main():
             p = "–" if per is None else f"{per[0]:.2f}–{per[1]:.2f} ({n})"
             met = "–" if ratio is None else ("yes" if ratio >= tgt else "no")
             print(f"| {item} | {what} | {f} | {b} | {fmt_ratio(ratio)} | {p} | ≥ {tgt} | {met} |")
+        print()
+
+    # What the first writes cost once durable: the run plus one FLUSH right after it.
+    if R.flush:
+        print("### First writes made durable (the run, then one FLUSH)")
+        print()
+        print("| job | target | run | FLUSH after | MiB/s including the FLUSH | vs no snapshot |")
+        print("|---|---|---:|---:|---:|---:|")
+        def durable(key):
+            runs, fl = R.runs.get(key, {}), R.flush.get(key, {})
+            per = {r: runs[r][0] / MiB / (runs[r][1] + fl[r]) for r in runs if r in fl}
+            return per
+        for job in ("cow-seqwrite", "cow-randwrite"):
+            base = durable((job, "cowbd"))
+            for target in ("cowbd", "cowbd-1snap", "cowbd-4snap"):
+                key = (job, target)
+                if key not in R.flush:
+                    continue
+                per = durable(key)
+                run = statistics.median(v[1] for v in R.runs[key].values())
+                fl = statistics.median(R.flush[key].values())
+                ratios = [per[r] / base[r] for r in per if r in base and base[r]]
+                ratio = "" if target == "cowbd" or not ratios else fmt_ratio(statistics.median(ratios))
+                print(f"| {job} | {target} | {run:.2f} s | {fl:.2f} s | {statistics.median(per.values()):.0f} | {ratio} |")
         print()
 
     # Snapshots' own account of the copy-on-write runs: was every write a first write?
