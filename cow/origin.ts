@@ -130,6 +130,7 @@ export class Origin implements Volume, OriginView {
    * copies read whole chunks from the file.
    */
   private async settleChunks(offset: number, length: number, pred?: (h: HeldWrite) => boolean): Promise<void> {
+    if (this.behind.empty) return;
     let cs = 1;
     for (const s of this.stores) cs = Math.max(cs, s.chunkSize);
     const a = Math.floor(offset / cs) * cs;

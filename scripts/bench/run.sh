@@ -200,10 +200,14 @@ run_fio() { # name uri out [extra fio args...]
 # acknowledged still cost to be durable (the page cache's writeback, and for
 # cowbd the chunk copies of writes it holds; see docs/cow-design.md).
 flush_time() { # uri out
-  nbdsh -u "$1" -c 'import time
+  # python3-libnbd is installed for the system interpreter, whatever python3 is first on PATH.
+  /usr/bin/python3 -c 'import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
 t = time.monotonic()
 h.flush()
-print(f"{time.monotonic() - t:.3f}")' >"$2"
+print(f"{time.monotonic() - t:.3f}")
+h.shutdown()' "$1" >"$2"
 }
 
 timed() { # the time-based shape of a job
