@@ -88,8 +88,17 @@ export class Origin implements Volume, OriginView {
   }
 
   async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    if (this.gate) await this.enter();
-    else this.inflight++;
+    for (;;) {
+      if (this.gate) await this.enter();
+      else this.inflight++;
+      if (!this.followsOlderEpoch(offset, buf.length)) break;
+      // Writes held before the last snapshot creation are part of that snapshot's view,
+      // so they must be in the file before a copy for it reads any chunk they touch; and
+      // one merged into them would leak into it. Rare (right after a creation): wait,
+      // outside the quiesce count, so the next creation does not wait for those copies.
+      this.leave();
+      await this.settleChunks(offset, buf.length, (h) => h.gen < this.epoch);
+    }
     let held: HeldWrite | undefined;
     try {
       const stores = this.copying;
@@ -109,10 +118,6 @@ export class Origin implements Volume, OriginView {
   /** A write some snapshot needs copies for, or that follows held writes: held, or written once no copy is due. */
   private async writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): Promise<HeldWrite | undefined> {
     const end = offset + buf.length;
-    // Writes held before the last snapshot creation are part of that snapshot's view, so
-    // they must be in the file before a copy for it reads any chunk they touch; and one
-    // merged into them would leak into it. Rare (right after a creation), so wait.
-    await this.settleChunks(offset, buf.length, (h) => h.gen < this.epoch);
     const prior = this.behind.overlapping(offset, end);
     if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
       if (stores) await this.prepare(stores, offset, buf.length, this.epoch);
@@ -125,16 +130,24 @@ export class Origin implements Volume, OriginView {
     return h;
   }
 
-  /**
-   * Waits until no held write matching pred touches a chunk (of any store) of the range:
-   * copies read whole chunks from the file.
-   */
-  private async settleChunks(offset: number, length: number, pred?: (h: HeldWrite) => boolean): Promise<void> {
-    if (this.behind.empty) return;
+  /** The range of chunks (of any store) a copy for this range reads: copies read whole chunks. */
+  private chunkSpan(offset: number, length: number): [number, number] {
     let cs = 1;
     for (const s of this.stores) cs = Math.max(cs, s.chunkSize);
-    const a = Math.floor(offset / cs) * cs;
-    const b = Math.ceil((offset + length) / cs) * cs;
+    return [Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs];
+  }
+
+  /** True when a held write from before the last snapshot creation touches the range's chunks. */
+  private followsOlderEpoch(offset: number, length: number): boolean {
+    if (this.behind.empty) return false;
+    const [a, b] = this.chunkSpan(offset, length);
+    return this.behind.overlapping(a, b).some((h) => h.gen < this.epoch);
+  }
+
+  /** Waits until no held write matching pred touches a chunk (of any store) of the range. */
+  private async settleChunks(offset: number, length: number, pred?: (h: HeldWrite) => boolean): Promise<void> {
+    if (this.behind.empty) return;
+    const [a, b] = this.chunkSpan(offset, length);
     for (;;) {
       let held = this.behind.overlapping(a, b);
       if (pred) held = held.filter(pred);
