@@ -295,6 +295,8 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
     log "round $round/$ROUNDS: copying every chunk (sequential write of the whole origin)"
     run_fio seqwrite "${URIS[cowbd]}" "$RESULTS/$round.copyall.cowbd-1snap.json"
+    # Held writes land (and their chunks are copied) before "copied" is measured.
+    flush_time "${URIS[cowbd]}" "$RESULTS/$round.copyall.cowbd-1snap.flush"
     ctl "$COWBD_SOCK" GET /v1/snapshots/rs >"$RESULTS/$round.copyall.cowbd-1snap.meta"
     if has rewrite; then
       for job in seqwrite randwrite; do
@@ -406,6 +408,8 @@ if has memory; then
   log "memory: copying every $MEM_CHUNK chunk of m (sequential 1M writes)"
   fio --name=copy --ioengine=nbd --uri="nbd://127.0.0.1:$port/m" --rw=write --bs=1M --iodepth=8 --size="$MEM_SIZE" \
     --output-format=json --output="$RESULTS/memory.copy.fio.json" >/dev/null
+  # Every copy made and every held write landed (and its memory freed) before counting.
+  flush_time "nbd://127.0.0.1:$port/m" "$RESULTS/memory.flush"
   sleep 1
   rss1=$(rss_of "$mpid")
   ctl "$dir/control.sock" GET /v1/snapshots/ms >"$RESULTS/memory.snap.json"
