@@ -50,8 +50,6 @@ export class WriteBehind {
   private seq = 0;
   /** Bytes of acknowledged writes held (copies the table owns). */
   heldBytes = 0;
-  /** Writes acknowledged and held since start, for metrics and tests. */
-  heldTotal = 0;
   private failure: Error | undefined;
   /** Free copy buffers by size (power of two from 4 KiB), at most maxBytes in all. */
   private readonly free = new Map<number, Buffer[]>();
@@ -108,7 +106,6 @@ export class WriteBehind {
     }
     if (own) {
       this.heldBytes += data.length;
-      this.heldTotal++;
     }
     return h;
   }
