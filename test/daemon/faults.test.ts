@@ -155,7 +155,9 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
   // that reads as valid, with the new data, after a restart: it is dropped instead.
   t.equal(await nbdErrno(c.write(10 * MiB, fill(16 * KiB, 23))), 0, 'held and acknowledged');
   t.equal(await nbdErrno(c.flush()), C.NBD_EIO, 'the next FLUSH fails: the write never landed');
-  t.ok(d.logs.some((l) => l.msg === 'acknowledged origin write lost'), 'and the loss is logged when it happens');
+  // The log line travels through the daemon's stdout: it may trail the FLUSH reply.
+  for (let i = 0; i < 100 && !d.logs.some((l) => l.msg === 'acknowledged origin write lost'); i++) await new Promise((r) => setTimeout(r, 20));
+  t.ok(d.logs.some((l) => l.msg === 'acknowledged origin write lost'), 'and the loss is logged');
   t.equal(await state(d, 'dead'), 'invalid', 'the snapshot is invalid in memory');
   t.equal(await nbdErrno(c.write(10 * MiB + 16 * KiB, fill(16 * KiB, 24))), C.NBD_EIO, 'every write it would have needed a copy for fails alike');
   t.same(await c.read(8 * MiB, 64 * KiB), fill(64 * KiB, 21), 'reads of the origin still work');
