@@ -117,7 +117,9 @@ t.test('EIO copying into a snapshot store invalidates that snapshot; the origin 
   // Only the 64 KiB store's data region fails: its slots (below 128 KiB) still take the invalid mark.
   await faults([{ file: 'vol0.64k.cows', op: 'write', from: HEADER }]);
   await c.write(8 * MiB, fill(64 * KiB, 21));
-  t.pass('the origin write succeeded');
+  // Held until its copy is made (write-behind): the FLUSH waits for that, under the fault.
+  await c.flush();
+  t.pass('the origin write and a FLUSH succeeded');
   await faults([]);
   t.same(await c.read(8 * MiB, 64 * KiB), fill(64 * KiB, 21), 'and landed');
   t.equal(await state(d, 'wfail'), 'invalid', 'the snapshot whose copy failed is invalid');
@@ -138,7 +140,8 @@ t.test('fdatasync failing on a snapshot store invalidates its snapshot; the orig
   await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'sfail', origin: 'vol0', size: '4M', chunkSize: '32K' });
   await faults([{ file: 'vol0.32k.cows', op: 'sync', times: 1 }]);
   await c.write(9 * MiB, fill(32 * KiB, 22));
-  t.pass('the origin write succeeded');
+  await c.flush();
+  t.pass('the origin write and a FLUSH succeeded');
   await faults([]);
   t.same(await c.read(9 * MiB, 32 * KiB), fill(32 * KiB, 22), 'and landed');
   t.equal(await state(d, 'sfail'), 'invalid', 'the snapshot is invalid');
