@@ -17,6 +17,8 @@
 // FLUSH, as a disk's failed write-back does; until a write lands again, writers wait for
 // their own, so each gets its error.
 
+import { BufferPool } from './buffer-pool.js';
+
 /** Bookkeeping granularity for overlap lookups; overlap itself is byte-exact. */
 const UNIT = 64 * 1024;
 /**
@@ -25,7 +27,7 @@ const UNIT = 64 * 1024;
  * event loop's time in a 1 MiB sequential first-write run (reused buffers cost neither).
  */
 const KEEP_FREE_MS = 15_000;
-const NONE: readonly HeldWrite[] = [];
+export const NONE: readonly HeldWrite[] = [];
 
 export interface HeldWrite {
   readonly seq: number;
@@ -34,6 +36,8 @@ export interface HeldWrite {
   readonly offset: number;
   readonly end: number;
   readonly data: Buffer;
+  /** The pooled buffer data is a view of, when the table owns a copy. */
+  readonly block: Buffer | undefined;
   /** Counted in heldBytes: acknowledged before landing, so the table owns a copy. */
   readonly owned: boolean;
   /** Resolves (never rejects) once the write is in the file, or has failed: see error. */
@@ -51,14 +55,15 @@ export class WriteBehind {
   /** Bytes of acknowledged writes held (copies the table owns). */
   heldBytes = 0;
   private failure: Error | undefined;
-  /** Free copy buffers by size (power of two from 4 KiB), at most maxBytes in all. */
-  private readonly free = new Map<number, Buffer[]>();
-  private freeBytes = 0;
+  /** Copy buffers by size (powers of two from 4 KiB), at most maxBytes of them free. */
+  private readonly pool: BufferPool;
   private trimTimer: NodeJS.Timeout | undefined;
   /** The last write to land failed: acknowledge nothing early until one lands again. */
   private degraded = false;
 
-  constructor(readonly maxBytes: number) {}
+  constructor(readonly maxBytes: number) {
+    this.pool = new BufferPool(Infinity, maxBytes);
+  }
 
   get empty(): boolean {
     return this.all.size === 0;
@@ -96,17 +101,20 @@ export class WriteBehind {
 
   /** Registers a write; with own=true the data is copied (the caller's buffer is pooled). */
   hold(data: Buffer, offset: number, gen: number, own: boolean): HeldWrite {
-    const copy = own ? this.copyOf(data) : data;
-    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, owned: own, landed: Promise.resolve(), pins: 0, released: false };
+    let block: Buffer | undefined;
+    if (own) {
+      block = this.pool.get(bucket(data.length));
+      data.copy(block);
+    }
+    const copy = block ? block.subarray(0, data.length) : data;
+    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, block, owned: own, landed: Promise.resolve(), pins: 0, released: false };
     this.all.add(h);
     for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
       const list = this.byUnit.get(u);
       if (list) list.push(h);
       else this.byUnit.set(u, [h]);
     }
-    if (own) {
-      this.heldBytes += data.length;
-    }
+    if (own) this.heldBytes += data.length;
     return h;
   }
 
@@ -121,29 +129,14 @@ export class WriteBehind {
     h.released = true;
     if (h.owned) {
       this.heldBytes -= h.data.length;
-      if (h.pins === 0) this.recycle(h.data);
+      if (h.pins === 0) this.recycle(h);
     }
     this.degraded = h.error !== undefined;
     if (h.error && h.owned) this.failure ??= h.error;
   }
 
-  private copyOf(data: Buffer): Buffer {
-    const size = bucket(data.length);
-    const b = this.free.get(size)?.pop();
-    if (b) this.freeBytes -= size;
-    const out = (b ?? Buffer.allocUnsafeSlow(size)).subarray(0, data.length);
-    data.copy(out);
-    return out;
-  }
-
-  private recycle(b: Buffer): void {
-    const size = b.buffer.byteLength;
-    if (size !== bucket(size) || b.byteOffset !== 0 || this.freeBytes + size > this.maxBytes) return;
-    const list = this.free.get(size);
-    const whole = Buffer.from(b.buffer, 0, size);
-    if (list) list.push(whole);
-    else this.free.set(size, [whole]);
-    this.freeBytes += size;
+  private recycle(h: HeldWrite): void {
+    if (h.block) this.pool.put(h.block);
     if (this.all.size === 0) {
       // Idle: give the memory back unless writes resume soon.
       clearTimeout(this.trimTimer);
@@ -154,8 +147,7 @@ export class WriteBehind {
   /** Drops the free buffers. */
   trim(): void {
     clearTimeout(this.trimTimer);
-    this.free.clear();
-    this.freeBytes = 0;
+    this.pool.trim();
   }
 
   /** Resolves once every write held now has landed. */
@@ -178,7 +170,7 @@ export class WriteBehind {
   }
 
   unpin(list: readonly HeldWrite[]): void {
-    for (const h of list) if (--h.pins === 0 && h.released && h.owned) this.recycle(h.data);
+    for (const h of list) if (--h.pins === 0 && h.released && h.owned) this.recycle(h);
   }
 
   /** Copies the bytes of each held write (oldest first) over what was read from the file at offset. */
