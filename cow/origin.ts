@@ -8,7 +8,7 @@ import { cowError } from './errors.js';
 import type { ExceptionStore, OriginView } from './store.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { Volume } from './volume.js';
-import { WriteBehind, type HeldWrite } from './write-behind.js';
+import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
 
 /** Default bound on held writes: a sixteenth of RAM, at most 1 GiB. */
 export const DEFAULT_WRITE_BEHIND = Math.min(1 << 30, Math.floor(totalmem() / 16));
@@ -91,13 +91,13 @@ export class Origin implements Volume, OriginView {
     for (;;) {
       if (this.gate) await this.enter();
       else this.inflight++;
-      if (!this.followsOlderEpoch(offset, buf.length)) break;
+      if (!this.olderHeld(offset, buf.length).length) break;
       // Writes held before the last snapshot creation are part of that snapshot's view,
       // so they must be in the file before a copy for it reads any chunk they touch; and
       // one merged into them would leak into it. Rare (right after a creation): wait,
       // outside the quiesce count, so the next creation does not wait for those copies.
       this.leave();
-      await this.settleChunks(offset, buf.length, (h) => h.gen < this.epoch);
+      await this.settleOlder(offset, buf.length);
     }
     let held: HeldWrite | undefined;
     try {
@@ -120,7 +120,8 @@ export class Origin implements Volume, OriginView {
     const end = offset + buf.length;
     const prior = this.behind.overlapping(offset, end);
     if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
-      if (stores) await this.prepare(stores, offset, buf.length, this.epoch);
+      // Nothing to copy: only snapshot reads still reading these chunks from the file.
+      if (stores) await Promise.all(stores.map((s) => s.originReadsDone(offset, buf.length)));
       await this.dev.write(buf, offset);
       return undefined;
     }
@@ -137,30 +138,25 @@ export class Origin implements Volume, OriginView {
     return [Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs];
   }
 
-  /** True when a held write from before the last snapshot creation touches the range's chunks. */
-  private followsOlderEpoch(offset: number, length: number): boolean {
-    if (this.behind.empty) return false;
+  /** Held writes from before the last snapshot creation that touch the range's chunks. */
+  private olderHeld(offset: number, length: number): readonly HeldWrite[] {
+    if (this.behind.empty) return NONE;
     const [a, b] = this.chunkSpan(offset, length);
-    return this.behind.overlapping(a, b).some((h) => h.gen < this.epoch);
+    let out: HeldWrite[] | undefined;
+    for (const h of this.behind.overlapping(a, b)) if (h.gen < this.epoch) (out ??= []).push(h);
+    return out ?? NONE;
   }
 
-  /** Waits until no held write matching pred touches a chunk (of any store) of the range. */
-  private async settleChunks(offset: number, length: number, pred?: (h: HeldWrite) => boolean): Promise<void> {
-    if (this.behind.empty) return;
-    const [a, b] = this.chunkSpan(offset, length);
-    for (;;) {
-      let held = this.behind.overlapping(a, b);
-      if (pred) held = held.filter(pred);
-      if (!held.length) return;
-      await this.behind.settle(held);
-    }
+  /** Waits until olderHeld is empty (no new ones appear: new writes carry the current epoch). */
+  private async settleOlder(offset: number, length: number): Promise<void> {
+    for (let held = this.olderHeld(offset, length); held.length; held = this.olderHeld(offset, length)) await this.behind.settle(held);
   }
 
   /** For an operation that bypasses the table: held writes it follows land first. */
   private async settleBefore(offset: number, length: number): Promise<void> {
     if (this.behind.empty) return;
     await this.behind.settle(this.behind.overlapping(offset, offset + length));
-    await this.settleChunks(offset, length, (h) => h.gen < this.epoch);
+    await this.settleOlder(offset, length);
   }
 
   /** Lands a held write in the file: after the writes it follows, and after its copies are committed. */

@@ -547,7 +547,12 @@ export class ExceptionStore {
         for (const c of need) this.locks.release(c);
       }
     }
-    if (this.originReaders.size) await this.originReaders.waitRange(first, last);
+    await this.originReadsDone(offset, length);
+  }
+
+  /** Resolves once no snapshot read is reading a chunk of the range from the origin. */
+  async originReadsDone(offset: number, length: number): Promise<void> {
+    if (this.originReaders.size) await this.originReaders.waitRange(Math.floor(offset / this.chunkSize), Math.floor((offset + length - 1) / this.chunkSize));
   }
 
   private async copyForOrigin(chunks: number[], gen: number): Promise<void> {
