@@ -3,6 +3,7 @@
 import { MemDevice } from '../../cow/mem-device.js';
 import { ExceptionStore } from '../../cow/store.js';
 import { Origin } from '../../cow/origin.js';
+import { Snapshot } from '../../cow/snapshot.js';
 
 export const SECTOR = 512;
 
@@ -169,4 +170,17 @@ export function seeds(n: number): number[] {
   if (pinned) return [Number(pinned)];
   const base = Math.floor(Math.random() * 1e9);
   return Array.from({ length: n }, (_v, i) => base + i);
+}
+
+/** Creates a snapshot in the rig's store, as the manager does (origin quiesced). */
+export async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
+  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }));
+  return new Snapshot(rig.origin, rig.store, rec);
+}
+
+/** The tag of the sector a volume reads at that sector number. */
+export async function idAt(v: { read(b: Buffer, o: number): Promise<void> }, sector: number): Promise<number> {
+  const b = Buffer.alloc(SECTOR);
+  await v.read(b, sector * SECTOR);
+  return sectorId(b, 0, sector);
 }

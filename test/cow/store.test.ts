@@ -19,12 +19,7 @@ import {
   HEADER_BYTES,
   SLOT_BYTES,
 } from '../../cow/format.js';
-import { SECTOR, makeRig, pattern, reopenRig, sectorId, type Rig } from './helpers.js';
-
-async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }));
-  return new Snapshot(rig.origin, rig.store, rec);
-}
+import { SECTOR, idAt, makeRig, pattern, reopenRig, sectorId, snap, type Rig } from './helpers.js';
 
 async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot> }> {
   await rig.store.idle();
@@ -34,11 +29,6 @@ async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot
   return { rig: re, snaps };
 }
 
-const idAt = async (v: { read(b: Buffer, o: number): Promise<void> }, sector: number): Promise<number> => {
-  const b = Buffer.alloc(SECTOR);
-  await v.read(b, sector * SECTOR);
-  return sectorId(b, 0, sector);
-};
 
 const codeOf = (p: Promise<unknown>): Promise<string | undefined> =>
   p.then(

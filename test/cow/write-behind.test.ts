@@ -3,16 +3,12 @@
 // reads and to snapshots created after them, waited for by FLUSH and FUA, bounded.
 import t from 'tap';
 import { Origin } from '../../cow/origin.js';
-import { Snapshot } from '../../cow/snapshot.js';
-import { SECTOR, makeRig, pattern, sectorId, type Rig } from './helpers.js';
+import { SECTOR, idAt, makeRig, pattern, sectorId, snap as snapOf, type Rig } from './helpers.js';
 
 const CS = 4096;
 const SPC = CS / SECTOR;
 
-async function snap(rig: Rig, name: string): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
-  return new Snapshot(rig.origin, rig.store, rec);
-}
+const snap = (rig: Rig, name: string) => snapOf(rig, name, 1000);
 
 /** Holds every call of fn until open() (a gate on a device method). */
 function gate<A extends unknown[]>(obj: { [k: string]: unknown }, name: string): { open(): void; waiting(): number } {
@@ -28,12 +24,6 @@ function gate<A extends unknown[]>(obj: { [k: string]: unknown }, name: string):
     waiting: () => queue.length,
   };
 }
-
-const idAt = async (v: { read(b: Buffer, o: number): Promise<void> }, sector: number): Promise<number> => {
-  const b = Buffer.alloc(SECTOR);
-  await v.read(b, sector * SECTOR);
-  return sectorId(b, 0, sector);
-};
 
 const settled = async <T>(p: Promise<T>): Promise<boolean> => {
   let done = false;
