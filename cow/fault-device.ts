@@ -94,6 +94,15 @@ export class FaultDevice implements BlockDevice {
     return e ? Promise.reject(e) : this.inner.sync();
   }
 
+  /** Fails where a write or a sync would: an O_DSYNC write reports both kinds of error. */
+  writeDurable(buf: Buffer, offset: number): Promise<void> {
+    const plan = this.plan();
+    const e = plan.check(this.path, 'write', offset, buf.length) ?? plan.check(this.path, 'sync');
+    if (e) return Promise.reject(e);
+    if (this.inner.writeDurable) return this.inner.writeDurable(buf, offset);
+    return this.inner.write(buf, offset).then(() => this.inner.sync());
+  }
+
   punchHole(offset: number, length: number): Promise<void> {
     return this.punchHoles([[offset, length]]);
   }

@@ -83,6 +83,25 @@ export class MemDevice implements BlockDevice {
     this.durableSize = Math.max(this.durableSize, this._size);
   }
 
+  /** Durable on return, like an O_DSYNC write: it syncs nothing else. */
+  async writeDurable(buf: Buffer, offset: number): Promise<void> {
+    this.onIo?.('write');
+    if (this.failWrites) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+    await this.turn();
+    this.ensure(offset + buf.length);
+    buf.copy(this.cur, offset);
+    if (offset + buf.length > this._size) this._size = offset + buf.length;
+    buf.copy(this.durable, offset);
+    this.durableSize = Math.max(this.durableSize, offset + buf.length);
+    // An older unsynced write of these bytes can no longer surface over them.
+    const end = offset + buf.length;
+    for (const w of this.pending) {
+      const a = Math.max(offset, w.offset);
+      const b = Math.min(end, w.offset + w.data.length);
+      if (b > a) buf.copy(w.data, a - w.offset, a - offset, b - offset);
+    }
+  }
+
   // Hole punching and truncation are modelled as immediately durable: the engine only
   // does them to space no durable metadata references, and this is the harsher model.
   async punchHole(offset: number, length: number): Promise<void> {

@@ -58,3 +58,21 @@ t.test('FileDevice reads and writes the same bytes on both paths, zero-filling p
   t.equal(past.every((b) => b === 0), true, 'a read wholly past the end is zeros');
   t.ok(dev.io.syncCalls >= 3 && dev.io.asyncCalls >= 1, `sync ${dev.io.syncCalls}, async ${dev.io.asyncCalls}`);
 });
+
+t.test('FileDevice.writeDurable writes through its own O_DSYNC descriptor and refuses after close', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-io-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'f');
+  writeFileSync(path, Buffer.alloc(4096, 7));
+  const dev = await FileDevice.open(path);
+  await dev.write(Buffer.alloc(512, 1), 0);
+  await dev.writeDurable(Buffer.alloc(512, 3), 512);
+  await dev.writeDurable(Buffer.alloc(512, 4), 4096); // grows the file
+  t.equal(dev.size, 4608);
+  const b = Buffer.alloc(4608);
+  await dev.read(b, 0);
+  t.same([b[0], b[512], b[1024], b[4096]], [1, 3, 7, 4], 'both descriptors see one file');
+  await dev.close();
+  await dev.close();
+  await t.rejects(dev.writeDurable(Buffer.alloc(512), 0), { code: 'EBADF' }, 'closed is closed for durable writes too');
+});
