@@ -78,18 +78,19 @@ export class ReaderTable {
     }
   }
 
+  /** True while some key in [first, last] has readers. */
+  busy(first: number, last: number): boolean {
+    if (this.counts.size === 0) return false;
+    if (last - first < this.counts.size) {
+      for (let k = first; k <= last; k++) if (this.counts.has(k)) return true;
+      return false;
+    }
+    for (const k of this.counts.keys()) if (k >= first && k <= last) return true;
+    return false;
+  }
+
   /** Resolves when no key in [first, last] has readers. */
   async waitRange(first: number, last: number): Promise<void> {
-    for (;;) {
-      if (this.counts.size === 0) return;
-      let busy = false;
-      if (last - first < this.counts.size) {
-        for (let k = first; k <= last && !busy; k++) busy = this.counts.has(k);
-      } else {
-        for (const k of this.counts.keys()) if (k >= first && k <= last) busy = true;
-      }
-      if (!busy) return;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
+    while (this.busy(first, last)) await new Promise<void>((r) => this.waiters.push(r));
   }
 }

@@ -121,7 +121,12 @@ export class Origin implements Volume, OriginView {
     const prior = this.behind.overlapping(offset, end);
     if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
       // Nothing to copy: only snapshot reads still reading these chunks from the file.
-      if (stores) await Promise.all(stores.map((s) => s.originReadsDone(offset, buf.length)));
+      if (stores) {
+        for (const s of stores) {
+          const reads = s.originReadsDone(offset, buf.length);
+          if (reads) await reads;
+        }
+      }
       await this.dev.write(buf, offset);
       return undefined;
     }

@@ -565,9 +565,14 @@ export class ExceptionStore {
     await this.originReadsDone(offset, length);
   }
 
-  /** Resolves once no snapshot read is reading a chunk of the range from the origin. */
-  async originReadsDone(offset: number, length: number): Promise<void> {
-    if (this.originReaders.size) await this.originReaders.waitRange(Math.floor(offset / this.chunkSize), Math.floor((offset + length - 1) / this.chunkSize));
+  /**
+   * Resolves once no snapshot read is reading a chunk of the range from the origin;
+   * undefined when none is, so a rewrite of copied chunks (the common case) awaits nothing.
+   */
+  originReadsDone(offset: number, length: number): Promise<void> | undefined {
+    const first = Math.floor(offset / this.chunkSize);
+    const last = Math.floor((offset + length - 1) / this.chunkSize);
+    return this.originReaders.busy(first, last) ? this.originReaders.waitRange(first, last) : undefined;
   }
 
   private async copyForOrigin(chunks: number[], gen: number): Promise<void> {
