@@ -50,6 +50,8 @@ export class Origin implements Volume, OriginView {
   }
 
   private get copying(): ExceptionStore[] | undefined {
+    // The usual single store needs no new array per write.
+    if (this.stores.length === 1) return this.stores[0]!.live.length ? this.stores : undefined;
     let out: ExceptionStore[] | undefined;
     for (const s of this.stores) if (s.live.length) (out ??= []).push(s);
     return out;
@@ -102,7 +104,7 @@ export class Origin implements Volume, OriginView {
     let held: HeldWrite | undefined;
     try {
       const stores = this.copying;
-      if (stores || !this.behind.empty) held = await this.writeCow(stores, buf, offset, fua);
+      if ((stores || !this.behind.empty) && !this.writesThrough(stores, offset, buf.length)) held = await this.writeCow(stores, buf, offset, fua);
       else await this.dev.write(buf, offset);
     } finally {
       this.leave();
@@ -113,6 +115,18 @@ export class Origin implements Volume, OriginView {
       if (held.error) throw held.error;
     }
     if (fua) await this.syncer.sync();
+  }
+
+  /**
+   * True when the write may go straight to the file now: no held write overlaps it, no
+   * snapshot needs a copy of its chunks, none is reading them from the origin. The
+   * common case with snapshots (rewrites of copied chunks), decided without an await.
+   */
+  private writesThrough(stores: ExceptionStore[] | undefined, offset: number, length: number): boolean {
+    if (!this.behind.empty && this.behind.overlapping(offset, offset + length).length) return false;
+    if (!stores) return true;
+    for (const s of stores) if (s.needsCopy(offset, length) || s.originReading(offset, length)) return false;
+    return true;
   }
 
   /** A write some snapshot needs copies for, or that follows held writes: held, or written once no copy is due. */

@@ -565,6 +565,11 @@ export class ExceptionStore {
     await this.originReadsDone(offset, length);
   }
 
+  /** True while some snapshot read is reading a chunk of the range from the origin. */
+  originReading(offset: number, length: number): boolean {
+    return this.originReaders.busy(Math.floor(offset / this.chunkSize), Math.floor((offset + length - 1) / this.chunkSize));
+  }
+
   /**
    * Resolves once no snapshot read is reading a chunk of the range from the origin;
    * undefined when none is, so a rewrite of copied chunks (the common case) awaits nothing.
