@@ -21,7 +21,7 @@
 #               round, which run on cowbd alone when base is not selected)
 #     create    snapshot creation latency, idle and under a random-write load
 #     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
-#   ROUNDS=3 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
+#   ROUNDS=5 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
 #   CHUNK=64K                         snapshot chunk size for cow/rewrite/snapread
 #   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
 #   TARGETS="cowbd nbdkit"            base targets; the first nbdkit one is the baseline
@@ -39,7 +39,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 BENCH=$ROOT/scripts/bench
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
 SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory"}
