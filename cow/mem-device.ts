@@ -63,14 +63,24 @@ export class MemDevice implements BlockDevice {
     if (offset < this._size) this.cur.copy(buf, 0, offset, Math.min(this._size, offset + buf.length));
   }
 
-  async write(buf: Buffer, offset: number): Promise<void> {
+  /** The start of every write: the crash tests' hook, an injected failure, the latency. */
+  private async beginWrite(): Promise<void> {
     this.onIo?.('write');
     if (this.failWrites) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
     await this.turn();
+  }
+
+  /** Makes the bytes visible to reads (not durable). */
+  private put(buf: Buffer, offset: number): void {
     this.ensure(offset + buf.length);
     buf.copy(this.cur, offset);
-    this.pending.push({ offset, data: Buffer.from(buf) });
     if (offset + buf.length > this._size) this._size = offset + buf.length;
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    await this.beginWrite();
+    this.put(buf, offset);
+    this.pending.push({ offset, data: Buffer.from(buf) });
   }
 
   async sync(): Promise<void> {
@@ -85,12 +95,8 @@ export class MemDevice implements BlockDevice {
 
   /** Durable on return, like an O_DSYNC write: it syncs nothing else. */
   async writeDurable(buf: Buffer, offset: number): Promise<void> {
-    this.onIo?.('write');
-    if (this.failWrites) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
-    await this.turn();
-    this.ensure(offset + buf.length);
-    buf.copy(this.cur, offset);
-    if (offset + buf.length > this._size) this._size = offset + buf.length;
+    await this.beginWrite();
+    this.put(buf, offset);
     buf.copy(this.durable, offset);
     this.durableSize = Math.max(this.durableSize, offset + buf.length);
     // An older unsynced write of these bytes can no longer surface over them.

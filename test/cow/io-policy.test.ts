@@ -1,11 +1,20 @@
 // The page-cache fast path must give way to the threadpool once a call is slow,
 // and come back once the slow spell has passed.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { FileDevice, IoPolicy } from '../../cow/device.js';
+
+/** A file of `bytes` in a directory removed after the test. */
+async function tempFile(t: Test, bytes: Buffer): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-io-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'f');
+  writeFileSync(path, bytes);
+  return path;
+}
 
 function spin(ms: number): void {
   const end = performance.now() + ms;
@@ -36,10 +45,7 @@ t.test('errors from the synchronous path still reject', async (t) => {
 });
 
 t.test('FileDevice reads and writes the same bytes on both paths, zero-filling past the end', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'cowbd-io-'));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const path = join(dir, 'f');
-  writeFileSync(path, Buffer.alloc(8192, 7));
+  const path = await tempFile(t, Buffer.alloc(8192, 7));
   const dev = await FileDevice.open(path);
   t.teardown(() => dev.close());
   await dev.write(Buffer.alloc(4096, 1), 0); // sync path
@@ -60,10 +66,7 @@ t.test('FileDevice reads and writes the same bytes on both paths, zero-filling p
 });
 
 t.test('FileDevice.writeDurable writes through its own O_DSYNC descriptor and refuses after close', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'cowbd-io-'));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const path = join(dir, 'f');
-  writeFileSync(path, Buffer.alloc(4096, 7));
+  const path = await tempFile(t, Buffer.alloc(4096, 7));
   const dev = await FileDevice.open(path);
   await dev.write(Buffer.alloc(512, 1), 0);
   await dev.writeDurable(Buffer.alloc(512, 3), 512);
