@@ -104,8 +104,12 @@ export class Origin implements Volume, OriginView {
     let held: HeldWrite | undefined;
     try {
       const stores = this.copying;
-      if ((stores || !this.behind.empty) && !this.writesThrough(stores, offset, buf.length)) held = await this.writeCow(stores, buf, offset, fua);
-      else await this.dev.write(buf, offset);
+      if (!stores && this.behind.empty) await this.dev.write(buf, offset);
+      else {
+        const r = this.writeCow(stores, buf, offset, fua);
+        if (r instanceof Promise) await r;
+        else held = r;
+      }
     } finally {
       this.leave();
     }
@@ -118,36 +122,34 @@ export class Origin implements Volume, OriginView {
   }
 
   /**
-   * True when the write may go straight to the file now: no held write overlaps it, no
-   * snapshot needs a copy of its chunks, none is reading them from the origin. The
-   * common case with snapshots (rewrites of copied chunks), decided without an await.
+   * A write while snapshots exist or writes are held. The common case, a rewrite of
+   * copied chunks, goes straight to the file (the promise of that write); one some
+   * snapshot needs copies for, or that follows held writes, is held and returned.
    */
-  private writesThrough(stores: ExceptionStore[] | undefined, offset: number, length: number): boolean {
-    if (!this.behind.empty && this.behind.overlapping(offset, offset + length).length) return false;
-    if (!stores) return true;
-    for (const s of stores) if (s.needsCopy(offset, length) || s.originReading(offset, length)) return false;
-    return true;
-  }
-
-  /** A write some snapshot needs copies for, or that follows held writes: held, or written once no copy is due. */
-  private async writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): Promise<HeldWrite | undefined> {
-    const end = offset + buf.length;
-    const prior = this.behind.overlapping(offset, end);
-    if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
-      // Nothing to copy: only snapshot reads still reading these chunks from the file.
-      if (stores) {
-        for (const s of stores) {
-          const reads = s.originReadsDone(offset, buf.length);
-          if (reads) await reads;
-        }
+  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): HeldWrite | Promise<void> {
+    const prior = this.behind.empty ? NONE : this.behind.overlapping(offset, offset + buf.length);
+    if (!prior.length) {
+      let copy = false;
+      if (stores) for (const s of stores) if (s.needsCopy(offset, buf.length)) copy = true;
+      if (!copy) {
+        let reading = false;
+        if (stores) for (const s of stores) if (s.originReading(offset, buf.length)) reading = true;
+        return reading ? this.afterOriginReads(stores!, buf, offset) : this.dev.write(buf, offset);
       }
-      await this.dev.write(buf, offset);
-      return undefined;
     }
     const own = !fua && this.behind.hasRoom(buf.length);
     const h = this.behind.hold(buf, offset, this.epoch, own);
     h.landed = this.land(h, prior);
     return h;
+  }
+
+  /** Nothing to copy: only snapshot reads still reading these chunks from the file. */
+  private async afterOriginReads(stores: ExceptionStore[], buf: Buffer, offset: number): Promise<void> {
+    for (const s of stores) {
+      const reads = s.originReadsDone(offset, buf.length);
+      if (reads) await reads;
+    }
+    await this.dev.write(buf, offset);
   }
 
   /** The range of chunks (of any store) a copy for this range reads: copies read whole chunks. */
