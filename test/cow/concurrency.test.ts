@@ -133,3 +133,35 @@ t.test('copies in flight are capped', async (t) => {
   t.ok(peak <= 2, `peak ${peak} concurrent chunk copies`);
   t.equal(store.stats.copies, 32);
 });
+
+t.test('an origin write needing no copy still waits for a snapshot read of its chunk from the origin', async (t) => {
+  const rig = await makeRig(64, 4096);
+  const s = await snap(rig, 's');
+  // The snapshot's read of the origin stays in flight until released.
+  const realRead = rig.originDev.read.bind(rig.originDev);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  rig.originDev.read = async (b, o) => {
+    await realRead(b, o);
+    await gate;
+  };
+  const got = Buffer.alloc(512);
+  const reading = s.read(got, 0);
+  await new Promise<void>((r) => setImmediate(r));
+  rig.originDev.read = realRead;
+  // The snapshot's own whole-chunk write makes chunk 0 an exception: the origin write below needs no copy.
+  await s.write(Buffer.alloc(4096, 0x55), 0, false);
+  t.equal(rig.store.needsCopy(0, 512), false, 'chunk 0 needs no copy any more');
+  t.equal(rig.store.originReading(0, 512), true, 'the snapshot read is still reading it from the origin');
+  let written = false;
+  const writing = rig.origin.write(Buffer.alloc(512, 0x77), 0, false).then(() => (written = true));
+  await new Promise<void>((r) => setImmediate(r));
+  t.equal(written, false, 'the origin write waits for that read');
+  release();
+  await reading;
+  await writing;
+  t.equal(sectorId(got, 0, 0), 1, 'the read saw the origin as it was');
+  const now = Buffer.alloc(512);
+  await rig.origin.read(now, 0);
+  t.equal(now[0], 0x77, 'and the write then landed');
+});
