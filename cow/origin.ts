@@ -128,14 +128,9 @@ export class Origin implements Volume, OriginView {
    */
   private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): HeldWrite | Promise<void> {
     const prior = this.behind.empty ? NONE : this.behind.overlapping(offset, offset + buf.length);
-    if (!prior.length) {
-      let copy = false;
-      if (stores) for (const s of stores) if (s.needsCopy(offset, buf.length)) copy = true;
-      if (!copy) {
-        let reading = false;
-        if (stores) for (const s of stores) if (s.originReading(offset, buf.length)) reading = true;
-        return reading ? this.afterOriginReads(stores!, buf, offset) : this.dev.write(buf, offset);
-      }
+    if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
+      if (stores?.some((s) => s.originReading(offset, buf.length))) return this.afterOriginReads(stores, buf, offset);
+      return this.dev.write(buf, offset);
     }
     const own = !fua && this.behind.hasRoom(buf.length);
     const h = this.behind.hold(buf, offset, this.epoch, own);
