@@ -84,6 +84,7 @@ t.test('--max-connections-per-export: GO is refused with POLICY, EXPORT_NAME han
   c.send(clientFlags());
   t.equal(await go(c, 'a'), C.NBD_REP_ERR_POLICY, 'a third GO to export a gets NBD_REP_ERR_POLICY');
   t.equal(await go(c, 'b'), C.NBD_REP_ACK, 'the same client may still GO to export b');
+  await waitFor('the refusal log line', () => logged(d, 'per-export connection limit reached; refusing client').length >= 1);
   t.match(logged(d, 'per-export connection limit reached; refusing client')[0], { export: 'a', open: 2, max: 2 });
 
   const e = await RawClient.connect(d.port);
@@ -91,6 +92,8 @@ t.test('--max-connections-per-export: GO is refused with POLICY, EXPORT_NAME han
   e.send(Buffer.concat([clientFlags(), option(C.NBD_OPT_EXPORT_NAME, Buffer.from('a'))]));
   t.equal((await e.readAll(5000)).length, 0, 'NBD_OPT_EXPORT_NAME to a full export is answered by closing');
   t.ok(e.ended);
+  // The log line travels through the daemon's stdout pipe and can trail the hang-up.
+  await waitFor('the second refusal log line', () => logged(d, 'per-export connection limit reached; refusing client').length >= 2);
   t.equal(logged(d, 'per-export connection limit reached; refusing client').length, 2, 'each refusal is logged');
 
   // NBD_OPT_INFO is not a connection: it is answered whatever the count.
