@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import * as C from '../../protocol/constants.js';
 import { ExportAccess } from '../../daemon/access.js';
 import { loadConfig } from '../../daemon/config.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { startDaemon, waitForLog } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/raw-client.js';
 import { clientFlags, goData, option, parseOptionReplies } from '../helpers/frames.js';
 import { run } from '../integration/target.js';
@@ -146,6 +146,7 @@ t.test('a daemon enforces allow-lists and read-only exports', async (t) => {
 
   const denied = await run('nbdinfo', [d.uri('lan')]);
   t.not(denied.code, 0, 'nbdinfo is refused the lan export');
+  await waitForLog(d, (l) => l.msg === 'export access denied' && l.export === 'lan');
   const entry = d.logs.find((l) => l.msg === 'export access denied' && l.export === 'lan');
   t.ok(entry, 'the refusal is logged');
   t.equal(entry?.address, '127.0.0.1', 'with the client address');

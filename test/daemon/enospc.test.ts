@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import * as C from '../../protocol/constants.js';
 import { call } from '../../daemon/control-client.js';
-import { startDaemon, type Daemon } from '../helpers/daemon.js';
+import { startDaemon, waitForLog as logged, type Daemon } from '../helpers/daemon.js';
 import { NbdClient, fill, nbdErrno } from '../helpers/nbd-client.js';
 
 const execFileP = promisify(execFile);
@@ -44,13 +44,6 @@ async function tmpfs(dir: string, size: string): Promise<string | undefined> {
 
 
 const state = async (d: Daemon, name: string) => (await call<{ state: string }>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
-
-async function logged(d: Daemon, match: (l: Record<string, unknown>) => boolean, timeoutMs = 3000): Promise<boolean> {
-  for (const end = Date.now() + timeoutMs; Date.now() < end; await new Promise((r) => setTimeout(r, 20))) {
-    if (d.logs.some(match)) return true;
-  }
-  return false;
-}
 
 async function usedKiB(dir: string): Promise<number> {
   const { stdout } = await execFileP('df', ['-k', '--output=used', dir]);

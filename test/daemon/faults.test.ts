@@ -19,7 +19,7 @@ import { join } from 'node:path';
 import * as C from '../../protocol/constants.js';
 import { call } from '../../daemon/control-client.js';
 import type { FaultRule } from '../../cow/fault-device.js';
-import { startDaemon, type Daemon } from '../helpers/daemon.js';
+import { startDaemon, waitForLog as logged, type Daemon } from '../helpers/daemon.js';
 import { NbdClient, fill, nbdErrno } from '../helpers/nbd-client.js';
 
 const KiB = 1024;
@@ -40,14 +40,6 @@ async function faults(rules: FaultRule[]): Promise<void> {
 
 interface SnapView { name: string; state: string }
 const state = async (d: Daemon, name: string) => (await call<SnapView>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
-
-/** Waits (the log pipe lags the replies) for a log line that matches. */
-async function logged(d: Daemon, match: (l: Record<string, unknown>) => boolean, timeoutMs = 3000): Promise<boolean> {
-  for (const end = Date.now() + timeoutMs; Date.now() < end; await new Promise((r) => setTimeout(r, 20))) {
-    if (d.logs.some(match)) return true;
-  }
-  return false;
-}
 
 /** A 'request failed' line carrying the real error (code) and the export's name. */
 const failure = (exportName: string, command: string, code: string, level = 50) => (l: Record<string, unknown>) =>
@@ -159,8 +151,7 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
   t.equal(await nbdErrno(c.write(10 * MiB, fill(16 * KiB, 23))), 0, 'held and acknowledged');
   t.equal(await nbdErrno(c.flush()), C.NBD_EIO, 'the next FLUSH fails: the write never landed');
   // The log line travels through the daemon's stdout: it may trail the FLUSH reply.
-  for (let i = 0; i < 100 && !d.logs.some((l) => l.msg === 'acknowledged origin write lost'); i++) await new Promise((r) => setTimeout(r, 20));
-  t.ok(d.logs.some((l) => l.msg === 'acknowledged origin write lost'), 'and the loss is logged');
+  t.ok(await logged(d, (l) => l.msg === 'acknowledged origin write lost'), 'and the loss is logged');
   t.equal(await state(d, 'dead'), 'invalid', 'the snapshot is invalid in memory');
   t.equal(await nbdErrno(c.write(10 * MiB + 16 * KiB, fill(16 * KiB, 24))), C.NBD_EIO, 'every write it would have needed a copy for fails alike');
   t.same(await c.read(8 * MiB, 64 * KiB), fill(64 * KiB, 21), 'reads of the origin still work');

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import * as C from '../../protocol/constants.js';
-import { cowbdResult, startDaemon, type Daemon } from '../helpers/daemon.js';
+import { cowbdResult, startDaemon, waitForLog, type Daemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/raw-client.js';
 import { request } from '../helpers/frames.js';
 
@@ -117,7 +117,7 @@ t.test('a full store invalidates the snapshot, never the origin, and stays inval
   const exp = (await listExports(d)).find((e) => e.name === 'small')!;
   t.match(exp.description, /state invalid/);
   t.match(await metrics(d), /cowbd_snapshot_state\{snapshot="small",origin="vol0",state="invalid"\} 1/);
-  t.ok(d.logs.some((l) => l.msg === 'snapshot small invalidated' && l.snapshot === 'small'), 'invalidation is a log event');
+  t.ok(await waitForLog(d, (l) => l.msg === 'snapshot small invalidated' && l.snapshot === 'small'), 'invalidation is a log event');
   s.close();
   c.close();
   t.equal(await d.stop(), 0);
@@ -166,8 +166,8 @@ t.test('auto-extend grows a filling snapshot and logs it', async (t) => {
     if (cap <= MiB) await new Promise((r) => setTimeout(r, 100));
   }
   t.ok(cap >= 2 * MiB, `capacity grew to ${cap}`);
-  t.ok(d.logs.some((l) => typeof l.msg === 'string' && l.msg.endsWith('auto-extended')), 'auto-extend logged');
-  t.ok(d.logs.some((l) => typeof l.msg === 'string' && /is now \d+\.\d\d% full/.test(l.msg)), 'usage warning logged');
+  t.ok(await waitForLog(d, (l) => typeof l.msg === 'string' && l.msg.endsWith('auto-extended')), 'auto-extend logged');
+  t.ok(await waitForLog(d, (l) => typeof l.msg === 'string' && /is now \d+\.\d\d% full/.test(l.msg)), 'usage warning logged');
   c.close();
 });
 

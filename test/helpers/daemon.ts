@@ -41,6 +41,17 @@ export interface Daemon {
   stop(): Promise<number | null>;
 }
 
+/**
+ * Waits for a log line that matches: lines travel through the daemon's stdout pipe and
+ * can trail the reply or hang-up that a test saw first. False after timeoutMs.
+ */
+export async function waitForLog(d: Daemon, match: (l: Record<string, unknown>) => boolean, timeoutMs = 3000): Promise<boolean> {
+  for (const end = Date.now() + timeoutMs; Date.now() < end; await new Promise((r) => setTimeout(r, 20))) {
+    if (d.logs.some(match)) return true;
+  }
+  return d.logs.some(match);
+}
+
 export async function cowbd(args: string[], env?: NodeJS.ProcessEnv): Promise<{ stdout: string; stderr: string }> {
   return execFileP(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } });
 }
