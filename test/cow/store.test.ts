@@ -29,7 +29,6 @@ async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot
   return { rig: re, snaps };
 }
 
-
 const codeOf = (p: Promise<unknown>): Promise<string | undefined> =>
   p.then(
     () => undefined,
