@@ -133,7 +133,7 @@ mkdir -p "$WORK/build"
 cp -r "$ROOT/dist" "$WORK/build/dist"
 cp "$ROOT/package.json" "$WORK/build/"
 ln -s "$ROOT/node_modules" "$WORK/build/node_modules"
-COWBD=(node "$WORK/build/dist/daemon/cli.js")
+COWBD=(node "$WORK/build/dist/daemon/cli.cjs")
 
 ctl() { # sock method path [json]
   python3 "$BENCH/cowctl.py" call "$@"

@@ -1,9 +1,10 @@
 import t from 'tap';
 import { execFile, spawn } from 'node:child_process';
-import { mkdtemp, stat, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, stat, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { createInterface } from 'node:readline';
 import { CLI, startDaemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/raw-client.js';
 import * as C from '../../protocol/constants.js';
@@ -71,6 +72,33 @@ t.test('serve creates a default volume, locks the data dir, serves a unix socket
   const code = await d.stop();
   t.equal(code, 0, 'exit 0 after SIGTERM');
   t.ok(d.logs.some((l) => l.msg === 'stopped'));
+});
+
+t.test('the daemon runs on a threadpool of 16 unless UV_THREADPOOL_SIZE says otherwise', async (t) => {
+  // libuv starts every pool thread at its first use, so the process's thread count
+  // shows the size: main thread, V8's workers, the pool. An ES module entry sized it
+  // too late and ran on libuv's default 4. Started through env(1) without tap's
+  // NODE_OPTIONS, whose --import hooks load as ES modules and would start the pool first.
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const threads = async (...vars: string[]) => {
+    const proc = spawn('env', ['-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars, process.execPath, CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--metrics-listen', 'off'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const exited = new Promise((r) => proc.once('exit', r));
+    try {
+      await new Promise<void>((res, rej) => {
+        createInterface({ input: proc.stdout! }).on('line', (l) => l.includes('"serving"') && res());
+        proc.once('exit', (code) => rej(new Error(`exited with ${code}`)));
+      });
+      return (await readdir(`/proc/${proc.pid}/task`)).length;
+    } finally {
+      proc.kill('SIGTERM');
+      await exited;
+    }
+  };
+  const byDefault = await threads();
+  const two = await threads('UV_THREADPOOL_SIZE=2');
+  t.ok(byDefault > 16, `16 pool threads and the main thread at least (${byDefault} threads)`);
+  t.equal(byDefault - two, 14, `the operator's UV_THREADPOOL_SIZE=2 is kept (${two} threads)`);
 });
 
 t.test('read-only serve refuses writes', async (t) => {

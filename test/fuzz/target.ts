@@ -1,4 +1,4 @@
-// The servers the fuzzer drives: the real daemon (dist/daemon/cli.js) with the
+// The servers the fuzzer drives: the real daemon (dist/daemon/cli.cjs) with the
 // exports fuzzer.ts names, or an in-process NbdServer over memory backends.
 import { NbdServer } from '../../protocol/server.js';
 import { silentLogger } from '../../protocol/logger.js';

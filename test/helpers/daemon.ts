@@ -9,7 +9,7 @@ import { createInterface } from 'node:readline';
 
 const execFileP = promisify(execFile);
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const CLI = join(ROOT, 'dist', 'daemon', 'cli.js');
+export const CLI = join(ROOT, 'dist', 'daemon', 'cli.cjs');
 
 export interface DaemonOptions {
   /** Volumes to create before serving: name and lvcreate-style size ("64M"). */
