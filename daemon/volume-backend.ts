@@ -3,12 +3,15 @@
 // NBD_OPT_INFO show a snapshot's current state and usage.
 import type { Backend, Extent, ExportInfo, ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
+import { sharedPool } from '../protocol/buffer-pool.js';
 
 const CACHE_CHUNK = 4 * 1024 * 1024;
 // Block status reads the data to find zeros (Node has no lseek(SEEK_HOLE), and a
 // snapshot's holes are the origin's anyway). A reply may cover less than asked,
 // so one request reads at most this much; clients ask again for the rest.
 const STATUS_SCAN = 8 * 1024 * 1024;
+/** The largest buffer the shared pool keeps. */
+const SCAN_PIECE = 4 * 1024 * 1024;
 const STATUS_BLOCK = 64 * 1024;
 const ZEROS = Buffer.alloc(STATUS_BLOCK);
 const STATE_HOLE_ZERO = 3;
@@ -77,17 +80,28 @@ export class VolumeBackend implements Backend {
 
   async extents(offset: number, length: number): Promise<Extent[]> {
     const span = Math.min(length, STATUS_SCAN);
-    const buf = Buffer.allocUnsafe(span);
-    await this.volume.read(buf, offset);
     const out: Extent[] = [];
-    // Blocks follow absolute 64 KiB boundaries, so the answer does not depend on how the client slices its queries.
-    for (let at = 0; at < span; ) {
-      const end = Math.min(span, at + STATUS_BLOCK - ((offset + at) % STATUS_BLOCK));
-      const flags = buf.subarray(at, end).equals(ZEROS.subarray(0, end - at)) ? STATE_HOLE_ZERO : 0;
-      const last = out[out.length - 1];
-      if (last && last.flags === flags) last.length += end - at;
-      else out.push({ length: end - at, flags });
-      at = end;
+    // Read in pooled pieces: a fresh buffer per request was up to 8 MiB of new memory
+    // (page faults, and GC pressure as external memory) for every query of a client
+    // walking the volume.
+    const buf = sharedPool.get(Math.min(span, SCAN_PIECE));
+    try {
+      for (let base = 0; base < span; base += buf.length) {
+        const n = Math.min(buf.length, span - base);
+        const piece = n === buf.length ? buf : buf.subarray(0, n);
+        await this.volume.read(piece, offset + base);
+        // Blocks follow absolute 64 KiB boundaries, so the answer does not depend on how the client slices its queries.
+        for (let at = 0; at < n; ) {
+          const end = Math.min(n, at + STATUS_BLOCK - ((offset + base + at) % STATUS_BLOCK));
+          const flags = piece.subarray(at, end).equals(ZEROS.subarray(0, end - at)) ? STATE_HOLE_ZERO : 0;
+          const last = out[out.length - 1];
+          if (last && last.flags === flags) last.length += end - at;
+          else out.push({ length: end - at, flags });
+          at = end;
+        }
+      }
+    } finally {
+      sharedPool.put(buf);
     }
     return out;
   }
