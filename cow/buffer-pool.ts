@@ -8,7 +8,11 @@ export class BufferPool {
     private readonly maxBytes = Infinity,
   ) {}
 
+  /** Buffers handed out by get and not yet put back. */
+  lent = 0;
+
   get(size: number): Buffer {
+    this.lent++;
     const b = this.free.get(size)?.pop();
     if (!b) return Buffer.allocUnsafe(size);
     this.bytes -= size;
@@ -16,6 +20,7 @@ export class BufferPool {
   }
 
   put(buf: Buffer): void {
+    this.lent--;
     let list = this.free.get(buf.length);
     if (!list) this.free.set(buf.length, (list = []));
     if (list.length >= this.maxPerSize || this.bytes + buf.length > this.maxBytes) return;
@@ -29,6 +34,14 @@ export class BufferPool {
     this.bytes = 0;
   }
 }
+
+/**
+ * Chunk copy buffers, shared by every store: as many free as copies may be in flight
+ * (16 MiB of 64 KiB chunks is 256), bounded in bytes rather than per store. A cap of
+ * 16 buffers per size dropped and reallocated most of them under random first writes:
+ * allocation and the garbage collection it drove were a fifth of the loop thread.
+ */
+export const copyBuffers = new BufferPool(Infinity, 32 << 20);
 
 /** A shared read-only buffer of zeros. */
 export const ZEROS = Buffer.alloc(1 << 20);

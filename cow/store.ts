@@ -6,7 +6,7 @@ import type { BlockDevice } from './device.js';
 import { ABSENT } from './chunk-map.js';
 import { AreaLog, type MetaWrite } from './area-log.js';
 import { Allocator, REF_LIMBO, REF_META } from './allocator.js';
-import { BufferPool, ZEROS } from './buffer-pool.js';
+import { copyBuffers, ZEROS } from './buffer-pool.js';
 import { ChunkLocks, Limiter, ReaderTable } from './chunk-locks.js';
 import { Committer, type Job } from './committer.js';
 import { cowError } from './errors.js';
@@ -86,7 +86,7 @@ export class ExceptionStore {
   private readonly locks = new ChunkLocks();
   private readonly originReaders = new ReaderTable();
   private readonly copies: Limiter;
-  private readonly bufs = new BufferPool();
+  private readonly bufs = copyBuffers;
   private readonly committer: Committer;
   readonly syncer: SyncCoalescer;
   private readonly slotSeq = new Float64Array(MAX_SNAPSHOTS);
@@ -644,12 +644,14 @@ export class ExceptionStore {
   private async copyRun(chunks: number[], needers: SnapshotRecord[][]): Promise<void> {
     const cs = this.chunkSize;
     const n = chunks.length;
-    const buf = this.bufs.get(n * cs);
     const phys: number[] = new Array<number>(n).fill(ZERO_CHUNK);
     const charged: boolean[] = new Array<boolean>(n).fill(true);
     let copied = 0;
     const wait = this.copies.acquire();
     if (wait) await wait;
+    // Taken once admitted: copies queued behind the cap (one per held write, up to
+    // hundreds of thousands of them) would otherwise each hold a chunk of memory.
+    const buf = this.bufs.get(n * cs);
     try {
       // One read of the origin run.
       await this.origin.read(buf, chunks[0]! * cs, true);

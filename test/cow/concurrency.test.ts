@@ -5,6 +5,7 @@ import { MemDevice } from '../../cow/mem-device.js';
 import { ExceptionStore } from '../../cow/store.js';
 import { Origin } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
+import { copyBuffers } from '../../cow/buffer-pool.js';
 import { makeRig, sectorId, type Rig } from './helpers.js';
 
 async function snap(rig: Rig, name: string): Promise<Snapshot> {
@@ -115,10 +116,12 @@ t.test('copies in flight are capped', async (t) => {
   await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   let active = 0;
   let peak = 0;
+  let peakBuffers = 0;
   const orig = storeDev.write.bind(storeDev);
   storeDev.write = async (b, o) => {
     if (b.length === 8192) {
       peak = Math.max(peak, ++active);
+      peakBuffers = Math.max(peakBuffers, copyBuffers.lent);
       try {
         return await orig(b, o);
       } finally {
@@ -131,6 +134,8 @@ t.test('copies in flight are capped', async (t) => {
   await Promise.all(Array.from({ length: 32 }, (_v, i) => origin.write(Buffer.alloc(512, 9), i * 2 * 8192, false)));
   await origin.settle();
   t.ok(peak <= 2, `peak ${peak} concurrent chunk copies`);
+  t.ok(peakBuffers <= 2, `copies waiting for the cap hold no buffer (peak ${peakBuffers} lent)`);
+  t.equal(copyBuffers.lent, 0, 'every copy buffer is back');
   t.equal(store.stats.copies, 32);
 });
 
