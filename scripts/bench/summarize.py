@@ -83,6 +83,7 @@ class Results:
         self.meta = {}  # (job, target) -> {round: snapshot usage}
         self.flush = {}  # (job, target) -> {round: seconds of the FLUSH after the run}
         self.runs = {}  # (job, target) -> {round: (bytes, seconds)}
+        self.ios = {}  # (job, target) -> {round: requests fio completed}
         self.errors = []
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
@@ -108,6 +109,7 @@ class Results:
                 s = j[side(j)]
                 self.samples.setdefault((job, target), {})[rnd] = (s["bw_bytes"] / MiB, s["iops"])
                 self.runs.setdefault((job, target), {})[rnd] = (s["io_bytes"], s["runtime"] / 1000)
+                self.ios.setdefault((job, target), {})[rnd] = s.get("total_ios", 0)
 
     def median(self, key, idx):
         got = self.samples.get(key)
@@ -229,6 +231,12 @@ def main():
         ios = args.rand_ios if job == "cow-randwrite" else None
         notes.append(f"- {job} on {target}: exceptions in the snapshot after the run {min(exc)}–{max(exc)}"
                      + (f" (for {ios} writes)" if ios else "") + f", state {'/'.join(states)}")
+        if ios:
+            # A short count is either writes fio never sent or copies that went missing: say which.
+            for rnd, u in sorted(per.items()):
+                if u.get("exceptions", 0) != ios:
+                    sent = R.ios.get((job, target), {}).get(rnd, 0)
+                    notes.append(f"  - round {rnd}: {u.get('exceptions', 0)} exceptions after {sent} writes fio completed")
     if notes:
         print("Snapshots after the copy-on-write runs (a first-write run must leave one exception per chunk written, and the snapshot valid):")
         print()
