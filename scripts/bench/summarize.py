@@ -234,7 +234,7 @@ def main():
         if ios:
             # A short count is either writes fio never sent or copies that went missing: say which.
             for rnd, u in sorted(per.items()):
-                if u.get("exceptions", 0) != ios:
+                if str(u.get("exceptions", 0)) != str(ios):
                     sent = R.ios.get((job, target), {}).get(rnd, 0)
                     notes.append(f"  - round {rnd}: {u.get('exceptions', 0)} exceptions after {sent} writes fio completed")
     if notes:
