@@ -682,7 +682,11 @@ export class ExceptionStore {
           writes.push(this.dev.write(buf.subarray(k0 * cs, k1 * cs), phys[k0]! * cs, true));
           a = b;
         }
-        await Promise.all(writes);
+        // All settled before a failure is handled: the rollback frees the chunks and the
+        // buffer goes back to the pool, and a write still in flight must not land on a
+        // chunk reallocated meanwhile, or write from a buffer another copy has refilled.
+        const results = await Promise.allSettled(writes);
+        for (const r of results) if (r.status === 'rejected') throw r.reason;
       }
     } catch (e) {
       this.rollbackCopy(phys, charged, needers);
