@@ -3,15 +3,13 @@
 // NBD_OPT_INFO show a snapshot's current state and usage.
 import type { Backend, Extent, ExportInfo, ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
-import { sharedPool } from '../protocol/buffer-pool.js';
+import { MAX_POOLED_BYTES, sharedPool } from '../protocol/buffer-pool.js';
 
 const CACHE_CHUNK = 4 * 1024 * 1024;
 // Block status reads the data to find zeros (Node has no lseek(SEEK_HOLE), and a
 // snapshot's holes are the origin's anyway). A reply may cover less than asked,
 // so one request reads at most this much; clients ask again for the rest.
 const STATUS_SCAN = 8 * 1024 * 1024;
-/** The largest buffer the shared pool keeps. */
-const SCAN_PIECE = 4 * 1024 * 1024;
 const STATUS_BLOCK = 64 * 1024;
 const ZEROS = Buffer.alloc(STATUS_BLOCK);
 const STATE_HOLE_ZERO = 3;
@@ -84,7 +82,7 @@ export class VolumeBackend implements Backend {
     // Read in pooled pieces: a fresh buffer per request was up to 8 MiB of new memory
     // (page faults, and GC pressure as external memory) for every query of a client
     // walking the volume.
-    const buf = sharedPool.get(Math.min(span, SCAN_PIECE));
+    const buf = sharedPool.get(Math.min(span, MAX_POOLED_BYTES));
     try {
       for (let base = 0; base < span; base += buf.length) {
         const n = Math.min(buf.length, span - base);

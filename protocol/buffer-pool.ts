@@ -3,6 +3,8 @@
 
 const MIN_SHIFT = 12; // 4 KiB
 const MAX_SHIFT = 22; // 4 MiB: larger buffers are allocated and left to the GC
+/** The largest buffer the pool keeps: larger ones are allocated per request. */
+export const MAX_POOLED_BYTES = 1 << MAX_SHIFT;
 const PER_CLASS_BYTES = 16 * 1024 * 1024;
 /**
  * Buffers start this far into their memory, off the page boundary. Measured on
@@ -44,7 +46,7 @@ export class BufferPool {
 }
 
 function classOf(n: number): number {
-  if (n > 1 << MAX_SHIFT) return -1;
+  if (n > MAX_POOLED_BYTES) return -1;
   let s = MIN_SHIFT;
   while (1 << s < n) s++;
   return s - MIN_SHIFT;
