@@ -4,7 +4,6 @@ import { mkdtemp, readdir, stat, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { createInterface } from 'node:readline';
 import { CLI, startDaemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/raw-client.js';
 import * as C from '../../protocol/constants.js';
@@ -79,20 +78,12 @@ t.test('the daemon runs on a threadpool of 16 unless UV_THREADPOOL_SIZE says oth
   // shows the size: main thread, V8's workers, the pool. An ES module entry sized it
   // too late and ran on libuv's default 4. Started through env(1) without tap's
   // NODE_OPTIONS, whose --import hooks load as ES modules and would start the pool first.
-  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
   const threads = async (...vars: string[]) => {
-    const proc = spawn('env', ['-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars, process.execPath, CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--metrics-listen', 'off'], { stdio: ['ignore', 'pipe', 'inherit'] });
-    const exited = new Promise((r) => proc.once('exit', r));
+    const d = await startDaemon({ volumes: [{ name: 'v', size: '1M' }], launcher: ['env', '-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars] });
     try {
-      await new Promise<void>((res, rej) => {
-        createInterface({ input: proc.stdout! }).on('line', (l) => l.includes('"serving"') && res());
-        proc.once('exit', (code) => rej(new Error(`exited with ${code}`)));
-      });
-      return (await readdir(`/proc/${proc.pid}/task`)).length;
+      return (await readdir(`/proc/${d.proc.pid}/task`)).length;
     } finally {
-      proc.kill('SIGTERM');
-      await exited;
+      await d.stop();
     }
   };
   const byDefault = await threads();

@@ -24,6 +24,8 @@ export interface DaemonOptions {
   logLevel?: 'trace' | 'debug' | 'info';
   /** Keep only the log lines this accepts (long runs); default all. */
   keepLog?: (rec: Record<string, unknown>) => boolean;
+  /** A command that execs the daemon, as env(1) does: its pid stays the daemon's. */
+  launcher?: string[];
 }
 
 export interface Daemon {
@@ -76,7 +78,8 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   if (opts.readOnly) args.push('--read-only');
   if (opts.socket) args.push('--socket', opts.socket);
   args.push(...(opts.args ?? []));
-  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [cmd, ...pre] = [...(opts.launcher ?? []), process.execPath];
+  const proc = spawn(cmd!, [...pre, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
   const logs: Record<string, unknown>[] = [];
   let metricsPort = 0;
   let nbdPort = 0;
