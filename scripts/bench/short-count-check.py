@@ -2,8 +2,8 @@
 """Checks for scripts/bench/short-count.sh (run with /usr/bin/python3, which has libnbd).
 
   ref URI IOLOG OUT           hash every chunk the iolog writes, as URI reads it now
-  snap URI IOLOG REF          compare those chunks of URI (a snapshot) with REF
-  origin URI IOLOG PATTERN    count the iolog's blocks of URI that do not hold the hex PATTERN
+  snap URI IOLOG REF          print how many of those chunks of URI (a snapshot) differ from REF, then the first ten
+  origin URI IOLOG PATTERN    print how many of the iolog's blocks of URI do not hold the hex PATTERN, then the first ten
 """
 import hashlib, json, sys
 import nbd
@@ -26,12 +26,12 @@ def main():
         else:
             ref = json.load(open(sys.argv[4]))
             bad = sorted(int(c) for c in got if got[c] != ref[c])
-            print(f"snapshot chunks changed: {len(bad)} {bad[:10]}", end=" ")
+            print(len(bad), bad[:10])
     else:
         pat = bytes.fromhex(sys.argv[4])
         want = (pat * (BLOCK // len(pat) + 1))[:BLOCK]
         bad = sorted(o // CHUNK for o in offsets(iolog) if h.pread(BLOCK, o) != want)
-        print(f"origin blocks without the run's data: {len(bad)} {bad[:10]}", end=" ")
+        print(len(bad), bad[:10])
     h.shutdown()
 
 
