@@ -1,8 +1,8 @@
 // Block devices the COW engine reads and writes. The engine only ever sees this
 // interface, so the crash tests can swap files for a fault-injecting memory model.
 import * as fs from 'node:fs';
-import { execFile } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
+import { holePuncher } from './hole-puncher.js';
 
 export interface BlockDevice {
   /** Current size in bytes. Stores grow by writing past the end. */
@@ -93,10 +93,6 @@ export class IoPolicy {
   }
 }
 
-// fallocate(1) takes one range per call; a shell loop turns N ranges into one spawn.
-// The path travels as $0 and offsets are integers, so nothing is interpolated into the script.
-const PUNCH_SCRIPT = 'while read o l; do fallocate --punch-hole --keep-size -o "$o" -l "$l" "$0" || exit 1; done';
-
 export class FileDevice implements BlockDevice {
   private closed = false;
   private readonly fd: number;
@@ -117,6 +113,8 @@ export class FileDevice implements BlockDevice {
     const flags = readOnly ? 'r' : opts.create ? fs.constants.O_RDWR | fs.constants.O_CREAT : 'r+';
     const fh = await fs.promises.open(path, flags, 0o600);
     const st = await fh.stat();
+    // Started with the first writable device, while the daemon is small: see hole-puncher.ts.
+    if (!readOnly) holePuncher.start();
     // I/O goes through the callback API on the raw fd: cheaper per call than FileHandle.
     return new FileDevice(path, fh, st.size, readOnly);
   }
@@ -181,11 +179,7 @@ export class FileDevice implements BlockDevice {
   }
 
   punchHoles(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
-    if (ranges.length === 0) return Promise.resolve();
-    return new Promise((res, rej) => {
-      const child = execFile('/bin/sh', ['-c', PUNCH_SCRIPT, this.path], (e) => (e ? rej(e) : res()));
-      child.stdin?.end(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n`).join(''));
-    });
+    return holePuncher.punch(this.path, ranges);
   }
 
   truncate(size: number): Promise<void> {
