@@ -8,16 +8,16 @@
 // removal come. The shell forks fallocate from its own small image instead.
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 
-// One request per line, "OFFSET LENGTH PATH" (the path last, so it may hold spaces);
-// one reply line each, "ok" or "err MESSAGE", in order.
+// A request is two lines, "OFFSET LENGTH" then the path (read whole, so any byte but a
+// newline may be in it); one reply line each, "ok" or "err MESSAGE", in order.
 const SCRIPT =
-  'while IFS=" " read -r o l p; do ' +
+  'while read -r o l && IFS= read -r p; do ' +
   'if m=$(fallocate --punch-hole --keep-size -o "$o" -l "$l" -- "$p" 2>&1); then echo ok; ' +
   'else printf "err %s\\n" "$(printf %s "$m" | tr "\\n" " ")"; fi; done';
 
 export class HolePuncher {
   private child: ChildProcessWithoutNullStreams | undefined;
-  /** One per request line written and not yet answered, in order. */
+  /** One per request written and not yet answered, in order. */
   private waiting: Array<(err: string | undefined) => void> = [];
   private partial = '';
 
@@ -56,7 +56,7 @@ export class HolePuncher {
     );
     // While replies are due the process stays up to read them.
     handle(child.stdout).ref?.();
-    child.stdin.write(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)} ${path}\n`).join(''));
+    child.stdin.write(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n${path}\n`).join(''));
     return Promise.all(replies).then((errs) => {
       const err = errs.find((e) => e !== undefined);
       if (err !== undefined) throw Object.assign(new Error(`fallocate --punch-hole ${path}: ${err}`), { code: 'EIO' });

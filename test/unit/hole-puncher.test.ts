@@ -19,7 +19,7 @@ t.test('punches exactly the ranges asked, with one helper for every punch', asyn
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const hp = new HolePuncher();
   t.teardown(() => hp.stop());
-  const a = join(dir, 'a file with spaces');
+  const a = join(dir, ' a file with spaces ');
   const b = join(dir, 'b');
   await dataFile(a);
   await dataFile(b);
