@@ -1,7 +1,7 @@
 // Hole punching through the one long-lived fallocate helper: holes land where asked,
 // every punch reuses the helper (the daemon forks once, not per TRIM or removal), failures
 // come back per request without killing it, and a dead helper is replaced.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { mkdtemp, rm, writeFile, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,11 +14,17 @@ async function dataFile(path: string): Promise<void> {
   await writeFile(path, Buffer.alloc(MiB, 0x5a));
 }
 
-t.test('punches exactly the ranges asked, with one helper for every punch', async (t) => {
+/** A scratch directory and a helper of the test's own, both gone at its end. */
+async function setup(t: Test): Promise<{ dir: string; hp: HolePuncher }> {
   const dir = await mkdtemp(join(tmpdir(), 'cowbd-punch-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const hp = new HolePuncher();
   t.teardown(() => hp.stop());
+  return { dir, hp };
+}
+
+t.test('punches exactly the ranges asked, with one helper for every punch', async (t) => {
+  const { dir, hp } = await setup(t);
   const a = join(dir, ' a file with spaces ');
   const b = join(dir, 'b');
   await dataFile(a);
@@ -42,10 +48,7 @@ t.test('punches exactly the ranges asked, with one helper for every punch', asyn
 });
 
 t.test('a failed punch rejects with its message; the helper serves the next one', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'cowbd-punch-'));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const hp = new HolePuncher();
-  t.teardown(() => hp.stop());
+  const { dir, hp } = await setup(t);
   const ok = join(dir, 'ok');
   await dataFile(ok);
   await t.rejects(hp.punch(join(dir, 'missing'), [[0, 4096]]), { code: 'EIO', message: /missing.*No such file/ });
@@ -58,10 +61,7 @@ t.test('a failed punch rejects with its message; the helper serves the next one'
 });
 
 t.test('a helper that dies fails what it had and is replaced', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'cowbd-punch-'));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const hp = new HolePuncher();
-  t.teardown(() => hp.stop());
+  const { dir, hp } = await setup(t);
   const f = join(dir, 'f');
   await dataFile(f);
   hp.start();
