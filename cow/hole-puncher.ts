@@ -20,6 +20,7 @@ export class HolePuncher {
   /** One per request written and not yet answered, in order. */
   private waiting: Array<(err: string | undefined) => void> = [];
   private partial = '';
+  private spawnError = '';
 
   /** The helper's pid, once started. */
   get pid(): number | undefined {
@@ -29,7 +30,14 @@ export class HolePuncher {
   /** Starts the helper if it is not running. Idempotent; call it early, while the process is small. */
   start(): void {
     if (this.child) return;
-    const child = spawn('/bin/sh', ['-c', SCRIPT], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let child: ChildProcessWithoutNullStreams;
+    try {
+      child = spawn('/bin/sh', ['-c', SCRIPT], { stdio: ['pipe', 'pipe', 'pipe'] });
+    } catch (e) {
+      // Never fails a device's open: the punch that needs the helper reports it.
+      this.spawnError = e instanceof Error ? e.message : String(e);
+      return;
+    }
     this.child = child;
     // It must not keep the daemon alive; at the daemon's exit its stdin closes and the loop ends.
     child.unref();
@@ -47,7 +55,8 @@ export class HolePuncher {
     if (ranges.length === 0) return Promise.resolve();
     if (path.includes('\n')) return Promise.reject(Object.assign(new Error(`cannot punch holes in a path with a newline: ${JSON.stringify(path)}`), { code: 'EINVAL' }));
     this.start();
-    const child = this.child!;
+    const child = this.child;
+    if (!child) return Promise.reject(Object.assign(new Error(`cannot start the hole punch helper: ${this.spawnError}`), { code: 'EIO' }));
     const replies = ranges.map(
       () =>
         new Promise<string | undefined>((res) => {

@@ -93,3 +93,17 @@ t.test('FileDevice punches through the shared helper', async (t) => {
   t.ok(got.subarray(MiB - 65536).equals(Buffer.alloc(65536)));
   await t.rejects(FileDevice.open(join(dir, 'nope')), { code: 'ENOENT' });
 });
+
+t.test('a helper that cannot be started fails the punch, not the device', async (t) => {
+  const { HolePuncher: Broken } = await t.mockImport<typeof import('../../cow/hole-puncher.js')>('../../cow/hole-puncher.js', {
+    'node:child_process': {
+      spawn: () => {
+        throw new Error('spawn ENOMEM');
+      },
+    },
+  });
+  const hp = new Broken();
+  hp.start();
+  t.equal(hp.pid, undefined, 'start does not throw');
+  await t.rejects(hp.punch('/nowhere', [[0, 4096]]), { code: 'EIO', message: /cannot start the hole punch helper: spawn ENOMEM/ });
+});
