@@ -29,24 +29,33 @@ export class ChunkLocks {
   }
 }
 
-/** Counting semaphore: caps copies in flight. */
+/**
+ * Weighted semaphore: caps the chunks copies hold in flight. A copy of a run of chunks
+ * weighs its length: counted per copy, 256 runs of 1 MiB put 256 MiB of copy buffers in
+ * flight where 16 MiB was meant, most of them new memory (page faults and collection).
+ */
 export class Limiter {
   private active = 0;
-  private readonly waiting: Array<() => void> = [];
+  private readonly waiting: Array<{ weight: number; go: () => void }> = [];
   constructor(private readonly max: number) {}
 
-  acquire(): Promise<void> | undefined {
-    if (this.active < this.max) {
-      this.active++;
+  /** Takes weight units (at most max); resolves in order of arrival once they are free. */
+  acquire(weight = 1): Promise<void> | undefined {
+    const w = Math.min(weight, this.max);
+    if (!this.waiting.length && this.active + w <= this.max) {
+      this.active += w;
       return undefined;
     }
-    return new Promise<void>((res) => this.waiting.push(res));
+    return new Promise<void>((go) => this.waiting.push({ weight: w, go }));
   }
 
-  release(): void {
-    const next = this.waiting.shift();
-    if (next) next();
-    else this.active--;
+  release(weight = 1): void {
+    this.active -= Math.min(weight, this.max);
+    while (this.waiting.length && this.active + this.waiting[0]!.weight <= this.max) {
+      const next = this.waiting.shift()!;
+      this.active += next.weight;
+      next.go();
+    }
   }
 
   get inFlight(): number {

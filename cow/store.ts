@@ -50,7 +50,7 @@ export interface StoreOptions {
   events?: StoreEvents;
   /** Usage percentages that raise onUsage once each as a snapshot fills. */
   usageThresholds?: number[];
-  /** Chunk copies in flight per store (default: 16 MiB of chunks, at least 16). */
+  /** Chunks copies hold in flight per store (default: 16 MiB of chunks, at least 16). */
   maxCopies?: number;
 }
 
@@ -647,7 +647,7 @@ export class ExceptionStore {
     const phys: number[] = new Array<number>(n).fill(ZERO_CHUNK);
     const charged: boolean[] = new Array<boolean>(n).fill(true);
     let copied = 0;
-    const wait = this.copies.acquire();
+    const wait = this.copies.acquire(n);
     if (wait) await wait;
     // Taken once admitted: copies queued behind the cap (one per held write, up to
     // hundreds of thousands of them) would otherwise each hold a chunk of memory.
@@ -692,7 +692,7 @@ export class ExceptionStore {
       this.rollbackCopy(phys, charged, needers);
       throw e;
     } finally {
-      this.copies.release();
+      this.copies.release(n);
       this.bufs.put(buf);
     }
     this.stats.copies += copied;

@@ -5,11 +5,14 @@
 // and the daemon ran on libuv's default 4 threads. A CommonJS file is read
 // synchronously, so this runs before the pool exists.
 //
-// Why 16: each volume's fdatasync and each store's commit may hold a thread for as
-// long as the disk takes (seconds under heavy writeback); with 4 threads, four such
-// syncs stall every other volume's I/O. On 2 cores, 4, 8 and 16 threads ran first
-// writes alike (random 4 KiB: 14.5-16.8k IOPS with each, two runs each).
-process.env.UV_THREADPOOL_SIZE ??= '16';
+// Why 4, libuv's own default, stated here so no parent's setting is needed: on 2
+// cores, random 4 KiB first writes with a snapshot (every write copies a chunk: three
+// hand-offs to the pool) ran at 7.6-8.4k IOPS on 4 threads against 4.9-6.5k on 16
+// (rounds 2-4 of four, two runs each). Idle threads make every hand-off wake one, and
+// more threads spin on the same file's inode lock. What 16 bought was room for syncs
+// (each volume's fdatasync and each store's commit can hold a thread for as long as the
+// disk takes); cow/device.ts now lets at most half the pool sync at once instead.
+process.env.UV_THREADPOOL_SIZE ??= '4';
 import('./main.js').catch((e: unknown) => {
   console.error(e);
   process.exit(1);

@@ -73,10 +73,9 @@ t.test('serve creates a default volume, locks the data dir, serves a unix socket
   t.ok(d.logs.some((l) => l.msg === 'stopped'));
 });
 
-t.test('the daemon runs on a threadpool of 16 unless UV_THREADPOOL_SIZE says otherwise', async (t) => {
+t.test('the daemon runs on a threadpool of 4 unless UV_THREADPOOL_SIZE says otherwise', async (t) => {
   // libuv starts every pool thread at its first use, so the process's thread count
-  // shows the size: main thread, V8's workers, the pool. An ES module entry sized it
-  // too late and ran on libuv's default 4. Started through env(1) without tap's
+  // shows the size: main thread, V8's workers, the pool. Started through env(1) without tap's
   // NODE_OPTIONS, whose --import hooks load as ES modules and would start the pool first.
   const threads = async (...vars: string[]) => {
     const d = await startDaemon({ volumes: [{ name: 'v', size: '1M' }], launcher: ['env', '-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars] });
@@ -88,8 +87,10 @@ t.test('the daemon runs on a threadpool of 16 unless UV_THREADPOOL_SIZE says oth
   };
   const byDefault = await threads();
   const two = await threads('UV_THREADPOOL_SIZE=2');
-  t.ok(byDefault > 16, `16 pool threads and the main thread at least (${byDefault} threads)`);
-  t.equal(byDefault - two, 14, `the operator's UV_THREADPOOL_SIZE=2 is kept (${two} threads)`);
+  const nine = await threads('UV_THREADPOOL_SIZE=9');
+  t.ok(byDefault > 4, `4 pool threads and the main thread at least (${byDefault} threads)`);
+  t.equal(byDefault - two, 2, `the operator's UV_THREADPOOL_SIZE=2 is kept (${two} threads)`);
+  t.equal(nine - byDefault, 5, `the operator's UV_THREADPOOL_SIZE=9 is kept (${nine} threads)`);
 });
 
 t.test('read-only serve refuses writes', async (t) => {

@@ -1,0 +1,79 @@
+// The caps on work in flight: copies weigh their chunks, and syncs leave half the
+// threadpool to reads and writes.
+import t from 'tap';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Limiter } from '../../cow/chunk-locks.js';
+import { FileDevice, syncGate, threadpoolSize } from '../../cow/device.js';
+
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
+t.test('a copy of a run weighs its chunks, so the cap is on chunks in flight', async (t) => {
+  const l = new Limiter(16);
+  t.equal(l.acquire(16), undefined, 'one run of 16 chunks fits');
+  const order: string[] = [];
+  const second = l.acquire(16)!.then(() => order.push('second run'));
+  const single = l.acquire(1)!.then(() => order.push('single chunk'));
+  await tick();
+  t.same(order, [], 'nothing more while 16 chunks are in flight, a small copy included');
+  t.equal(l.inFlight, 16);
+  l.release(16);
+  await second;
+  await tick();
+  t.same(order, ['second run'], 'in order of arrival: the small copy does not overtake the run');
+  l.release(16);
+  await single;
+  t.equal(l.inFlight, 1);
+  l.release(1);
+  t.equal(l.inFlight, 0);
+});
+
+t.test('a weight over the cap is clamped to it, so it cannot wait forever', async (t) => {
+  const l = new Limiter(4);
+  t.equal(l.acquire(64), undefined);
+  t.equal(l.inFlight, 4);
+  const next = l.acquire(1);
+  t.ok(next, 'full');
+  l.release(64);
+  await next;
+  t.equal(l.inFlight, 1);
+});
+
+t.test('several small waiters are let in together once room is made', async (t) => {
+  const l = new Limiter(3);
+  l.acquire(3);
+  const w = [l.acquire(1)!, l.acquire(1)!, l.acquire(2)!];
+  l.release(3);
+  await Promise.all(w.slice(0, 2));
+  t.equal(l.inFlight, 2, 'the two single ones run, the third waits for room');
+  l.release(1);
+  await w[2];
+  t.equal(l.inFlight, 3);
+});
+
+t.test('the threadpool size comes from UV_THREADPOOL_SIZE, else libuv default', async (t) => {
+  t.equal(threadpoolSize({}), 4);
+  t.equal(threadpoolSize({ UV_THREADPOOL_SIZE: '9' }), 9);
+  t.equal(threadpoolSize({ UV_THREADPOOL_SIZE: 'lots' }), 4);
+  t.equal(threadpoolSize({ UV_THREADPOOL_SIZE: '0' }), 4);
+  t.equal(threadpoolSize({ UV_THREADPOOL_SIZE: '5000' }), 1024, "libuv's own maximum");
+});
+
+t.test('fdatasyncs in flight never take more than half the threadpool', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-gate-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const cap = Math.max(1, Math.floor(threadpoolSize() / 2));
+  const devs = await Promise.all(Array.from({ length: 6 }, (_, i) => FileDevice.open(join(dir, `f${i}`), { create: true })));
+  t.teardown(() => Promise.all(devs.map((d) => d.close())));
+  await Promise.all(devs.map((d) => d.write(Buffer.alloc(1 << 16, 1), 0)));
+  let peak = 0;
+  const sampler = setInterval(() => (peak = Math.max(peak, syncGate.inFlight)), 0);
+  const syncs = devs.flatMap((d) => [d.sync(), d.sync(), d.sync()]);
+  peak = Math.max(peak, syncGate.inFlight);
+  t.equal(syncGate.inFlight, cap, `${cap} started at once, the rest queued`);
+  await Promise.all(syncs);
+  clearInterval(sampler);
+  t.ok(peak <= cap, `at most ${cap} in flight (peak ${peak})`);
+  t.equal(syncGate.inFlight, 0, 'all released');
+});
