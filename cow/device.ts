@@ -54,8 +54,8 @@ export function threadpoolSize(env: NodeJS.ProcessEnv = process.env): number {
  * fdatasyncs in flight at once, across every file of the process: each holds a
  * threadpool thread for as long as the disk takes (seconds under heavy writeback), and
  * half the pool stays free for reads and writes. What used to guarantee that was a
- * pool of 16 threads, and its idle threads cost every hand-off a wake-up: random
- * first writes ran 30-60 % faster on 4 (see daemon/cli.cts).
+ * pool of 16 threads, on which random first writes ran 30-60 % slower than on 4
+ * (see daemon/cli.cts).
  */
 export const syncGate = new Limiter(Math.max(1, Math.floor(threadpoolSize() / 2)));
 
