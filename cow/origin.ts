@@ -89,7 +89,7 @@ export class Origin implements Volume, OriginView {
     if (--this.inflight === 0 && this.drained) this.drained();
   }
 
-  async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+  async write(buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): Promise<void> {
     for (;;) {
       if (this.gate) await this.enter();
       else this.inflight++;
@@ -106,7 +106,7 @@ export class Origin implements Volume, OriginView {
       const stores = this.copying;
       if (!stores && this.behind.empty) await this.dev.write(buf, offset);
       else {
-        const r = this.writeCow(stores, buf, offset, fua);
+        const r = this.writeCow(stores, buf, offset, fua, keep);
         if (r instanceof Promise) await r;
         else held = r;
       }
@@ -126,14 +126,14 @@ export class Origin implements Volume, OriginView {
    * copied chunks, goes straight to the file (the promise of that write); one some
    * snapshot needs copies for, or that follows held writes, is held and returned.
    */
-  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean): HeldWrite | Promise<void> {
+  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): HeldWrite | Promise<void> {
     const prior = this.behind.empty ? NONE : this.behind.overlapping(offset, offset + buf.length);
     if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
       if (stores?.some((s) => s.originReading(offset, buf.length))) return this.afterOriginReads(stores, buf, offset);
       return this.dev.write(buf, offset);
     }
     const own = !fua && this.behind.hasRoom(buf.length);
-    const h = this.behind.hold(buf, offset, this.epoch, own);
+    const h = this.behind.hold(buf, offset, this.epoch, own, keep);
     h.landed = this.land(h, prior);
     return h;
   }

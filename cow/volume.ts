@@ -7,7 +7,12 @@ export interface Volume {
   /** Origins are always 'valid'. */
   readonly state: SnapshotStateName;
   read(buf: Buffer, offset: number): Promise<void>;
-  write(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  /**
+   * keep, when given, lets the volume take buf over past the returned promise (a write
+   * held in memory): it returns the function that gives buf back. Otherwise buf is
+   * the caller's again once the promise settles.
+   */
+  write(buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): Promise<void>;
   flush(): Promise<void>;
   /** Advisory: may deallocate, may do nothing. Reads of the range afterwards are unspecified. */
   discard(offset: number, length: number, fua: boolean): Promise<void>;

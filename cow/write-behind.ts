@@ -38,6 +38,8 @@ export interface HeldWrite {
   readonly data: Buffer;
   /** The pooled buffer data is a view of, when the table owns a copy. */
   readonly block: Buffer | undefined;
+  /** Gives data back to the caller's pool, when the table kept the caller's buffer itself. */
+  readonly giveBack: (() => void) | undefined;
   /** Counted in heldBytes: acknowledged before landing, so the table owns a copy. */
   readonly owned: boolean;
   /** Resolves (never rejects) once the write is in the file, or has failed: see error. */
@@ -99,15 +101,21 @@ export class WriteBehind {
     return out ?? NONE;
   }
 
-  /** Registers a write; with own=true the data is copied (the caller's buffer is pooled). */
-  hold(data: Buffer, offset: number, gen: number, own: boolean): HeldWrite {
+  /**
+   * Registers a write. With own=true the table owns its data past the caller's await:
+   * the caller's buffer itself when keep hands it over, else a copy (copying was 15 %
+   * of the event loop's time in sequential first writes, and its fresh memory 10 %).
+   */
+  hold(data: Buffer, offset: number, gen: number, own: boolean, keep?: () => () => void): HeldWrite {
     let block: Buffer | undefined;
-    if (own) {
+    let giveBack: (() => void) | undefined;
+    if (own && keep) giveBack = keep();
+    else if (own) {
       block = this.pool.get(bucket(data.length));
       data.copy(block);
     }
     const copy = block ? block.subarray(0, data.length) : data;
-    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, block, owned: own, landed: Promise.resolve(), pins: 0, released: false };
+    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, block, giveBack, owned: own, landed: Promise.resolve(), pins: 0, released: false };
     this.all.add(h);
     for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
       const list = this.byUnit.get(u);
@@ -137,6 +145,7 @@ export class WriteBehind {
 
   private recycle(h: HeldWrite): void {
     if (h.block) this.pool.put(h.block);
+    else h.giveBack?.();
     if (this.all.size === 0) {
       // Idle: give the memory back unless writes resume soon.
       clearTimeout(this.trimTimer);

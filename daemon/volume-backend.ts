@@ -1,7 +1,7 @@
 // A cow/ Volume (origin or snapshot) as an NBD backend: the operations table
 // protocol/ drives. Descriptions are computed when asked, so NBD_OPT_LIST and
 // NBD_OPT_INFO show a snapshot's current state and usage.
-import type { Backend, Extent, ExportInfo, ZeroFlags } from '../protocol/backend.js';
+import type { Backend, Extent, ExportInfo, KeepPayload, ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
 import { MAX_POOLED_BYTES, sharedPool } from '../protocol/buffer-pool.js';
 
@@ -50,8 +50,8 @@ export class VolumeBackend implements Backend {
     return this.volume.read(buf, offset);
   }
 
-  pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    return this.volume.write(buf, offset, fua);
+  pwrite(buf: Buffer, offset: number, fua: boolean, keep?: KeepPayload): Promise<void> {
+    return this.volume.write(buf, offset, fua, keep);
   }
 
   flush(): Promise<void> {

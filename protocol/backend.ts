@@ -41,10 +41,18 @@ export interface ZeroFlags {
  * protocol layer. Failures are thrown as errors carrying an errno `code`
  * ("EIO", "ENOSPC", "EPERM", ...), mapped to NBD errors in one place.
  */
+/**
+ * Offered to pwrite with a pooled payload: calling it takes the buffer over past the
+ * reply (a write held in memory until it lands), and the function it returns gives
+ * the buffer back once nothing reads it any more. Not called: the buffer is the
+ * connection's again when pwrite settles.
+ */
+export type KeepPayload = () => () => void;
+
 export interface Backend {
   readonly info: ExportInfo;
   pread(buf: Buffer, offset: number): Promise<void>;
-  pwrite(buf: Buffer, offset: number, fua: boolean): Promise<void>;
+  pwrite(buf: Buffer, offset: number, fua: boolean, keep?: KeepPayload): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void>;

@@ -15,12 +15,29 @@ const PER_CLASS_BYTES = 16 * 1024 * 1024;
  * header, so the skew is what keeps us off the boundary. Writes did not care.
  */
 const SKEW = 256;
+/**
+ * How long after the last kept buffer came back the pool still keeps as many free as
+ * were kept at the peak: a burst of held writes is often followed by another, and fresh
+ * memory costs a page fault and a clear per 4 KiB plus the collections its external
+ * bytes start.
+ */
+const KEEP_FREE_MS = 15_000;
 
 export class BufferPool {
   private readonly free: Buffer[][] = [];
+  /** Bytes of each class taken over by a backend (keep) and not yet given back. */
+  private readonly kept: number[] = [];
+  /** The most bytes of each class kept at once since the pool was last idle. */
+  private readonly keptPeak: number[] = [];
+  private keptTotal = 0;
+  private trimTimer: NodeJS.Timeout | undefined;
 
-  constructor() {
-    for (let s = MIN_SHIFT; s <= MAX_SHIFT; s++) this.free.push([]);
+  constructor(private readonly keepFreeMs = KEEP_FREE_MS) {
+    for (let s = MIN_SHIFT; s <= MAX_SHIFT; s++) {
+      this.free.push([]);
+      this.kept.push(0);
+      this.keptPeak.push(0);
+    }
   }
 
   /** A buffer of exactly n bytes (a view of a pooled one when n fits a class). Contents are undefined. */
@@ -35,14 +52,61 @@ export class BufferPool {
 
   /** Returns a buffer obtained from get(); it must no longer be in use. */
   put(b: Buffer): void {
-    if (b.byteOffset !== SKEW) return;
-    const size = b.buffer.byteLength - SKEW;
-    const cls = classOf(size);
-    if (cls < 0 || size !== 1 << (cls + MIN_SHIFT)) return;
-    const full = Buffer.from(b.buffer, SKEW, size);
+    const cls = pooledClass(b);
+    if (cls < 0) return;
+    const size = 1 << (cls + MIN_SHIFT);
     const list = this.free[cls]!;
-    if ((list.length + 1) * full.length <= PER_CLASS_BYTES) list.push(full);
+    if ((list.length + 1) * size <= Math.max(PER_CLASS_BYTES, this.keptPeak[cls]!)) list.push(Buffer.from(b.buffer, SKEW, size));
   }
+
+  /**
+   * A buffer from get() is taken over past its request (KeepPayload): until it comes
+   * back through the returned function, its class may keep that much more free.
+   */
+  keep(b: Buffer): () => void {
+    const cls = pooledClass(b);
+    if (cls < 0) return () => {};
+    const size = 1 << (cls + MIN_SHIFT);
+    this.kept[cls]! += size;
+    this.keptTotal += size;
+    if (this.kept[cls]! > this.keptPeak[cls]!) this.keptPeak[cls] = this.kept[cls]!;
+    clearTimeout(this.trimTimer);
+    let back = false;
+    return () => {
+      if (back) return;
+      back = true;
+      this.kept[cls]! -= size;
+      this.keptTotal -= size;
+      this.put(b);
+      if (this.keptTotal === 0) this.trimTimer = setTimeout(() => this.trim(), this.keepFreeMs).unref();
+    };
+  }
+
+  /** Back to the usual bound on free buffers once nothing has been kept for a while. */
+  trim(): void {
+    clearTimeout(this.trimTimer);
+    for (let c = 0; c < this.free.length; c++) {
+      if (this.kept[c]! > 0) continue;
+      this.keptPeak[c] = 0;
+      const keepN = Math.floor(PER_CLASS_BYTES / (1 << (c + MIN_SHIFT)));
+      if (this.free[c]!.length > keepN) this.free[c]!.length = keepN;
+    }
+  }
+
+  /** Bytes on the free lists (for tests and metrics). */
+  get freeBytes(): number {
+    let n = 0;
+    for (let c = 0; c < this.free.length; c++) n += this.free[c]!.length << (c + MIN_SHIFT);
+    return n;
+  }
+}
+
+/** The size class of a buffer get() handed out, or -1 for one the pool did not make. */
+function pooledClass(b: Buffer): number {
+  if (b.byteOffset !== SKEW) return -1;
+  const size = b.buffer.byteLength - SKEW;
+  const cls = classOf(size);
+  return cls >= 0 && size === 1 << (cls + MIN_SHIFT) ? cls : -1;
 }
 
 function classOf(n: number): number {

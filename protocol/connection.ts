@@ -388,9 +388,18 @@ export class Connection extends EventEmitter {
       return;
     }
     const held = bytes + (payload?.length ?? 0);
-    execute(req, payload, ctx).then(
+    // A backend that holds the write past its reply keeps the buffer (no copy of it)
+    // and gives it back to the pool once the write has landed.
+    let kept = false;
+    const keep = pooled
+      ? () => {
+          kept = true;
+          return this.pool.keep(payload!);
+        }
+      : undefined;
+    execute(req, payload, ctx, keep).then(
       (outcome) => {
-        if (pooled) this.pool.put(payload!);
+        if (pooled && !kept) this.pool.put(payload!);
         this.finish(req, outcome, started, held);
       },
       (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, held),

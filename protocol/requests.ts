@@ -1,7 +1,7 @@
 // Validation and execution of transmission-phase requests against a Backend.
 // Socket-free: it turns a decoded request into an outcome the connection encodes.
 import * as C from './constants.js';
-import type { Backend, Extent } from './backend.js';
+import type { Backend, Extent, KeepPayload } from './backend.js';
 import { NbdRequestError, toNbdError } from './errors.js';
 import type { Logger } from './logger.js';
 import type { BufferPool } from './buffer-pool.js';
@@ -78,7 +78,7 @@ export function validate(req: Request, ctx: RequestContext): Outcome | undefined
 }
 
 /** Runs a validated request. Never throws: failures become an Outcome. */
-export async function execute(req: Request, payload: Buffer | undefined, ctx: RequestContext): Promise<Outcome> {
+export async function execute(req: Request, payload: Buffer | undefined, ctx: RequestContext, keep?: KeepPayload): Promise<Outcome> {
   const b = ctx.backend;
   const offset = Number(req.offset);
   const fua = (req.flags & C.NBD_CMD_FLAG_FUA) !== 0;
@@ -90,7 +90,7 @@ export async function execute(req: Request, payload: Buffer | undefined, ctx: Re
         await b.pread(data, offset);
         return { error: 0, data };
       case C.NBD_CMD_WRITE:
-        await b.pwrite(payload!, offset, fua);
+        await b.pwrite(payload!, offset, fua, keep);
         return { error: 0 };
       case C.NBD_CMD_FLUSH:
         await b.flush();

@@ -1,5 +1,5 @@
 // An in-memory Backend and registry for protocol tests: no files involved.
-import type { Backend, ExportInfo, ExportRegistry, Extent, ZeroFlags } from '../../protocol/backend.js';
+import type { Backend, ExportInfo, ExportRegistry, Extent, KeepPayload, ZeroFlags } from '../../protocol/backend.js';
 
 export class MemoryBackend implements Backend {
   readonly info: ExportInfo;
@@ -24,7 +24,7 @@ export class MemoryBackend implements Backend {
     this.check();
     this.data.copy(buf, 0, offset, offset + buf.length);
   }
-  async pwrite(buf: Buffer, offset: number): Promise<void> {
+  async pwrite(buf: Buffer, offset: number, _fua?: boolean, _keep?: KeepPayload): Promise<void> {
     this.check();
     buf.copy(this.data, offset);
   }

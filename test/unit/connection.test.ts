@@ -272,3 +272,32 @@ t.test('large writes streamed back to back, with reads between them, in one send
   t.ok(disk.data.subarray(768 * 1024, 768 * 1024 + 16).equals(Buffer.alloc(16, 0x77)), 'the small write landed');
   c.close();
 });
+
+t.test('a backend may keep a write payload past its reply: no later request reuses it until given back', async (t) => {
+  // The write-behind table holds writes in the request's own buffer (KeepPayload).
+  const keeper = new MemoryBackend('keeper', 1 << 20);
+  const kept: Array<{ buf: Buffer; copy: Buffer; giveBack: () => void }> = [];
+  keeper.pwrite = async (buf, _off, _fua, keep) => {
+    if (!keep) throw new Error('pooled payloads come with keep');
+    kept.push({ buf, copy: Buffer.from(buf), giveBack: keep() });
+  };
+  const s2 = new NbdServer(new MemoryRegistry([keeper]), silentLogger);
+  const p = (await s2.listen({ port: 0 })).port!;
+  t.teardown(() => s2.close());
+  const c = await RawClient.connect(p);
+  await c.go('');
+  const size = 64 * 1024;
+  for (let k = 0; k < 8; k++) c.send(Buffer.concat([request(C.NBD_CMD_WRITE, k * size, size, k + 1), Buffer.alloc(size, 0x40 + k)]));
+  for (let k = 0; k < 8; k++) t.equal((await c.simpleReply(0)).error, 0);
+  t.equal(kept.length, 8);
+  t.equal(new Set(kept.map((k) => k.buf.buffer)).size, 8, 'every kept payload has memory of its own');
+  t.ok(kept.every((k) => k.buf.equals(k.copy)), 'kept payloads unchanged by the requests after them');
+  for (const k of kept) {
+    k.giveBack();
+    k.giveBack(); // idempotent: a buffer goes back to the pool once
+  }
+  c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, size, 20), Buffer.alloc(size, 0x7f)]));
+  t.equal((await c.simpleReply(0)).error, 0);
+  t.ok(kept.slice(0, 8).some((k) => k.buf.buffer === kept[8]!.buf.buffer), 'given back, a buffer serves the next request');
+  c.close();
+});
