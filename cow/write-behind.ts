@@ -40,7 +40,7 @@ export interface HeldWrite {
   readonly block: Buffer | undefined;
   /** Gives data back to the caller's pool, when the table kept the caller's buffer itself. */
   readonly giveBack: (() => void) | undefined;
-  /** Counted in heldBytes: acknowledged before landing, so the table owns a copy. */
+  /** Counted in heldBytes: acknowledged before landing, so the table owns its data (a copy, or the caller's buffer kept). */
   readonly owned: boolean;
   /** Resolves (never rejects) once the write is in the file, or has failed: see error. */
   landed: Promise<void>;

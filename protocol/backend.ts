@@ -37,11 +37,6 @@ export interface ZeroFlags {
 }
 
 /**
- * One open export. Ranges are already validated against `info.size` by the
- * protocol layer. Failures are thrown as errors carrying an errno `code`
- * ("EIO", "ENOSPC", "EPERM", ...), mapped to NBD errors in one place.
- */
-/**
  * Offered to pwrite with a pooled payload: calling it takes the buffer over past the
  * reply (a write held in memory until it lands), and the function it returns gives
  * the buffer back once nothing reads it any more. Not called: the buffer is the
@@ -49,6 +44,11 @@ export interface ZeroFlags {
  */
 export type KeepPayload = () => () => void;
 
+/**
+ * One open export. Ranges are already validated against `info.size` by the
+ * protocol layer. Failures are thrown as errors carrying an errno `code`
+ * ("EIO", "ENOSPC", "EPERM", ...), mapped to NBD errors in one place.
+ */
 export interface Backend {
   readonly info: ExportInfo;
   pread(buf: Buffer, offset: number): Promise<void>;
