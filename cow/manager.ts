@@ -273,7 +273,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         if (sdev.size > 0 && !transient) throw cowError('EEXIST', `${path} exists`);
         ours = true;
         if (transient) await sdev.truncate(0);
-        const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts);
+        const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts, true);
         entry = { store, path };
       } catch (e) {
         await sdev.close();

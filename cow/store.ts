@@ -78,6 +78,8 @@ const MAX_COPY_BYTES = 16 << 20;
 export class ExceptionStore {
   readonly chunkSize: number;
   readonly transient: boolean;
+  /** Created for a snapshot about to be made: the header becomes durable with its slot. */
+  private headerUnsynced = false;
   readonly records: Array<SnapshotRecord | undefined> = new Array<SnapshotRecord | undefined>(MAX_SNAPSHOTS);
   /** Snapshots that still need copies, kept as an array for the per-chunk hot loop. */
   live: SnapshotRecord[] = [];
@@ -138,8 +140,14 @@ export class ExceptionStore {
     if (Math.ceil(opts.originSize / opts.chunkSize) >= 0xffffffff) throw cowError('EINVAL', 'origin has too many chunks');
   }
 
-  /** A new persistent store on an empty device: the header is durable when this resolves. */
-  static async create(dev: BlockDevice, origin: BlockDevice, opts: StoreOptions): Promise<ExceptionStore> {
+  /**
+   * A new persistent store on an empty device: the header is durable when this resolves,
+   * unless firstSnapshot says a snapshot is created next: then its slot and the header
+   * become durable together, with one sync instead of two (creating a snapshot with its
+   * store). A crash between leaves either no header (an unfinished store, removed on
+   * open) or a store with no snapshot; neither holds an acknowledged snapshot.
+   */
+  static async create(dev: BlockDevice, origin: BlockDevice, opts: StoreOptions, firstSnapshot = false): Promise<ExceptionStore> {
     ExceptionStore.checkOptions(opts);
     const store = new ExceptionStore(dev, origin, randomU32(), opts, false);
     // Slots are zero (never used) until written; the header is written last so a torn
@@ -151,14 +159,17 @@ export class ExceptionStore {
       await dev.sync();
     }
     await dev.write(encodePoolHeader({ chunkSize: opts.chunkSize, poolId: store.poolId, originSize: opts.originSize, originName: opts.originName }), 0);
-    await dev.sync();
+    if (firstSnapshot) store.headerUnsynced = true;
+    else await dev.sync();
     store.alloc.markUsed(headerChunks(opts.chunkSize) - 1, 255);
     return store;
   }
 
   /**
-   * True for a file whose creation never finished: create() writes the pool header last,
-   * so a file with no header (all zeros or too short) holds no acknowledged snapshot.
+   * True for a file whose creation never finished: the pool header becomes durable last
+   * (create() syncs it after everything else, or with the first snapshot's slot, before
+   * that snapshot is acknowledged), so a file with no header (all zeros or too short)
+   * holds no acknowledged snapshot.
    */
   static async unfinished(dev: BlockDevice): Promise<boolean> {
     if (dev.size < SLOT_BYTES) return true;
@@ -378,10 +389,21 @@ export class ExceptionStore {
    * empty first area, not data a commit has yet to make durable.
    */
   private async commitNewSlot(job: Job): Promise<void> {
+    if (this.headerUnsynced) return this.commitFirstSlot(job);
     if (!this.dev.writeDurable || this.transient || this.committer.failed !== undefined) return this.committer.submit(job);
     const out: MetaWrite[] = [];
     job.encode(out);
     for (const w of out) await this.dev.writeDurable(w.buf, w.offset);
+    job.apply();
+  }
+
+  /** The first snapshot of a store created for it: its slot and the header, one sync. */
+  private async commitFirstSlot(job: Job): Promise<void> {
+    const out: MetaWrite[] = [];
+    job.encode(out);
+    for (const w of out) await this.dev.write(w.buf, w.offset);
+    await this.dev.sync();
+    this.headerUnsynced = false;
     job.apply();
   }
 
