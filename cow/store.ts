@@ -144,8 +144,8 @@ export class ExceptionStore {
    * A new persistent store on an empty device: the header is durable when this resolves,
    * unless firstSnapshot says a snapshot is created next: then its slot and the header
    * become durable together, with one sync instead of two (creating a snapshot with its
-   * store). A crash between leaves either no header (an unfinished store, removed on
-   * open) or a store with no snapshot; neither holds an acknowledged snapshot.
+   * store). A crash between leaves no header (an unfinished store, removed on open) or a
+   * store that opens, with or without the snapshot not yet acknowledged.
    */
   static async create(dev: BlockDevice, origin: BlockDevice, opts: StoreOptions, firstSnapshot = false): Promise<ExceptionStore> {
     ExceptionStore.checkOptions(opts);
