@@ -64,7 +64,10 @@ export class HolePuncher {
           this.waiting.push(res);
         }),
     );
-    // While replies are due the process stays up to read them.
+    // While replies are due the process stays up to read them, or to learn of the
+    // helper's exit: with only stdout held, its EOF could end the loop before 'exit'
+    // came, leaving these replies unanswered (seen once in CI, in the killed-helper test).
+    child.ref();
     handle(child.stdout).ref?.();
     child.stdin.write(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n${path}\n`).join(''));
     return Promise.all(replies).then((errs) => {
@@ -81,7 +84,10 @@ export class HolePuncher {
       this.partial = this.partial.slice(nl + 1);
       this.waiting.shift()?.(line === 'ok' ? undefined : line.replace(/^err /, '').trim() || 'failed');
     }
-    if (this.waiting.length === 0 && this.child) handle(this.child.stdout).unref?.();
+    if (this.waiting.length === 0 && this.child) {
+      this.child.unref();
+      handle(this.child.stdout).unref?.();
+    }
   }
 
   /** The helper died: its unanswered requests fail, and the next punch starts a new one. */
