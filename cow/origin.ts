@@ -7,7 +7,7 @@ import { ZEROS } from './buffer-pool.js';
 import { cowError } from './errors.js';
 import type { ExceptionStore, OriginView } from './store.js';
 import { SyncCoalescer } from './sync-coalescer.js';
-import type { Volume } from './volume.js';
+import type { KeepBuffer, Volume } from './volume.js';
 import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
 
 /** Default bound on held writes: a sixteenth of RAM, at most 1 GiB. */
@@ -89,7 +89,7 @@ export class Origin implements Volume, OriginView {
     if (--this.inflight === 0 && this.drained) this.drained();
   }
 
-  async write(buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): Promise<void> {
+  async write(buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): Promise<void> {
     for (;;) {
       if (this.gate) await this.enter();
       else this.inflight++;
@@ -126,7 +126,7 @@ export class Origin implements Volume, OriginView {
    * copied chunks, goes straight to the file (the promise of that write); one some
    * snapshot needs copies for, or that follows held writes, is held and returned.
    */
-  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): HeldWrite | Promise<void> {
+  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): HeldWrite | Promise<void> {
     const prior = this.behind.empty ? NONE : this.behind.overlapping(offset, offset + buf.length);
     if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
       if (stores?.some((s) => s.originReading(offset, buf.length))) return this.afterOriginReads(stores, buf, offset);

@@ -386,24 +386,20 @@ export class ExceptionStore {
    * commit: under load each commit's sync writes back every copy in flight, and
    * creation with one snapshot held waited for two of them (21-51 ms). It may skip the
    * commit order: nothing else writes a slot not yet live, and the slot names only its
-   * empty first area, not data a commit has yet to make durable.
+   * empty first area, not data a commit has yet to make durable. The first snapshot of
+   * a store created for it goes out with plain writes and one sync, which also makes the
+   * header durable.
    */
   private async commitNewSlot(job: Job): Promise<void> {
-    if (this.headerUnsynced) return this.commitFirstSlot(job);
-    if (!this.dev.writeDurable || this.transient || this.committer.failed !== undefined) return this.committer.submit(job);
+    const first = this.headerUnsynced;
+    if (!first && (!this.dev.writeDurable || this.transient || this.committer.failed !== undefined)) return this.committer.submit(job);
     const out: MetaWrite[] = [];
     job.encode(out);
-    for (const w of out) await this.dev.writeDurable(w.buf, w.offset);
-    job.apply();
-  }
-
-  /** The first snapshot of a store created for it: its slot and the header, one sync. */
-  private async commitFirstSlot(job: Job): Promise<void> {
-    const out: MetaWrite[] = [];
-    job.encode(out);
-    for (const w of out) await this.dev.write(w.buf, w.offset);
-    await this.dev.sync();
-    this.headerUnsynced = false;
+    for (const w of out) await (first ? this.dev.write(w.buf, w.offset) : this.dev.writeDurable!(w.buf, w.offset));
+    if (first) {
+      await this.dev.sync();
+      this.headerUnsynced = false;
+    }
     job.apply();
   }
 

@@ -1,6 +1,9 @@
 // What the daemon serves: origin and snapshot volumes share this shape.
 import type { SnapshotStateName } from './format.js';
 
+/** Takes a write's buffer over past the write's promise; returns the function that gives it back. */
+export type KeepBuffer = () => () => void;
+
 export interface Volume {
   readonly name: string;
   readonly size: number;
@@ -12,7 +15,7 @@ export interface Volume {
    * held in memory): it returns the function that gives buf back. Otherwise buf is
    * the caller's again once the promise settles.
    */
-  write(buf: Buffer, offset: number, fua: boolean, keep?: () => () => void): Promise<void>;
+  write(buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): Promise<void>;
   flush(): Promise<void>;
   /** Advisory: may deallocate, may do nothing. Reads of the range afterwards are unspecified. */
   discard(offset: number, length: number, fua: boolean): Promise<void>;

@@ -18,6 +18,7 @@
 // their own, so each gets its error.
 
 import { BufferPool } from './buffer-pool.js';
+import type { KeepBuffer } from './volume.js';
 
 /** Bookkeeping granularity for overlap lookups; overlap itself is byte-exact. */
 const UNIT = 64 * 1024;
@@ -106,7 +107,7 @@ export class WriteBehind {
    * the caller's buffer itself when keep hands it over, else a copy (copying was 15 %
    * of the event loop's time in sequential first writes, and its fresh memory 10 %).
    */
-  hold(data: Buffer, offset: number, gen: number, own: boolean, keep?: () => () => void): HeldWrite {
+  hold(data: Buffer, offset: number, gen: number, own: boolean, keep?: KeepBuffer): HeldWrite {
     let block: Buffer | undefined;
     let giveBack: (() => void) | undefined;
     if (own && keep) giveBack = keep();

@@ -93,7 +93,7 @@ export class BufferPool {
     }
   }
 
-  /** Bytes on the free lists (for tests and metrics). */
+  /** Bytes on the free lists (read by the tests). */
   get freeBytes(): number {
     let n = 0;
     for (let c = 0; c < this.free.length; c++) n += this.free[c]!.length << (c + MIN_SHIFT);
