@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Limiter } from '../../cow/chunk-locks.js';
-import { FileDevice, syncGate, threadpoolSize } from '../../cow/device.js';
+import { BACKGROUND_QUEUE_BYTES, FileDevice, backgroundGate, gated, syncGate, threadpoolSize } from '../../cow/device.js';
 
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
@@ -76,4 +76,55 @@ t.test('fdatasyncs in flight never take more than half the threadpool', async (t
   clearInterval(sampler);
   t.ok(peak <= cap, `at most ${cap} in flight (peak ${peak})`);
   t.equal(syncGate.inFlight, 0, 'all released');
+});
+
+t.test('background calls queue in our own gate, by bytes, so foreground calls do not wait behind them', async (t) => {
+  const gate = new Limiter(4); // 4 units of 64 KiB
+  const started: number[] = [];
+  const finish: Array<() => void> = [];
+  const call = (id: number) => () => {
+    started.push(id);
+    return new Promise<number>((res) => finish.push(() => res(id)));
+  };
+  const calls = [gated(128 << 10, call(1), gate), gated(4096, call(2), gate), gated(1 << 20, call(3), gate), gated(4096, call(4), gate)];
+  await tick();
+  t.same(started, [1, 2], '128 KiB weighs 2 units and 4 KiB one: the 1 MiB call waits for room');
+  t.equal(gate.inFlight, 3);
+  finish.shift()!();
+  await tick();
+  t.same(started, [1, 2], 'the 1 MiB call needs every unit; the later small one does not overtake it');
+  finish.shift()!();
+  t.equal(await calls[1], 2);
+  await tick();
+  t.same(started, [1, 2, 3]);
+  t.equal(gate.inFlight, 4);
+  finish.shift()!();
+  await tick();
+  t.same(started, [1, 2, 3, 4]);
+  finish.shift()!();
+  t.same(await Promise.all(calls), [1, 2, 3, 4]);
+  t.equal(gate.inFlight, 0);
+  const failed = gated(4096, () => Promise.reject(new Error('EIO')), gate);
+  await t.rejects(failed, /EIO/, 'a failed call reports its error');
+  t.equal(gate.inFlight, 0, 'and gives its bytes back');
+});
+
+t.test("a file's background reads and writes go through the process's gate", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-bg-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const dev = await FileDevice.open(join(dir, 'f'), { create: true });
+  t.teardown(() => dev.close());
+  const units = BACKGROUND_QUEUE_BYTES / 65536;
+  const writes = Array.from({ length: 8 }, (_, i) => dev.write(Buffer.alloc(1 << 20, i + 1), i << 20, true));
+  t.equal(backgroundGate.inFlight, units, '8 MiB of background writes: only the gate’s worth handed to the pool');
+  await Promise.all(writes);
+  const buf = Buffer.alloc(1 << 20);
+  const read = dev.read(buf, 5 << 20, true);
+  t.equal(backgroundGate.inFlight, 16, 'a background read is counted too');
+  await read;
+  t.equal(buf[0], 6);
+  t.equal(backgroundGate.inFlight, 0);
+  const fg = dev.write(Buffer.alloc(1 << 20, 9), 0);
+  t.equal(backgroundGate.inFlight, 0, 'a foreground write is not');
+  await fg;
 });
