@@ -61,17 +61,21 @@ export const syncGate = new Limiter(Math.max(1, Math.floor(threadpoolSize() / 2)
 
 /**
  * Background reads and writes (copies, held writes landing) queued in libuv's threadpool
- * at once, across every file. The pool's queue is first in, first out: with no cap the
- * copies of 16 MiB of chunks and their landings (hundreds of calls) sat in it, and every
- * call someone waits on queued behind them: a group commit's fdatasync, so held writes
- * landed late and piled up; a client read the page cache could not answer; the O_DSYNC
- * slot write of a snapshot creation. With 2 MiB queued, such a call waits behind about a
- * millisecond of copying. Measured on 2 cores, one snapshot, 4 rounds (BENCHMARKS.md,
- * session 9): 1 GiB of sequential first writes made durable in 0.8-1.1 s instead of
- * 1.9-2.3 s; creation under random writes 3.8-5.0 ms median instead of 7.0-8.1.
- * Calls are weighed in 64 KiB units so thousands of 4 KiB landings count as many calls.
+ * at once, across every file. The pool's queue is first in, first out, and nothing else
+ * bounded it: the landings of held writes are released a commit at a time, and after a
+ * burst of sequential first writes up to 341 MiB of them (and copies) sat in the queue
+ * (measured at this gate, 1 GiB runs), ahead of
+ * every call someone waits on: the next group commit's fdatasync (so held writes landed
+ * later still), a client's read the page cache could not answer, a snapshot creation's
+ * slot write. 8 MiB keeps 4 threads busy between two turns of the event loop while
+ * bounding that wait. Measured on 2 cores, one snapshot, 1 GiB of sequential first
+ * writes back to back (BENCHMARKS.md, session 9): acknowledged at 2606 against 1485
+ * MiB/s, durable after 0.86 against 2.13 s (medians of 4); after a 20 s pause (fresh
+ * memory) no better: 1066-1138 against 1193-1293 MiB/s. Random first writes the same.
+ * Smaller gates starved the pool: at 2 MiB random first writes took 30 % longer to be
+ * durable. Calls weigh their bytes in 64 KiB units, so small landings count as calls.
  */
-export const BACKGROUND_QUEUE_BYTES = 2 << 20;
+export const BACKGROUND_QUEUE_BYTES = 8 << 20;
 const GATE_UNIT = 64 * 1024;
 export const backgroundGate = new Limiter(BACKGROUND_QUEUE_BYTES / GATE_UNIT);
 
