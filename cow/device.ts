@@ -63,11 +63,10 @@ export const syncGate = new Limiter(Math.max(1, Math.floor(threadpoolSize() / 2)
  * Background reads and writes (copies, held writes landing) queued in libuv's threadpool
  * at once, across every file. The pool's queue is first in, first out, and nothing else
  * bounded it: the landings of held writes are released a commit at a time, and after a
- * burst of sequential first writes up to 341 MiB of them (and copies) sat in the queue
- * (measured at this gate, 1 GiB runs), ahead of
- * every call someone waits on: the next group commit's fdatasync (so held writes landed
- * later still), a client's read the page cache could not answer, a snapshot creation's
- * slot write. 8 MiB keeps 4 threads busy between two turns of the event loop while
+ * burst of sequential first writes up to 341 MiB of them and copies sat in the queue
+ * (measured at this gate, 1 GiB runs), ahead of every call someone waits on: the next
+ * group commit's fdatasync (so held writes landed later still), a client's read the
+ * page cache could not answer, a snapshot creation's slot write. 8 MiB keeps 4 threads busy between two turns of the event loop while
  * bounding that wait. Measured on 2 cores, one snapshot, 1 GiB of sequential first
  * writes back to back (BENCHMARKS.md, session 9): acknowledged at 2606 against 1485
  * MiB/s, durable after 0.86 against 2.13 s (medians of 4); after a 20 s pause (fresh
