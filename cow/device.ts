@@ -1,6 +1,7 @@
 // Block devices the COW engine reads and writes. The engine only ever sees this
 // interface, so the crash tests can swap files for a fault-injecting memory model.
 import * as fs from 'node:fs';
+import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Limiter } from './chunk-locks.js';
 import { holePuncher } from './hole-puncher.js';
@@ -43,6 +44,33 @@ const writeP = (fd: number, buf: Buffer, off: number, len: number, pos: number):
   new Promise((res, rej) => fs.write(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
 const fdatasyncP = (fd: number): Promise<void> =>
   new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+
+/**
+ * Makes a directory's entries durable: fdatasync of a new file does not promise its name,
+ * and a power loss could drop a store (its snapshots acknowledged) or a volume created
+ * just before. Journaled filesystems commit the entry with the file's own sync in practice;
+ * POSIX asks for this.
+ */
+export async function syncDirectory(dir: string): Promise<void> {
+  const fh = await fs.promises.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * After `mkdir(deepest, { recursive: true })` returned made (the first directory it
+ * created, or undefined): syncs the parent of each new directory, so their names last.
+ */
+export async function syncMadeDirectories(made: string | undefined, deepest: string, sync = syncDirectory): Promise<void> {
+  if (made === undefined) return;
+  for (let d = deepest; ; d = dirname(d)) {
+    await sync(dirname(d));
+    if (d === made || dirname(d) === d) return;
+  }
+}
 
 /** libuv's threadpool size: what the entry point (daemon/cli.cts) or the operator set. */
 export function threadpoolSize(env: NodeJS.ProcessEnv = process.env): number {

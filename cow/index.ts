@@ -25,7 +25,7 @@
  * Lower level (tests, tools): BlockDevice, FileDevice, MemDevice, ExceptionStore, Origin, Snapshot.
  */
 export type { BlockDevice, FileDeviceOptions } from './device.js';
-export { FileDevice } from './device.js';
+export { FileDevice, syncDirectory, syncMadeDirectories } from './device.js';
 export { MemDevice } from './mem-device.js';
 export { CowError, type CowErrorCode } from './errors.js';
 export type { Volume } from './volume.js';

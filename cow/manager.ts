@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { mkdir, readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FileDevice, type BlockDevice, type FileDeviceOptions } from './device.js';
+import { FileDevice, syncDirectory, syncMadeDirectories, type BlockDevice, type FileDeviceOptions } from './device.js';
 import { cowError } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
 import { Origin } from './origin.js';
@@ -31,6 +31,8 @@ export interface CowManagerOptions {
   writeBehindBytes?: number;
   /** TEST-ONLY: wraps every file opened here (origins and stores), e.g. in a FaultDevice. */
   wrapDevice?: (dev: FileDevice) => ManagedDevice;
+  /** TEST-ONLY: replaces syncDirectory, to see when directories are made durable. */
+  syncDirectory?: (dir: string) => Promise<void>;
 }
 
 /** A device as the manager opens it: stores need truncate. */
@@ -110,7 +112,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
 
   static async open(dataDir: string, opts: CowManagerOptions = {}): Promise<CowManager> {
     const m = new CowManager(dataDir, opts);
-    await mkdir(m.cowDir, { recursive: true });
+    await syncMadeDirectories(await mkdir(m.cowDir, { recursive: true }), m.cowDir, (d) => m.syncDir(d));
     for (const f of await readdir(m.cowDir)) {
       if (f.endsWith('.transient')) await unlink(join(m.cowDir, f)).catch(() => {});
     }
@@ -124,6 +126,10 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   private async openDevice(path: string, opts?: FileDeviceOptions): Promise<ManagedDevice> {
     const dev = await FileDevice.open(path, opts);
     return this.opts.wrapDevice ? this.opts.wrapDevice(dev) : dev;
+  }
+
+  private syncDir(dir: string): Promise<void> {
+    return (this.opts.syncDirectory ?? syncDirectory)(dir);
   }
 
   private storePath(origin: string, chunkSize: number, transient: boolean): string {
@@ -275,8 +281,11 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         if (transient) await sdev.truncate(0);
         const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts, true);
         entry = { store, path };
+        // Before any snapshot in it is acknowledged: the file's sync does not cover its name.
+        // A crash between the two leaves a nameable but unfinished store, removed at attach.
+        if (!transient) await this.syncDir(this.cowDir);
       } catch (e) {
-        await sdev.close();
+        await (entry ? entry.store.close() : sdev.close());
         // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
         if (ours) await unlink(path).catch(() => {});
         throw e;

@@ -3,6 +3,7 @@ import { open, readdir, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkName, isValidName } from './names.js';
 import { Errors } from './errors.js';
+import { syncDirectory, syncMadeDirectories } from '../cow/index.js';
 
 export const VOLUME_SUFFIX = '.vol';
 
@@ -35,7 +36,7 @@ export async function listVolumes(dataDir: string): Promise<VolumeEntry[]> {
 export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
   const path = volumePath(dataDir, name);
   // 0700 as serve makes it: the control socket and volume files are the daemon user's alone.
-  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  await syncMadeDirectories(await mkdir(dataDir, { recursive: true, mode: 0o700 }), dataDir);
   let fh;
   try {
     fh = await open(path, 'wx', 0o600);
@@ -49,5 +50,6 @@ export async function createVolume(dataDir: string, name: string, size: number):
   } finally {
     await fh.close();
   }
+  await syncDirectory(dataDir);
   return { name, path, size };
 }

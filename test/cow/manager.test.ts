@@ -4,7 +4,7 @@ import t from 'tap';
 import { mkdtemp, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CowManager, FileDevice, validName, type InvalidatedEvent, type UsageEvent } from '../../cow/index.js';
+import { CowManager, FileDevice, syncDirectory, syncMadeDirectories, validName, type InvalidatedEvent, type UsageEvent } from '../../cow/index.js';
 
 const MiB = 1 << 20;
 
@@ -151,4 +151,72 @@ t.test('FileDevice: zero fill past EOF, punch, truncate', async (t) => {
   await d.sync();
   await d.close();
   await d.close();
+});
+
+t.test('new names are made durable: the cow directory, and a store before its first snapshot is acknowledged', async (t) => {
+  const dir = await dataDir(t);
+  await volume(dir, 'vol', 16 * MiB);
+  const log: string[] = [];
+  const syncDirectory = async (d: string) => {
+    log.push(`dir ${d}`);
+  };
+  const m = await CowManager.open(dir, {
+    syncDirectory,
+    wrapDevice: (dev) => {
+      const sync = dev.sync.bind(dev);
+      dev.sync = async () => {
+        log.push(`sync ${dev.path}`);
+        await sync();
+      };
+      return dev;
+    },
+  });
+  t.teardown(() => m.close());
+  t.same(log, [`dir ${dir}`], 'the data directory, which holds the new cow directory');
+  await m.attachOrigin('vol');
+  log.length = 0;
+  const store = join(dir, 'cow', 'vol.64k.cows');
+  const created = m.createSnapshot({ name: 'a', origin: 'vol', size: 4 * MiB }).then(() => log.push('acknowledged'));
+  await created;
+  t.same(log, [`dir ${join(dir, 'cow')}`, `sync ${store}`, 'acknowledged'], "the store's name, its one sync (header and first slot), then the reply");
+  log.length = 0;
+  await m.createSnapshot({ name: 'b', origin: 'vol', size: 4 * MiB });
+  t.notOk(log.some((l) => l.startsWith('dir')), 'a second snapshot in the same store makes no new name');
+  const again = await CowManager.open(dir, { syncDirectory });
+  t.teardown(() => again.close());
+  t.same(log.filter((l) => l.startsWith('dir')), [], 'an existing cow directory is not synced again');
+});
+
+t.test('a failed directory sync fails the creation and leaves no store behind', async (t) => {
+  const dir = await dataDir(t);
+  await volume(dir, 'vol', 16 * MiB);
+  let fail = false;
+  const m = await CowManager.open(dir, {
+    syncDirectory: async () => {
+      if (fail) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' });
+    },
+  });
+  t.teardown(() => m.close());
+  await m.attachOrigin('vol');
+  fail = true;
+  await t.rejects(m.createSnapshot({ name: 'a', origin: 'vol', size: 4 * MiB }), { code: 'EIO' });
+  t.same(await readdir(join(dir, 'cow')), [], 'the store file is removed');
+  t.same(m.list(), []);
+  fail = false;
+  await m.createSnapshot({ name: 'a', origin: 'vol', size: 4 * MiB });
+  t.equal(m.list().length, 1, 'the next creation works');
+});
+
+t.test('syncDirectory and syncMadeDirectories on real directories', async (t) => {
+  const dir = await dataDir(t);
+  await syncDirectory(dir);
+  await t.rejects(syncDirectory(join(dir, 'missing')), { code: 'ENOENT' });
+  const synced: string[] = [];
+  const rec = async (d: string) => {
+    synced.push(d);
+  };
+  await syncMadeDirectories(undefined, join(dir, 'a', 'b'), rec);
+  t.same(synced, [], 'nothing made, nothing synced');
+  await syncMadeDirectories(join(dir, 'a'), join(dir, 'a', 'b'), rec);
+  t.same(synced, [join(dir, 'a'), dir], 'the parent of every new directory, deepest first');
 });
