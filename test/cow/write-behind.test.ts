@@ -3,6 +3,7 @@
 // reads and to snapshots created after them, waited for by FLUSH and FUA, bounded.
 import t from 'tap';
 import { Origin } from '../../cow/origin.js';
+import { MAX_HELD_WRITES, WriteBehind } from '../../cow/write-behind.js';
 import { SECTOR, idAt, makeRig, pattern, sectorId, snap as snapOf, type Rig } from './helpers.js';
 
 const CS = 4096;
@@ -157,4 +158,16 @@ t.test("a write handed over with keep is held in the caller's buffer and given b
   const fua = pattern(9 * SPC, SPC, 8);
   await rig.origin.write(fua, 9 * CS, true, keep);
   t.equal(keeps, 1, 'a FUA write waits for its landing: the caller keeps its buffer');
+});
+
+t.test('the table is bounded by the number of writes too, so its backlog is bounded in time', async (t) => {
+  const wb = new WriteBehind(1 << 30, 2);
+  t.equal(new WriteBehind(1 << 30).maxWrites, MAX_HELD_WRITES);
+  t.ok(wb.hasRoom(CS));
+  const a = wb.hold(Buffer.alloc(CS, 1), 0, 0, true);
+  wb.hold(Buffer.alloc(CS, 2), CS, 0, true);
+  t.notOk(wb.hasRoom(CS), 'two held: no room, whatever the bytes');
+  t.equal(wb.heldBytes, 2 * CS);
+  wb.release(a);
+  t.ok(wb.hasRoom(CS), 'room again once one has landed');
 });
