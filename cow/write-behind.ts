@@ -12,10 +12,10 @@
 // a power loss may lose a held write exactly as it may lose any unflushed write.
 //
 // The table is bounded: over `maxBytes`, or with MAX_HELD_WRITES writes held, a writer
-// waits for its own write to land, which is the synchronous behaviour and the backpressure. A write that cannot land
-// (its copy and the snapshot's invalid mark both failed) is dropped and fails the next
-// FLUSH, as a disk's failed write-back does; until a write lands again, writers wait for
-// their own, so each gets its error.
+// waits for its own write to land, which is the synchronous behaviour and the
+// backpressure. A write that cannot land (its copy and the snapshot's invalid mark both
+// failed) is dropped and fails the next FLUSH, as a disk's failed write-back does; until
+// a write lands again, writers wait for their own, so each gets its error.
 
 import { BufferPool } from './buffer-pool.js';
 import type { KeepBuffer } from './volume.js';
@@ -34,8 +34,9 @@ export const NONE: readonly HeldWrite[] = [];
  * with its own exception to commit. Random writes on a sparse 1 TiB volume with one
  * snapshot made a new exception per write, the group commit fell behind, and what queued
  * after the backlog waited for it: removing a snapshot took 0.3 s, then 1.2, 3.3 and 4.4 s
- * in one run. With at most 4096 held, removals stayed under 0.6 s; first writes in the
- * bench's shapes measured the same (BENCHMARKS.md, session 9).
+ * in one run. With at most 4096 held, removals stayed under 0.6 s, and an A/B of first
+ * writes in the bench's shapes showed no difference beyond the noise (BENCHMARKS.md,
+ * session 9).
  */
 export const MAX_HELD_WRITES = 4096;
 
