@@ -107,8 +107,15 @@ t.test('read-only serve refuses writes', async (t) => {
 t.test('a stale lock from a dead process is taken over', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const p = spawn(process.execPath, [CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--default-size', '1M'], { stdio: 'pipe' });
-  await new Promise<void>((r) => p.stdout.on('data', (d: Buffer) => d.toString().includes('"serving"') && r()));
+  // No fixed metrics port: a cowbd already running on this machine holds 9810.
+  const args = [CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--metrics-listen', 'off', '--default-size', '1M'];
+  const p = spawn(process.execPath, args, { stdio: 'pipe' });
+  let err = '';
+  p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  await new Promise<void>((res, rej) => {
+    p.stdout.on('data', (d: Buffer) => d.toString().includes('"serving"') && res());
+    p.once('exit', (code) => rej(new Error(`the first daemon exited (${code}) before serving: ${err}`)));
+  });
   p.kill('SIGKILL');
   await new Promise((r) => p.once('exit', r));
   const d = await startDaemon({ dataDir: dir });
