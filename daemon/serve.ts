@@ -1,6 +1,6 @@
 // `cowbd serve`: lock the data directory, export every volume and snapshot,
 // run the control API and metrics, and stop cleanly on a signal.
-import { mkdir, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { Logger } from 'pino';
 import { DEFAULT_TOTAL_BYTES_IN_FLIGHT, NbdServer } from '../protocol/server.js';
@@ -13,7 +13,7 @@ import { Metrics } from './metrics.js';
 import { controlRoutes } from './routes.js';
 import { Service, type AutoExtendPolicy } from './service.js';
 import { loadTls, type TlsSettings } from './tls.js';
-import { createVolume, listVolumes } from './volumes.js';
+import { createVolume, listVolumes, makeDataDir } from './volumes.js';
 
 export interface ServeOptions {
   dataDir: string;
@@ -56,7 +56,7 @@ export interface RunningDaemon {
 }
 
 export async function startServe(opts: ServeOptions, log: Logger): Promise<RunningDaemon> {
-  await mkdir(opts.dataDir, { recursive: true, mode: 0o700 });
+  await makeDataDir(opts.dataDir);
   // The control socket inside is 0600; a data directory others can enter also
   // exposes the volume files' names and any file left group- or world-readable.
   const dirMode = (await stat(opts.dataDir)).mode & 0o777;

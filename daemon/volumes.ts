@@ -32,11 +32,18 @@ export async function listVolumes(dataDir: string): Promise<VolumeEntry[]> {
   return out;
 }
 
+/**
+ * Makes the data directory if missing, 0700: the control socket and volume files are the
+ * daemon user's alone. A directory it makes has its name synced into its parent.
+ */
+export async function makeDataDir(dataDir: string): Promise<void> {
+  await syncMadeDirectories(await mkdir(dataDir, { recursive: true, mode: 0o700 }), dataDir);
+}
+
 /** Creates a sparse volume file; refuses an existing name. */
 export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
   const path = volumePath(dataDir, name);
-  // 0700 as serve makes it: the control socket and volume files are the daemon user's alone.
-  await syncMadeDirectories(await mkdir(dataDir, { recursive: true, mode: 0o700 }), dataDir);
+  await makeDataDir(dataDir);
   let fh;
   try {
     fh = await open(path, 'wx', 0o600);

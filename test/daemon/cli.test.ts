@@ -8,6 +8,7 @@ import { CLI, startDaemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/raw-client.js';
 import * as C from '../../protocol/constants.js';
 import { request } from '../helpers/frames.js';
+import { makeDataDir } from '../../daemon/volumes.js';
 
 const execFileP = promisify(execFile);
 
@@ -121,4 +122,17 @@ t.test('a stale lock from a dead process is taken over', async (t) => {
   const d = await startDaemon({ dataDir: dir });
   t.ok(d.port > 0, 'started over a stale pid file');
   t.equal(await d.stop(), 0);
+});
+
+t.test('the data directory serve and volume create make is 0700, nested or not', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cli-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const nested = join(dir, 'a', 'b');
+  await makeDataDir(nested);
+  t.equal((await stat(nested)).mode & 0o777, 0o700);
+  await makeDataDir(nested);
+  t.equal((await stat(nested)).mode & 0o777, 0o700, 'an existing one is left as it is');
+  const r = await run(['volume', 'create', 'v', '--size', '1M', '--data-dir', join(dir, 'c', 'd')]);
+  t.equal(r.code, 0, r.stderr);
+  t.equal((await stat(join(dir, 'c', 'd'))).mode & 0o777, 0o700);
 });
