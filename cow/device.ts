@@ -105,10 +105,20 @@ export const syncGate = new Limiter(Math.max(1, Math.floor(threadpoolSize() / 2)
 export const BACKGROUND_QUEUE_BYTES = 8 << 20;
 const GATE_UNIT = 64 * 1024;
 export const backgroundGate = new Limiter(BACKGROUND_QUEUE_BYTES / GATE_UNIT);
+/**
+ * What a background call weighs at least. A 4 KiB write holds a pool thread about as
+ * long as a 256 KiB one (the hop, and ext4's walk of a large folio: 35 µs of kernel
+ * CPU measured), so weighed by bytes alone 128 of them queued: under random writes on
+ * a sparse 1 TiB volume with one snapshot held, a creation's slot write waited 6-19 ms
+ * behind a full gate against 0.5-0.9 ms behind an empty one, and creation took 18 ms
+ * median. At this weight (32 small calls) the slot write took 2.7-3.3 ms median and
+ * creation 6.5-9.8 ms; random first writes did not slow (BENCHMARKS.md, session 10).
+ */
+export const BACKGROUND_CALL_MIN_BYTES = 256 * 1024;
 
 /** Starts call once gate admits its bytes; the bytes are given back when it settles. */
 export function gated<T>(bytes: number, call: () => Promise<T>, gate: Limiter = backgroundGate): Promise<T> {
-  const w = Math.max(1, Math.ceil(bytes / GATE_UNIT));
+  const w = Math.ceil(Math.max(bytes, BACKGROUND_CALL_MIN_BYTES) / GATE_UNIT);
   const wait = gate.acquire(w);
   return (wait ? wait.then(call) : call()).finally(() => gate.release(w));
 }

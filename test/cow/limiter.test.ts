@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Limiter } from '../../cow/chunk-locks.js';
-import { BACKGROUND_QUEUE_BYTES, FileDevice, backgroundGate, gated, syncGate, threadpoolSize } from '../../cow/device.js';
+import { BACKGROUND_CALL_MIN_BYTES, BACKGROUND_QUEUE_BYTES, FileDevice, backgroundGate, gated, syncGate, threadpoolSize } from '../../cow/device.js';
 
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
@@ -79,7 +79,7 @@ t.test('fdatasyncs in flight never take more than half the threadpool', async (t
 });
 
 t.test('background calls queue in our own gate, by bytes, so foreground calls do not wait behind them', async (t) => {
-  const gate = new Limiter(4); // 4 units of 64 KiB
+  const gate = new Limiter(8); // 8 units of 64 KiB
   const started: number[] = [];
   const finish: Array<() => void> = [];
   const call = (id: number) => () => {
@@ -88,8 +88,8 @@ t.test('background calls queue in our own gate, by bytes, so foreground calls do
   };
   const calls = [gated(128 << 10, call(1), gate), gated(4096, call(2), gate), gated(1 << 20, call(3), gate), gated(4096, call(4), gate)];
   await tick();
-  t.same(started, [1, 2], '128 KiB weighs 2 units and 4 KiB one: the 1 MiB call waits for room');
-  t.equal(gate.inFlight, 3);
+  t.same(started, [1, 2], '128 KiB and 4 KiB weigh 256 KiB, 4 units each: the 1 MiB call waits for room');
+  t.equal(gate.inFlight, 8);
   finish.shift()!();
   await tick();
   t.same(started, [1, 2], 'the 1 MiB call needs every unit; the later small one does not overtake it');
@@ -97,7 +97,7 @@ t.test('background calls queue in our own gate, by bytes, so foreground calls do
   t.equal(await calls[1], 2);
   await tick();
   t.same(started, [1, 2, 3]);
-  t.equal(gate.inFlight, 4);
+  t.equal(gate.inFlight, 8, 'a call over the gate takes all of it');
   finish.shift()!();
   await tick();
   t.same(started, [1, 2, 3, 4]);
@@ -127,4 +127,9 @@ t.test("a file's background reads and writes go through the process's gate", asy
   const fg = dev.write(Buffer.alloc(1 << 20, 9), 0);
   t.equal(backgroundGate.inFlight, 0, 'a foreground write is not');
   await fg;
+  const small = Array.from({ length: 40 }, (_, i) => dev.write(Buffer.alloc(4096, i), i * 4096, true));
+  t.equal(backgroundGate.inFlight, units, 'small background writes fill the gate too');
+  t.equal(units / (BACKGROUND_CALL_MIN_BYTES / 65536), 32, 'at 256 KiB each: 32 of them, not 128');
+  await Promise.all(small);
+  t.equal(backgroundGate.inFlight, 0);
 });
