@@ -26,7 +26,7 @@
 #   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
 #   TARGETS="cowbd nbdkit"            base targets; the first nbdkit one is the baseline
 #   JOBS="seqread seqwrite randread randwrite"   base jobs
-#   CREATE_SIZES="1G 1T" CREATE_N=5   volumes for snapshot creation, creations per case
+#   CREATE_SIZES="1G 1T" CREATE_N=15  volumes for snapshot creation, creations per case
 #   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
 #   BENCH_DIR=/tmp                    where the volumes live (one filesystem)
 #   KEEP=1                            keep the raw fio JSON and logs
@@ -47,7 +47,7 @@ TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
 CREATE_SIZES=${CREATE_SIZES:-"1G 1T"}
-CREATE_N=${CREATE_N:-5}
+CREATE_N=${CREATE_N:-15}
 MEM_SIZE=${MEM_SIZE:-4G}
 MEM_CHUNK=${MEM_CHUNK:-4K}
 RESTARTS=${RESTARTS:-3}
