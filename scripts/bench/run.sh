@@ -210,37 +210,11 @@ print(f"{time.monotonic() - t:.3f}")
 h.shutdown()' "$1" >"$2"
 }
 
-# Drops the page cache of the files (1 MiB or more: volume, image, stores) under dir.
-drop_cache() { # dir
-  python3 - "$1" <<'PY'
-import os, sys
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        p = os.path.join(root, f)
-        try:
-            if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) >= 1 << 20:
-                fd = os.open(p, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-        except OSError:
-            pass
-PY
-}
-
 timed() { # the time-based shape of a job
   # Every timed job starts with no dirty page cache: otherwise a job pays for the
   # writeback of whatever ran before it (a rewrite run after the copy-all write
   # measured 29-89 MiB/s on the same target), and the order of jobs decides ratios.
   sync
-  # A write job also starts with none of its target's files in the page cache: what a
-  # 4 KiB write costs depends on the size of the folio it lands in, i.e. on the file's
-  # history (nbdkit: 33685 IOPS right after a 1 MiB fill, 96605-128163 once the cache
-  # was dropped), and random writes against nbdkit read 0.65-1.29 across full runs.
-  # Only the target's own files: another's cold cache would send its next reads to disk.
-  local t
-  if [[ $1 == *write ]]; then
-    for t in "${!URIS[@]}"; do [ "${URIS[$t]}" = "$2" ] && drop_cache "$WORK/$t"; done
-  fi
   run_fio "$@" --runtime="$RUNTIME" --time_based --ramp_time=1
 }
 
