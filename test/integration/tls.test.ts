@@ -5,7 +5,7 @@ import t from 'tap';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startDaemon, type Daemon } from '../helpers/daemon.js';
+import { startDaemon, waitForLog, type Daemon } from '../helpers/daemon.js';
 import { makePki, type TestPki } from '../helpers/certs.js';
 import { run } from './target.js';
 
@@ -50,7 +50,8 @@ function qemuIo(d: Daemon, certs: string | undefined, commands: string[]) {
   return run('qemu-io', args, 60_000);
 }
 
-const logged = (d: Daemon, re: RegExp) => d.logs.some((l) => re.test(String(l.msg)));
+// Log lines travel through the daemon's stdout pipe and can trail the client's exit.
+const logged = (d: Daemon, re: RegExp) => waitForLog(d, (l) => re.test(String(l.msg)));
 
 t.test('require: TLS clients get in, plain ones get TLS_REQD', async (t) => {
   const d = await serve(['--tls', 'require']);
@@ -58,12 +59,12 @@ t.test('require: TLS clients get in, plain ones get TLS_REQD', async (t) => {
   const ok = await nbdinfo(nbds(d, pki.clientNoCert));
   t.equal(ok.code, 0, `nbdinfo over TLS: ${ok.stderr}`);
   t.equal(ok.size, SIZE, 'export size over TLS');
-  t.ok(logged(d, /^TLS established$/), 'the daemon logged the TLS session');
+  t.ok(await logged(d, /^TLS established$/), 'the daemon logged the TLS session');
 
   const plain = await nbdinfo(`nbd://127.0.0.1:${d.port}/vol`);
   t.not(plain.code, 0, 'plain nbdinfo fails');
   t.match(plain.stderr, /nbdinfo/, `it says why: ${plain.stderr.trim()}`);
-  t.ok(logged(d, /TLS is required \(NBD_REP_ERR_TLS_REQD\)/), 'the daemon logged the TLS_REQD refusal');
+  t.ok(await logged(d, /TLS is required \(NBD_REP_ERR_TLS_REQD\)/), 'the daemon logged the TLS_REQD refusal');
 
   const list = await run('nbdinfo', ['--list', '--json', `nbds://127.0.0.1:${d.port}/?tls-certificates=${pki.clientNoCert}`]);
   t.equal(list.code, 0, list.stderr);
