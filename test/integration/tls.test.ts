@@ -93,9 +93,10 @@ t.test('verify peer: a client certificate from the CA is required', async (t) =>
   const good = await nbdinfo(nbds(d, pki.client));
   t.equal(good.code, 0, `nbdinfo with a CA-signed certificate: ${good.stderr}`);
   t.equal(good.size, SIZE);
-  const fails = d.logs.filter((l) => l.msg === 'TLS handshake failed; closing');
-  t.ok(fails.length >= 2, `both refusals logged (${fails.length})`);
-  t.ok(d.logs.some((l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client'), 'the accepted certificate is logged');
+  const failed = (l: Record<string, unknown>) => l.msg === 'TLS handshake failed; closing';
+  const both = await waitForLog(d, () => d.logs.filter(failed).length >= 2);
+  t.ok(both, `both refusals logged (${d.logs.filter(failed).length})`);
+  t.ok(await waitForLog(d, (l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client'), 'the accepted certificate is logged');
 
   const q = await qemuIo(d, pki.client, ['write -P 0x11 0 64k', 'read -P 0x11 0 64k']);
   t.equal(q.code, 0, `qemu-io with a client certificate: ${q.stderr}`);
