@@ -1,4 +1,5 @@
 import t from 'tap';
+import { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as C from '../../protocol/constants.js';
 import { NbdServer } from '../../protocol/server.js';
@@ -299,5 +300,49 @@ t.test('a backend may keep a write payload past its reply: no later request reus
   c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, size, 20), Buffer.alloc(size, 0x7f)]));
   t.equal((await c.simpleReply(0)).error, 0);
   t.ok(kept.slice(0, 8).some((k) => k.buf.buffer === kept[8]!.buf.buffer), 'given back, a buffer serves the next request');
+  c.close();
+});
+
+t.test('replies of one turn share a writev, up to UNCORK_AT_BYTES: big read replies leave one by one', async (t) => {
+  // What the server hands the kernel, seen at net.Socket's write methods (its side only).
+  const calls: number[][] = [];
+  type Writev = (this: Socket, chunks: { chunk: Buffer }[], cb: unknown) => unknown;
+  type Write = (this: Socket, chunk: Buffer, enc: unknown, cb: unknown) => unknown;
+  const proto = Socket.prototype as unknown as { _writev: Writev; _write: Write };
+  const origWritev = proto._writev;
+  const origWrite = proto._write;
+  proto._writev = function (this: Socket, chunks: { chunk: Buffer }[], cb: unknown) {
+    if (this.localPort === port) calls.push(chunks.map((c) => c.chunk.length));
+    return origWritev.call(this, chunks, cb);
+  };
+  proto._write = function (this: Socket, chunk: Buffer, enc: unknown, cb: unknown) {
+    if (this.localPort === port) calls.push([chunk.length]);
+    return origWrite.call(this, chunk, enc, cb);
+  };
+  t.teardown(() => {
+    proto._writev = origWritev;
+    proto._write = origWrite;
+  });
+  const c = await RawClient.connect(port);
+  await c.go('disk');
+  calls.length = 0;
+  const small: Buffer[] = [];
+  for (let i = 0; i < 16; i++) small.push(request(C.NBD_CMD_READ, i * 4096, 4096, 100 + i));
+  c.send(Buffer.concat(small));
+  for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
+  const smallCalls = calls.splice(0);
+  t.equal(smallCalls.length, 1, `16 small replies of one turn left in one call (${smallCalls.map((x) => x.length).join(', ')} chunks)`);
+
+  const big: Buffer[] = [];
+  for (let i = 0; i < 4; i++) big.push(request(C.NBD_CMD_READ, i * 256 * 1024, 256 * 1024, 200 + i));
+  c.send(Buffer.concat(big));
+  for (let i = 0; i < 4; i++) {
+    const r = await c.simpleReply(256 * 1024);
+    t.ok(r.error === 0 && r.data!.equals(disk.data.subarray((r.cookie - 200) * 256 * 1024, (r.cookie - 199) * 256 * 1024)), `big reply ${r.cookie} intact`);
+  }
+  const bigCalls = calls.splice(0);
+  const most = Math.max(...bigCalls.map((x) => x.reduce((a, b) => a + b, 0)));
+  t.ok(bigCalls.length >= 2, `4 replies of 256 KiB left in ${bigCalls.length} calls`);
+  t.ok(most < 2 * 256 * 1024, `no call carried two of them (largest ${most} bytes)`);
   c.close();
 });
