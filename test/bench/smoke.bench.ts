@@ -1,0 +1,54 @@
+// `npm run bench` end to end at toy sizes: every section runs against real fio, nbdkit
+// and the built daemon, and the report has every row the issue's targets name. It
+// asserts what the report contains, never a figure: at these sizes the figures mean
+// nothing. Run by scripts/test.sh after the main suite, alone, so it neither slows
+// nor is slowed by the timing-sensitive tests.
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+
+function bench(env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn('bash', ['scripts/bench/run.sh'], { cwd: ROOT, env: { ...process.env, ...env } });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    p.on('error', reject);
+    p.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+const NUMBER = /^[\d.]+ (MiB\/s|IOPS)$/;
+const RATIO = /^\d+\.\d\d$/;
+
+t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }, async (t) => {
+  const r = await bench({ ROUNDS: '1', RUNTIME: '1', SIZE: '64M', CREATE_SIZES: '64M 1T', CREATE_N: '2', MEM_SIZE: '64M', RESTARTS: '1' });
+  t.equal(r.code, 0, `run.sh exit code (stderr tail: ${r.stderr.slice(-2000)})`);
+  const rows = r.stdout.split('\n').filter((l) => l.startsWith('| '));
+  const cells = (l: string) => l.split('|').slice(1, -1).map((c) => c.trim());
+
+  // Sections 1-5: 4 base rows, 2 first-write rows, 2 rewrite rows, 2 four-snapshot rows, 4 snapshot-read rows.
+  const targets = rows.map(cells).filter((c) => /^[1-5]$/.test(c[0]!));
+  const perSection = [1, 2, 3, 4, 5].map((s) => targets.filter((c) => c[0] === String(s)).length);
+  t.same(perSection, [4, 2, 2, 2, 4], 'target rows per section');
+  for (const c of targets) {
+    t.match(c[2], NUMBER, `figure of "${c[1]}"`);
+    t.match(c[3], NUMBER, `reference of "${c[1]}"`);
+    t.match(c[4], RATIO, `ratio of "${c[1]}"`);
+    t.ok(c[7] === 'yes' || c[7] === 'no', `met column of "${c[1]}"`);
+  }
+
+  // Creation: each volume, idle and under load, with no other snapshot and with one held.
+  const creation = rows.map(cells).filter((c) => /^(64M|1T)$/.test(c[0]!));
+  t.equal(creation.length, 8, 'creation rows: 2 volumes x idle/load x none/held');
+  for (const c of creation) t.match(c[3], /^\d+(\.\d+)?$/, `creation median, ${c.slice(0, 3).join(' ')}`);
+
+  const memory = (name: RegExp) => rows.find((l) => name.test(l));
+  t.match(memory(/RSS growth per exception, restarted/), /\| [\d.]+ B \| ≤ 16 B \| (yes|no) \|/, 'RSS per exception row');
+  t.match(memory(/restart to serving, \d+ exceptions/), /\| \d+ ms; \d+ ms \| ≤ 2000 ms \| (yes|no) \|/, 'restart row');
+  t.match(r.stdout, /### First writes made durable/, 'durability table');
+  t.notMatch(r.stdout, /\b(nan|NaN|None|undefined)\b/, 'no missing values (Python None, NaN)');
+});
