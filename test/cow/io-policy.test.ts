@@ -5,7 +5,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { FileDevice, IoPolicy } from '../../cow/device.js';
+import { FileDevice, IoPolicy, SMALL_WRITE_BYTES } from '../../cow/device.js';
 
 /** A file of `bytes` in a directory removed after the test. */
 async function tempFile(t: Test, bytes: Buffer): Promise<string> {
@@ -37,6 +37,28 @@ t.test('a slow synchronous call sends the next calls to the threadpool for a whi
   await new Promise((r) => setTimeout(r, 350));
   t.ok(p.useSync(4096), 'sync again once the spell is over');
   t.equal(p.syncCalls, 2);
+});
+
+t.test('costly small writes (median of 16) take the threadpool for a while; large ones and reads are not counted', async (t) => {
+  // 20 µs threshold, 200 ms spell; spins of 0.2 ms are costly, empty calls are not.
+  const p = new IoPolicy(true, 50, 300, 1 << 20, 256 << 10, 20, 200);
+  for (let i = 0; i < 16; i++) p.timedWrite(1 << 20, () => spin(0.2));
+  t.ok(p.useSync(4096), 'costly 1 MiB writes say nothing about small ones');
+  for (let i = 0; i < 9; i++) p.timedWrite(4096, () => {});
+  for (let i = 0; i < 7; i++) p.timedWrite(4096, () => spin(0.2));
+  t.ok(p.useSync(4096), '7 costly of 16: the median is cheap, small writes stay on the loop');
+  for (let i = 0; i < 15; i++) p.timedWrite(4096, () => spin(0.2));
+  t.ok(p.useSync(4096), 'no decision before the sample of 16 is complete');
+  p.timedWrite(4096, () => {});
+  t.notOk(p.useSync(4096), '15 costly of 16: small writes take the threadpool');
+  t.notOk(p.useSync(SMALL_WRITE_BYTES), 'up to SMALL_WRITE_BYTES');
+  t.ok(p.useSync(SMALL_WRITE_BYTES + 1), 'larger writes stay on the loop');
+  t.ok(p.useSync(4096, true), 'reads stay on the loop');
+  await new Promise((r) => setTimeout(r, 250));
+  t.ok(p.useSync(4096), 'back on the loop once the spell is over, to be timed again');
+  for (let i = 0; i < 16; i++) p.timedWrite(4096, () => {});
+  t.ok(p.useSync(4096), 'cheap again: they stay');
+  t.equal(p.syncCalls, 16 + 16 + 16 + 16, 'every timed write counted as a sync call');
 });
 
 t.test('errors from the synchronous path still reject', async (t) => {
