@@ -331,7 +331,8 @@ t.test('replies of one turn share a writev, up to UNCORK_AT_BYTES: big read repl
   c.send(Buffer.concat(small));
   for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
   const smallCalls = calls.splice(0);
-  t.equal(smallCalls.length, 1, `16 small replies of one turn left in one call (${smallCalls.map((x) => x.length).join(', ')} chunks)`);
+  // One call when the 16 requests arrive in one read; a second read would make two.
+  t.ok(smallCalls.length <= 2, `16 small replies left in ${smallCalls.length} call(s) (${smallCalls.map((x) => x.length).join(', ')} chunks), not one each`);
 
   const big: Buffer[] = [];
   for (let i = 0; i < 4; i++) big.push(request(C.NBD_CMD_READ, i * 256 * 1024, 256 * 1024, 200 + i));
