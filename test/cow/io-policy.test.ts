@@ -40,14 +40,15 @@ t.test('a slow synchronous call sends the next calls to the threadpool for a whi
 });
 
 t.test('costly small writes (median of 16) take the threadpool for a while; large ones and reads are not counted', async (t) => {
-  // 20 µs threshold, 200 ms spell; spins of 0.2 ms are costly, empty calls are not.
-  const p = new IoPolicy(true, 50, 300, 1 << 20, 256 << 10, 20, 200);
-  for (let i = 0; i < 16; i++) p.timedWrite(1 << 20, () => spin(0.2));
+  // 100 µs threshold, 200 ms spell; spins of 0.5 ms are costly, empty calls are not
+  // (an empty call can still take tens of µs once, when it is first compiled or a GC hits).
+  const p = new IoPolicy(true, 50, 300, 1 << 20, 256 << 10, 100, 200);
+  for (let i = 0; i < 16; i++) p.timedWrite(1 << 20, () => spin(0.5));
   t.ok(p.useSync(4096), 'costly 1 MiB writes say nothing about small ones');
-  for (let i = 0; i < 9; i++) p.timedWrite(4096, () => {});
-  for (let i = 0; i < 7; i++) p.timedWrite(4096, () => spin(0.2));
-  t.ok(p.useSync(4096), '7 costly of 16: the median is cheap, small writes stay on the loop');
-  for (let i = 0; i < 15; i++) p.timedWrite(4096, () => spin(0.2));
+  for (let i = 0; i < 10; i++) p.timedWrite(4096, () => {});
+  for (let i = 0; i < 6; i++) p.timedWrite(4096, () => spin(0.5));
+  t.ok(p.useSync(4096), '6 costly of 16: the median is cheap, small writes stay on the loop');
+  for (let i = 0; i < 15; i++) p.timedWrite(4096, () => spin(0.5));
   t.ok(p.useSync(4096), 'no decision before the sample of 16 is complete');
   p.timedWrite(4096, () => {});
   t.notOk(p.useSync(4096), '15 costly of 16: small writes take the threadpool');
