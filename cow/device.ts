@@ -163,6 +163,9 @@ export class IoPolicy {
   /** Durations (ms) of the last synchronous small writes, up to one sample's worth. */
   private readonly costs = new Float64Array(16);
   private costN = 0;
+  /** Duration (ms) and end of the last timed call. */
+  private lastMs = 0;
+  private lastEnd = 0;
   syncCalls = 0;
   asyncCalls = 0;
   /** COWBD_SYNC_IO=0 sends every call to the threadpool, for an operator who prefers that. */
@@ -185,17 +188,15 @@ export class IoPolicy {
   /** timed() for a write: a small one also adds to the sample that decides whether small writes are costly. */
   timedWrite<T>(bytes: number, fn: () => T): T {
     if (bytes > SMALL_WRITE_BYTES) return this.timed(fn);
-    const t0 = performance.now();
     try {
       return this.timed(fn);
     } finally {
-      const t1 = performance.now();
-      this.costs[this.costN++] = t1 - t0;
+      this.costs[this.costN++] = this.lastMs;
       if (this.costN === this.costs.length) {
         this.costN = 0;
         // The median: one write that met the journal or a new folio's allocation says little.
         this.costs.sort();
-        this.costlyUntil = this.costs[this.costs.length >> 1]! * 1000 > this.costlyUs ? t1 + this.costlyForMs : 0;
+        this.costlyUntil = this.costs[this.costs.length >> 1]! * 1000 > this.costlyUs ? this.lastEnd + this.costlyForMs : 0;
       }
     }
   }
@@ -208,6 +209,8 @@ export class IoPolicy {
     } finally {
       const t1 = performance.now();
       this.syncCalls++;
+      this.lastMs = t1 - t0;
+      this.lastEnd = t1;
       if (t1 - t0 > this.slowMs) this.asyncUntil = t1 + this.asyncForMs;
       else this.asyncUntil = 0;
     }
