@@ -15,36 +15,35 @@ out=$(mktemp)
 npx tap --reporter=tap --timeout=900 \
   --statements=70 --branches=60 --functions=70 --lines=70 \
   "${files[@]}" 2>&1 | tee "$out"
-rc1=${PIPESTATUS[0]}
-rc=$rc1
+rc=${PIPESTATUS[0]}
+# Each run's tap output and exit code, for the closing line.
+runs=("$out" "$rc")
 
 # The benchmark's end-to-end check runs alone, after the suite: it loads both cores
 # for a minute and a half, which would skew the suite's timing-sensitive tests. It
 # runs only shell and fio, so it has no coverage of its own to gate.
-bench_out=/dev/null
 if [ $# -eq 0 ]; then
   bench_out=$(mktemp)
   npx tap --reporter=tap --timeout=900 --disable-coverage test/bench/*.bench.ts 2>&1 | tee "$bench_out"
   brc=${PIPESTATUS[0]}
+  runs+=("$bench_out" "$brc")
   [ "$rc" -eq 0 ] && rc=$brc
 fi
 
 node -e '
 const fs = require("fs");
 let pass = 0, fail = 0, skip = 0;
-for (const [file, code] of [[process.argv[1], process.argv[2]], [process.argv[3], process.argv[4]]]) {
-  if (file === "/dev/null") continue;
-  const m = [...fs.readFileSync(file, "utf8").matchAll(/^# (\{ total: .*\})$/gm)].pop();
+for (let i = 1; i < process.argv.length; i += 2) {
+  const m = [...fs.readFileSync(process.argv[i], "utf8").matchAll(/^# (\{ total: .*\})$/gm)].pop();
   let f = 0;
   if (m) {
     const get = (k) => Number((new RegExp(k + ": (\\d+)").exec(m[1]) || [0, 0])[1]);
     pass += get("pass"); f = get("fail"); skip += get("skip") + get("todo");
   }
-  if (!m || (code !== "0" && f === 0)) f += 1; // a crash or coverage gate counts as a failure
+  if (!m || (process.argv[i + 1] !== "0" && f === 0)) f += 1; // a crash or coverage gate counts as a failure
   fail += f;
 }
 console.log(`${pass} passed, ${fail} failed` + (skip ? `, ${skip} skipped` : ""));
-' "$out" "$rc1" "$bench_out" "${brc:-0}"
-rm -f "$out"
-[ "$bench_out" != /dev/null ] && rm -f "$bench_out"
+' "${runs[@]}"
+rm -f "$out" ${bench_out:+"$bench_out"}
 exit "$rc"
