@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Limiter } from './chunk-locks.js';
+import { CowErrors } from './errors.js';
 import { holePuncher } from './hole-puncher.js';
 
 export interface BlockDevice {
@@ -292,7 +293,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async writeDurable(buf: Buffer, offset: number): Promise<void> {
-    if (this.closed) throw Object.assign(new Error('EBADF: device closed'), { code: 'EBADF' });
+    if (this.closed) throw CowErrors.deviceClosed();
     // With O_DSYNC the kernel syncs only this write's range (and what the journal needs
     // for it), where fdatasync would first write back every dirty page of the file.
     this.dsync ??= fs.promises.open(this.path, fs.constants.O_RDWR | fs.constants.O_DSYNC);

@@ -1,14 +1,54 @@
-// Errors carry an errno-style `code` so the daemon can map them to NBD errors in one place.
+// The engine's one table of errors, in the manner of fastify's errors.js. Each error has a
+// stable `id` for callers and logs, and an errno-style `code` shared with the operating
+// system's own errors, so the daemon maps both to NBD errors in one place.
 
-export type CowErrorCode = 'EIO' | 'ENOSPC' | 'EPERM' | 'EINVAL' | 'EEXIST' | 'ENOENT' | 'EBUSY';
+export type Errno = 'EIO' | 'ENOSPC' | 'EPERM' | 'EINVAL' | 'EEXIST' | 'ENOENT' | 'EBUSY' | 'EBADF';
 
 export class CowError extends Error {
-  readonly code: CowErrorCode;
-  constructor(code: CowErrorCode, message: string) {
-    super(`${code}: ${message}`);
+  constructor(
+    readonly id: string,
+    readonly code: Errno,
+    message: string,
+  ) {
+    super(message);
     this.name = 'CowError';
-    this.code = code;
   }
 }
 
-export const cowError = (code: CowErrorCode, message: string): CowError => new CowError(code, message);
+type Factory<A extends unknown[]> = ((...args: A) => CowError) & { id: string; code: Errno };
+
+function define<A extends unknown[]>(id: string, code: Errno, format: (...args: A) => string): Factory<A> {
+  return Object.assign((...args: A) => new CowError(id, code, format(...args)), { id, code });
+}
+
+export const CowErrors = {
+  invalidName: define('COW_INVALID_NAME', 'EINVAL', (what: string, name: string) => `invalid ${what} name ${JSON.stringify(name)}`),
+  nameTaken: define('COW_NAME_TAKEN', 'EEXIST', (name: string) => `${name} already exists`),
+  fileExists: define('COW_FILE_EXISTS', 'EEXIST', (path: string) => `${path} exists`),
+  unknownOrigin: define('COW_UNKNOWN_ORIGIN', 'ENOENT', (name: string) => `origin ${name} is not attached`),
+  unknownSnapshot: define('COW_UNKNOWN_SNAPSHOT', 'ENOENT', (name: string) => `no snapshot ${name}`),
+  closed: define('COW_CLOSED', 'EIO', () => 'COW manager is closed'),
+  badChunkSize: define('COW_BAD_CHUNK_SIZE', 'EINVAL', (size: number) => `chunk size ${size}: need a power of two from 4 KiB to 1 MiB`),
+  originTooLarge: define('COW_ORIGIN_TOO_LARGE', 'EINVAL', () => 'origin has too many chunks'),
+  badStore: define('COW_BAD_STORE', 'EIO', (why: string) => `exception store: ${why}`),
+  storeOriginSize: define('COW_STORE_ORIGIN_SIZE', 'EIO', (want: number, have: number) =>
+    `exception store was made for an origin of ${want} bytes, origin has ${have}`),
+  storeSlotsFull: define('COW_STORE_SLOTS_FULL', 'ENOSPC', (max: number) => `an exception store holds at most ${max} snapshots`),
+  snapshotTooSmall: define('COW_SNAPSHOT_TOO_SMALL', 'EINVAL', (chunks: number) => `snapshot size must be at least ${chunks} chunks`),
+  snapshotShrink: define('COW_SNAPSHOT_SHRINK', 'EINVAL', () => 'a snapshot cannot shrink'),
+  snapshotRemoved: define('COW_SNAPSHOT_REMOVED', 'EIO', (name: string) => `snapshot ${name} was removed`),
+  snapshotInvalid: define('COW_SNAPSHOT_INVALID', 'EIO', (name: string) => `snapshot ${name} is invalid`),
+  snapshotReadOnly: define('COW_SNAPSHOT_READ_ONLY', 'EPERM', (name: string) => `snapshot ${name} is read-only`),
+  snapshotFull: define('COW_SNAPSHOT_FULL', 'ENOSPC', (name: string) => `snapshot ${name} is full`),
+  snapshotInvalidated: define('COW_SNAPSHOT_INVALIDATED', 'EIO', (name: string) => `snapshot ${name} is full and was invalidated`),
+  writeLost: define('COW_WRITE_LOST', 'EIO', (why: string) => `an acknowledged write could not be written: ${why}`),
+  deviceClosed: define('COW_DEVICE_CLOSED', 'EBADF', () => 'device closed'),
+  injected: define('COW_INJECTED', 'EIO', () => 'injected fault'),
+  punchPath: define('COW_PUNCH_PATH', 'EINVAL', (path: string) => `cannot punch holes in a path with a newline: ${JSON.stringify(path)}`),
+  punchHelper: define('COW_PUNCH_HELPER', 'EIO', (why: string) => `cannot start the hole punch helper: ${why}`),
+  punchFailed: define('COW_PUNCH_FAILED', 'EIO', (path: string, why: string) => `fallocate --punch-hole ${path}: ${why}`),
+} as const;
+
+export function isCowError(e: unknown): e is CowError {
+  return e instanceof CowError;
+}

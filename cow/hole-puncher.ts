@@ -7,7 +7,7 @@
 // The daemon is largest (held writes, buffer pools) exactly when TRIM and snapshot
 // removal come. The shell forks fallocate from its own small image instead.
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { cowError } from './errors.js';
+import { CowErrors } from './errors.js';
 
 // A request is two lines, "OFFSET LENGTH" then the path (read whole, so any byte but a
 // newline may be in it); one reply line each, "ok" or "err MESSAGE", in order.
@@ -54,10 +54,10 @@ export class HolePuncher {
   /** Deallocates the ranges of the file at path (they then read as zeros). */
   punch(path: string, ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
     if (ranges.length === 0) return Promise.resolve();
-    if (path.includes('\n')) return Promise.reject(cowError('EINVAL', `cannot punch holes in a path with a newline: ${JSON.stringify(path)}`));
+    if (path.includes('\n')) return Promise.reject(CowErrors.punchPath(path));
     this.start();
     const child = this.child;
-    if (!child) return Promise.reject(cowError('EIO', `cannot start the hole punch helper: ${this.spawnError}`));
+    if (!child) return Promise.reject(CowErrors.punchHelper(String(this.spawnError)));
     const replies = ranges.map(
       () =>
         new Promise<string | undefined>((res) => {
@@ -72,7 +72,7 @@ export class HolePuncher {
     child.stdin.write(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n${path}\n`).join(''));
     return Promise.all(replies).then((errs) => {
       const err = errs.find((e) => e !== undefined);
-      if (err !== undefined) throw cowError('EIO', `fallocate --punch-hole ${path}: ${err}`);
+      if (err !== undefined) throw CowErrors.punchFailed(path, err);
     });
   }
 

@@ -27,7 +27,7 @@
 export type { BlockDevice, FileDeviceOptions } from './device.js';
 export { FileDevice, syncDirectory, syncMadeDirectories } from './device.js';
 export { MemDevice } from './mem-device.js';
-export { CowError, type CowErrorCode } from './errors.js';
+export { CowError, CowErrors, isCowError, type Errno } from './errors.js';
 export type { Volume } from './volume.js';
 export { Origin } from './origin.js';
 export { Snapshot, type SnapshotUsage } from './snapshot.js';

@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import { mkdir, readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileDevice, syncDirectory, syncMadeDirectories, type BlockDevice, type FileDeviceOptions } from './device.js';
-import { cowError } from './errors.js';
+import { CowErrors } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
 import { Origin } from './origin.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
@@ -170,7 +170,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   /** Opens DATA_DIR/NAME.vol and every persistent store of it, replaying their snapshots. */
   async attachOrigin(name: string): Promise<Origin> {
     this.checkOpen();
-    if (!validName(name)) throw cowError('EINVAL', `invalid volume name ${JSON.stringify(name)}`);
+    if (!validName(name)) throw CowErrors.invalidName('volume', name);
     const existing = this.origins.get(name);
     if (existing) return existing;
     const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
@@ -259,10 +259,10 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
 
   async createSnapshot(o: CreateSnapshotOptions): Promise<Snapshot> {
     this.checkOpen();
-    if (!validName(o.name)) throw cowError('EINVAL', `invalid snapshot name ${JSON.stringify(o.name)}`);
-    if (this.snaps.has(o.name) || this.origins.has(o.name)) throw cowError('EEXIST', `${o.name} already exists`);
+    if (!validName(o.name)) throw CowErrors.invalidName('snapshot', o.name);
+    if (this.snaps.has(o.name) || this.origins.has(o.name)) throw CowErrors.nameTaken(o.name);
     const origin = this.origins.get(o.origin);
-    if (!origin) throw cowError('ENOENT', `origin ${o.origin} is not attached`);
+    if (!origin) throw CowErrors.unknownOrigin(o.origin);
     const chunkSize = o.chunkSize ?? 65536;
     const transient = o.transient ?? false;
     ExceptionStore.checkOptions({ chunkSize, originSize: origin.size, originName: origin.name });
@@ -276,7 +276,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       const storeOpts = { ...this.storeOpts(origin.name), chunkSize, originSize: origin.size, originName: origin.name };
       let ours = false;
       try {
-        if (sdev.size > 0 && !transient) throw cowError('EEXIST', `${path} exists`);
+        if (sdev.size > 0 && !transient) throw CowErrors.fileExists(path);
         ours = true;
         if (transient) await sdev.truncate(0);
         const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts, true);
@@ -300,7 +300,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       );
       if (this.snaps.has(o.name)) {
         await store.remove(rec);
-        throw cowError('EEXIST', `${o.name} already exists`);
+        throw CowErrors.nameTaken(o.name);
       }
       const snap = new Snapshot(origin, store, rec);
       this.snaps.set(o.name, snap);
@@ -315,7 +315,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   /** Grows a snapshot to newSize bytes (lvextend). An overflowed snapshot becomes writable again. */
   async extendSnapshot(name: string, newSize: number): Promise<SnapshotUsage> {
     const s = this.snaps.get(name);
-    if (!s) throw cowError('ENOENT', `no snapshot ${name}`);
+    if (!s) throw CowErrors.unknownSnapshot(name);
     await s.store.extend(s.record, Math.floor(newSize / s.store.chunkSize));
     return s.usage();
   }
@@ -323,7 +323,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   /** Frees the snapshot's space at once; the origin and other snapshots are untouched. */
   async removeSnapshot(name: string): Promise<void> {
     const s = this.snaps.get(name);
-    if (!s) throw cowError('ENOENT', `no snapshot ${name}`);
+    if (!s) throw CowErrors.unknownSnapshot(name);
     this.snaps.delete(name);
     await s.store.remove(s.record);
     if (s.store.snapshotCount === 0) {
@@ -357,7 +357,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   }
 
   private checkOpen(): void {
-    if (this.closed) throw cowError('EIO', 'COW manager is closed');
+    if (this.closed) throw CowErrors.closed();
   }
 
   async close(): Promise<void> {

@@ -4,6 +4,7 @@
 // each unsynced write lost, applied, or torn at 512-byte sector granularity (the
 // atomic unit every journaling design, dm-snapshot's included, relies on).
 import type { BlockDevice } from './device.js';
+import { CowErrors } from './errors.js';
 
 export const SECTOR = 512;
 
@@ -66,7 +67,7 @@ export class MemDevice implements BlockDevice {
   /** The start of every write: the crash tests' hook, an injected failure, the latency. */
   private async beginWrite(): Promise<void> {
     this.onIo?.('write');
-    if (this.failWrites) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+    if (this.failWrites) throw CowErrors.injected();
     await this.turn();
   }
 

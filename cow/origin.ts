@@ -4,7 +4,7 @@
 import { totalmem } from 'node:os';
 import type { BlockDevice } from './device.js';
 import { ZEROS } from './buffer-pool.js';
-import { cowError } from './errors.js';
+import { CowErrors } from './errors.js';
 import type { ExceptionStore, OriginView } from './store.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { KeepBuffer, Volume } from './volume.js';
@@ -198,7 +198,7 @@ export class Origin implements Volume, OriginView {
   async flush(): Promise<void> {
     if (!this.behind.empty) await this.behind.settle();
     const failed = this.behind.takeFailure();
-    if (failed) throw cowError('EIO', `an acknowledged write could not be written: ${failed.message}`);
+    if (failed) throw CowErrors.writeLost(failed.message);
     return this.syncer.sync();
   }
 

@@ -9,7 +9,7 @@ import { Allocator, REF_LIMBO, REF_META } from './allocator.js';
 import { copyBuffers, ZEROS } from './buffer-pool.js';
 import { ChunkLocks, Limiter, ReaderTable } from './chunk-locks.js';
 import { Committer, type Job } from './committer.js';
-import { cowError } from './errors.js';
+import { CowErrors } from './errors.js';
 import {
   AREA_HEADER_BYTES,
   ENTRY_BYTES,
@@ -136,8 +136,8 @@ export class ExceptionStore {
   }
 
   static checkOptions(opts: StoreOptions): void {
-    if (!validChunkSize(opts.chunkSize)) throw cowError('EINVAL', `chunk size ${opts.chunkSize}: need a power of two from 4 KiB to 1 MiB`);
-    if (Math.ceil(opts.originSize / opts.chunkSize) >= 0xffffffff) throw cowError('EINVAL', 'origin has too many chunks');
+    if (!validChunkSize(opts.chunkSize)) throw CowErrors.badChunkSize(opts.chunkSize);
+    if (Math.ceil(opts.originSize / opts.chunkSize) >= 0xffffffff) throw CowErrors.originTooLarge();
   }
 
   /**
@@ -189,8 +189,8 @@ export class ExceptionStore {
     const head = Buffer.alloc(HEADER_BYTES);
     await dev.read(head, 0);
     const ph = decodePoolHeader(head.subarray(0, SLOT_BYTES));
-    if (typeof ph === 'string') throw cowError('EIO', `exception store: ${ph}`);
-    if (origin.size !== ph.originSize) throw cowError('EIO', `exception store was made for an origin of ${ph.originSize} bytes, origin has ${origin.size}`);
+    if (typeof ph === 'string') throw CowErrors.badStore(ph);
+    if (origin.size !== ph.originSize) throw CowErrors.storeOriginSize(ph.originSize, origin.size);
     const store = new ExceptionStore(dev, origin, ph.poolId, { ...opts, chunkSize: ph.chunkSize, originSize: ph.originSize, originName: ph.originName }, false);
     store.alloc.markUsed(headerChunks(ph.chunkSize) - 1, 255);
     const fixups: MetaWrite[] = [];
@@ -358,11 +358,11 @@ export class ExceptionStore {
   /** Durable when it resolves. The caller (Origin) has quiesced the origin; see Origin.quiesced. */
   async createSnapshot(o: NewSnapshot): Promise<SnapshotRecord> {
     const slot = this.records.findIndex((r) => r === undefined);
-    if (slot < 0) throw cowError('ENOSPC', `an exception store holds at most ${MAX_SNAPSHOTS} snapshots`);
+    if (slot < 0) throw CowErrors.storeSlotsFull(MAX_SNAPSHOTS);
     const perArea = this.transient ? 0 : entriesPerArea(this.chunkSize);
     const rec = new SnapshotRecord(slot, randomU32(), o.name, 'valid', o.policy, o.readOnly, o.capacityChunks, Date.now(), perArea);
     rec.epoch = this.view?.epoch ?? 0;
-    if (!rec.fits(0, 0)) throw cowError('EINVAL', `snapshot size must be at least ${rec.usedChunks} chunks`);
+    if (!rec.fits(0, 0)) throw CowErrors.snapshotTooSmall(rec.usedChunks);
     rec.removing = true; // not live until durable
     this.records[slot] = rec;
     if (!this.transient) {
@@ -404,7 +404,7 @@ export class ExceptionStore {
   }
 
   async extend(rec: SnapshotRecord, capacityChunks: number): Promise<void> {
-    if (capacityChunks < rec.capacityChunks) throw cowError('EINVAL', 'a snapshot cannot shrink');
+    if (capacityChunks < rec.capacityChunks) throw CowErrors.snapshotShrink();
     const old = rec.capacityChunks;
     const oldState = rec.state;
     rec.capacityChunks = capacityChunks;
@@ -765,14 +765,14 @@ export class ExceptionStore {
   // ---- snapshot I/O -------------------------------------------------------------------
 
   private checkReadable(rec: SnapshotRecord): void {
-    if (rec.removing || this.records[rec.slot] !== rec) throw cowError('EIO', `snapshot ${rec.name} was removed`);
-    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
+    if (rec.removing || this.records[rec.slot] !== rec) throw CowErrors.snapshotRemoved(rec.name);
+    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name);
   }
 
   private checkWritable(rec: SnapshotRecord): void {
     this.checkReadable(rec);
-    if (rec.readOnly) throw cowError('EPERM', `snapshot ${rec.name} is read-only`);
-    if (rec.state === 'overflow') throw cowError('ENOSPC', `snapshot ${rec.name} is full`);
+    if (rec.readOnly) throw CowErrors.snapshotReadOnly(rec.name);
+    if (rec.state === 'overflow') throw CowErrors.snapshotFull(rec.name);
   }
 
   async read(rec: SnapshotRecord, buf: Buffer, offset: number): Promise<void> {
@@ -789,7 +789,7 @@ export class ExceptionStore {
       if (--this.storeReads === 0 && this.limbo.length) this.releaseLimbo();
     }
     // Invalidated meanwhile: what was read may mix in origin writes the snapshot never saw.
-    if (rec.state === 'invalid') throw cowError('EIO', `snapshot ${rec.name} is invalid`);
+    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name);
   }
 
   private async readWithin(rec: SnapshotRecord, buf: Buffer, offset: number, c: number): Promise<void> {
@@ -1019,11 +1019,11 @@ export class ExceptionStore {
         this.events.onOverflow?.(rec);
         this.committer.submit(this.slotJob(rec, true)).catch(() => {});
       }
-      throw cowError('ENOSPC', `snapshot ${rec.name} is full`);
+      throw CowErrors.snapshotFull(rec.name);
     }
     this.invalidate(rec, 'exception store full');
     this.markInvalid([rec]).catch(() => {}); // origin writes that need the mark wait for it (or retry it)
-    throw cowError('EIO', `snapshot ${rec.name} is full and was invalidated`);
+    throw CowErrors.snapshotInvalidated(rec.name);
   }
 
   private freeChunk(p: number): void {

@@ -65,7 +65,7 @@ const USAGE_WARNINGS = Array.from({ length: 11 }, (_, i) => 50 + 5 * i);
 
 export function toCowbdError(err: unknown, what: { volume?: string; snapshot?: string }): unknown {
   if (!(err instanceof CowError)) return err;
-  const msg = err.message.replace(/^E[A-Z]+: /, '');
+  const msg = err.message;
   switch (err.code) {
     case 'ENOENT':
       return what.snapshot ? Errors.unknownSnapshot(what.snapshot) : Errors.unknownVolume(what.volume ?? '?');

@@ -5,7 +5,7 @@ import t from 'tap';
 import * as C from '../../protocol/constants.js';
 import { NbdRequestError, toNbdError } from '../../protocol/errors.js';
 import type { Logger, LogFn } from '../../protocol/logger.js';
-import { CowError } from '../../cow/errors.js';
+import { CowErrors } from '../../cow/errors.js';
 import { injectedError } from '../../cow/fault-device.js';
 
 function recorder(): { log: Logger; lines: { level: string; obj: Record<string, unknown> }[] } {
@@ -45,7 +45,7 @@ t.test('errno to NBD error', async (t) => {
   t.equal(toNbdError(new Error('no code'), log, {}), C.NBD_EIO, 'an error without a code is EIO');
   t.equal(toNbdError('a string', log, {}), C.NBD_EIO, 'so is a thrown non-error');
   t.equal(toNbdError(null, log, {}), C.NBD_EIO, 'and null');
-  t.equal(toNbdError(new CowError('ENOSPC', 'snapshot s is full'), log, {}), C.NBD_ENOSPC, 'CowError codes map alike');
+  t.equal(toNbdError(CowErrors.snapshotFull('s'), log, {}), C.NBD_ENOSPC, 'CowError codes map alike');
   t.equal(toNbdError(new NbdRequestError(C.NBD_EINVAL, 'bad'), log, {}), C.NBD_EINVAL, 'a chosen NBD error passes through');
 });
 
@@ -55,9 +55,9 @@ t.test('how loudly: I/O errors at error, the OS refusing at warn, engine refusal
     [new Error('mystery'), 'error'],
     [osError('ENOSPC'), 'warn'], // a full file system is the operator's business
     [osError('EROFS'), 'warn'],
-    [new CowError('ENOSPC', 'snapshot s is full'), 'debug'], // an overflowed snapshot, logged once when it overflowed
-    [new CowError('EPERM', 'snapshot s is read-only'), 'debug'],
-    [new CowError('EIO', 'snapshot s is invalid'), 'error'],
+    [CowErrors.snapshotFull('s'), 'debug'], // an overflowed snapshot, logged once when it overflowed
+    [CowErrors.snapshotReadOnly('s'), 'debug'],
+    [CowErrors.snapshotInvalid('s'), 'error'],
   ];
   for (const [err, level] of cases) {
     const { log, lines } = recorder();
