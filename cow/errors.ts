@@ -43,7 +43,6 @@ export const CowErrors = {
   snapshotInvalidated: define('COW_SNAPSHOT_INVALIDATED', 'EIO', (name: string) => `snapshot ${name} is full and was invalidated`),
   writeLost: define('COW_WRITE_LOST', 'EIO', (why: string) => `an acknowledged write could not be written: ${why}`),
   deviceClosed: define('COW_DEVICE_CLOSED', 'EBADF', () => 'device closed'),
-  injected: define('COW_INJECTED', 'EIO', () => 'injected fault'),
   punchPath: define('COW_PUNCH_PATH', 'EINVAL', (path: string) => `cannot punch holes in a path with a newline: ${JSON.stringify(path)}`),
   punchHelper: define('COW_PUNCH_HELPER', 'EIO', (why: string) => `cannot start the hole punch helper: ${why}`),
   punchFailed: define('COW_PUNCH_FAILED', 'EIO', (path: string, why: string) => `fallocate --punch-hole ${path}: ${why}`),

@@ -18,11 +18,12 @@
  * Volumes (Origin and Snapshot implement Volume):
  *   size, state ('valid' | 'invalid' | 'overflow'; origins always 'valid'),
  *   read(buf, off), write(buf, off, fua), flush(), discard(off, len, fua), writeZeroes(off, len, fua).
- *   Errors are CowError with code 'EIO' (invalid or removed snapshot, store failure),
- *   'ENOSPC' (overflow-policy snapshot full), 'EPERM' (read-only snapshot).
+ *   Errors are CowError (cow/errors.ts) with a stable id and an errno code: 'EIO' (invalid
+ *   or removed snapshot, store failure), 'ENOSPC' (overflow-policy snapshot full), 'EPERM'
+ *   (read-only snapshot).
  *   Ranges are range-checked by the caller.
  *
- * Lower level (tests, tools): BlockDevice, FileDevice, MemDevice, ExceptionStore, Origin, Snapshot.
+ * Lower level (tests, tools): BlockDevice, FileDevice, MemDevice, SnapshotPool, OriginPools, Origin, Snapshot.
  */
 export type { BlockDevice, FileDeviceOptions } from './device.js';
 export { FileDevice, syncDirectory, syncMadeDirectories } from './device.js';
@@ -31,7 +32,10 @@ export { CowError, CowErrors, isCowError, type Errno } from './errors.js';
 export type { Volume } from './volume.js';
 export { Origin } from './origin.js';
 export { Snapshot, type SnapshotUsage } from './snapshot.js';
-export { ExceptionStore, type StoreEvents, type StoreOptions, type NewSnapshot } from './store.js';
+export { SnapshotPool, type PoolEvents, type PoolOptions, type NewSnapshot } from './snapshot-pool.js';
+export { OriginPools } from './origin-copy.js';
+export type { ExceptionStore } from './exception-store.js';
+export type { CopyOnWrite, OriginView } from './origin-contract.js';
 export {
   CowManager,
   validName,

@@ -11,7 +11,9 @@ import { CowErrors } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
 import { Origin } from './origin.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
-import { ExceptionStore, type StoreEvents } from './store.js';
+import { checkGeometry } from './exception-store.js';
+import { OriginPools } from './origin-copy.js';
+import { SnapshotPool, type PoolEvents } from './snapshot-pool.js';
 
 export interface CowLogger {
   info(obj: object, msg?: string): void;
@@ -91,14 +93,20 @@ export function validName(name: string): boolean {
   return NAME_RE.test(name) && !name.includes('..');
 }
 
-interface StoreEntry {
-  store: ExceptionStore;
+interface PoolEntry {
+  pool: SnapshotPool;
   path: string;
 }
 
+/** An attached origin with the pools of its snapshots. */
+interface Attached {
+  origin: Origin;
+  pools: OriginPools;
+  entries: PoolEntry[];
+}
+
 export class CowManager extends EventEmitter<CowManagerEvents> {
-  private readonly origins = new Map<string, Origin>();
-  private readonly stores = new Map<string, StoreEntry[]>();
+  private readonly origins = new Map<string, Attached>();
   private readonly snaps = new Map<string, Snapshot>();
   private readonly totals = { copies: 0, bytesCopied: 0, exceptionsCommitted: 0, commits: 0, commitSecondsTotal: 0 };
   private closed = false;
@@ -136,7 +144,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     return join(this.cowDir, `${origin}.${chunkSize / 1024}k.${transient ? 'transient' : 'cows'}`);
   }
 
-  private storeEvents(originName: string): StoreEvents {
+  private poolEvents(originName: string): PoolEvents {
     const figures = (r: { name: string; usedChunks: number; capacityChunks: number }) => ({
       name: r.name,
       origin: originName,
@@ -164,6 +172,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         this.emit('overflow', { name: rec.name, origin: originName });
       },
       onUsage: (rec, percent) => this.emit('usage', { ...figures(rec), percent }),
+      onError: (err, what) => this.opts.logger?.error({ err, origin: originName, what }, 'exception store write failed'),
     };
   }
 
@@ -172,13 +181,14 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     this.checkOpen();
     if (!validName(name)) throw CowErrors.invalidName('volume', name);
     const existing = this.origins.get(name);
-    if (existing) return existing;
+    if (existing) return existing.origin;
     const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
-    const origin = new Origin(name, dev, {
+    const pools = new OriginPools();
+    const origin = new Origin(name, dev, pools, {
       writeBehindBytes: this.opts.writeBehindBytes,
       onLost: (err, offset, length) => this.opts.logger?.error({ err, origin: name, offset, length }, 'acknowledged origin write lost'),
     });
-    const entries: StoreEntry[] = [];
+    const entries: PoolEntry[] = [];
     try {
       const prefix = `${name}.`;
       for (const f of (await readdir(this.cowDir)).sort()) {
@@ -186,7 +196,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         if (!m || m[1] !== name || !f.startsWith(prefix)) continue;
         const path = join(this.cowDir, f);
         const sdev = await this.openDevice(path);
-        if (await ExceptionStore.unfinished(sdev).catch(() => false)) {
+        if (await SnapshotPool.unfinished(sdev).catch(() => false)) {
           // Its creation was cut short (a kill or power loss before the header was written),
           // so it holds no snapshot that was ever acknowledged; left alone, it would stop
           // the origin from attaching and block new stores of that chunk size.
@@ -195,53 +205,51 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
           this.opts.logger?.warn({ origin: name, path }, 'removed an exception store whose creation never finished');
           continue;
         }
-        const store = await ExceptionStore.open(sdev, dev, this.storeOpts(name)).catch(async (e: unknown) => {
+        const pool = await SnapshotPool.open(sdev, origin, this.poolOpts(name)).catch(async (e: unknown) => {
           await sdev.close();
           throw e;
         });
-        if (store.snapshotCount === 0) {
-          await store.close();
+        if (pool.snapshotCount === 0) {
+          await pool.close();
           await unlink(path).catch(() => {});
           continue;
         }
-        entries.push({ store, path });
+        entries.push({ pool, path });
       }
     } catch (e) {
-      for (const s of entries) await s.store.close();
+      for (const s of entries) await s.pool.close();
       await dev.close();
       throw e;
     }
-    this.origins.set(name, origin);
-    this.stores.set(name, entries);
-    for (const { store } of entries) {
-      origin.attach(store);
-      for (const rec of store.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, store, rec));
+    this.origins.set(name, { origin, pools, entries });
+    for (const { pool } of entries) {
+      pools.add(pool);
+      for (const rec of pool.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, pool, rec));
     }
-    this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.store.snapshotCount, 0) }, 'origin attached');
+    this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.pool.snapshotCount, 0) }, 'origin attached');
     return origin;
   }
 
-  private storeOpts(originName: string) {
-    return { events: this.storeEvents(originName), usageThresholds: this.opts.usageThresholds, maxCopies: this.opts.maxCopies };
+  private poolOpts(originName: string) {
+    return { events: this.poolEvents(originName), usageThresholds: this.opts.usageThresholds, maxCopies: this.opts.maxCopies };
   }
 
   async detachOrigin(name: string): Promise<void> {
-    const origin = this.origins.get(name);
-    if (!origin) return;
-    // Held writes still need their stores for their copies.
-    await origin.settle();
-    for (const [sn, s] of this.snaps) if (s.origin === origin) this.snaps.delete(sn);
-    for (const e of this.stores.get(name) ?? []) {
-      await e.store.close();
-      if (e.store.transient) await unlink(e.path).catch(() => {});
+    const a = this.origins.get(name);
+    if (!a) return;
+    // Held writes still need their pools for their copies.
+    await a.origin.settle();
+    for (const [sn, s] of this.snaps) if (s.origin === a.origin) this.snaps.delete(sn);
+    for (const e of a.entries) {
+      await e.pool.close();
+      if (!e.pool.store.persistent) await unlink(e.path).catch(() => {});
     }
-    this.stores.delete(name);
     this.origins.delete(name);
-    await origin.close();
+    await a.origin.close();
   }
 
   origin(name: string): Origin | undefined {
-    return this.origins.get(name);
+    return this.origins.get(name)?.origin;
   }
 
   snapshot(name: string): Snapshot | undefined {
@@ -261,53 +269,54 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     this.checkOpen();
     if (!validName(o.name)) throw CowErrors.invalidName('snapshot', o.name);
     if (this.snaps.has(o.name) || this.origins.has(o.name)) throw CowErrors.nameTaken(o.name);
-    const origin = this.origins.get(o.origin);
-    if (!origin) throw CowErrors.unknownOrigin(o.origin);
+    const attached = this.origins.get(o.origin);
+    if (!attached) throw CowErrors.unknownOrigin(o.origin);
+    const { origin, entries } = attached;
     const chunkSize = o.chunkSize ?? 65536;
-    const transient = o.transient ?? false;
-    ExceptionStore.checkOptions({ chunkSize, originSize: origin.size, originName: origin.name });
+    const persistent = !(o.transient ?? false);
+    const geometry = { chunkSize, originSize: origin.size, originName: origin.name };
+    checkGeometry(geometry);
     const capacityChunks = Math.floor(o.size / chunkSize);
-    const entries = this.stores.get(o.origin)!;
-    let entry = entries.find((e) => e.store.chunkSize === chunkSize && e.store.transient === transient && e.store.snapshotCount < MAX_SNAPSHOTS);
+    let entry = entries.find((e) => e.pool.chunkSize === chunkSize && e.pool.store.persistent === persistent && e.pool.snapshotCount < MAX_SNAPSHOTS);
     const created = !entry;
     if (!entry) {
-      const path = this.storePath(o.origin, chunkSize, transient);
+      const path = this.storePath(o.origin, chunkSize, !persistent);
       const sdev = await this.openDevice(path, { create: true });
-      const storeOpts = { ...this.storeOpts(origin.name), chunkSize, originSize: origin.size, originName: origin.name };
+      const opts = { ...this.poolOpts(origin.name), ...geometry };
       let ours = false;
       try {
-        if (sdev.size > 0 && !transient) throw CowErrors.fileExists(path);
+        if (sdev.size > 0 && persistent) throw CowErrors.fileExists(path);
         ours = true;
-        if (transient) await sdev.truncate(0);
-        const store = transient ? ExceptionStore.createTransient(sdev, origin.dev, storeOpts) : await ExceptionStore.create(sdev, origin.dev, storeOpts, true);
-        entry = { store, path };
+        if (!persistent) await sdev.truncate(0);
+        const pool = persistent ? await SnapshotPool.create(sdev, origin, opts, true) : SnapshotPool.transient(sdev, origin, opts);
+        entry = { pool, path };
         // Before any snapshot in it is acknowledged: the file's sync does not cover its name.
         // A crash between the two leaves a nameable but unfinished store, removed at attach.
-        if (!transient) await this.syncDir(this.cowDir);
+        if (persistent) await this.syncDir(this.cowDir);
       } catch (e) {
-        await (entry ? entry.store.close() : sdev.close());
+        await (entry ? entry.pool.close() : sdev.close());
         // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
         if (ours) await unlink(path).catch(() => {});
         throw e;
       }
       entries.push(entry);
-      origin.attach(entry.store);
+      attached.pools.add(entry.pool);
     }
-    const store = entry.store;
+    const pool = entry.pool;
     try {
       const rec = await origin.quiesced(() =>
-        store.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
+        pool.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
       );
       if (this.snaps.has(o.name)) {
-        await store.remove(rec);
+        await pool.remove(rec);
         throw CowErrors.nameTaken(o.name);
       }
-      const snap = new Snapshot(origin, store, rec);
+      const snap = new Snapshot(origin, pool, rec);
       this.snaps.set(o.name, snap);
-      this.opts.logger?.info({ snapshot: o.name, origin: o.origin, capacityChunks, chunkSize, transient }, 'snapshot created');
+      this.opts.logger?.info({ snapshot: o.name, origin: o.origin, capacityChunks, chunkSize, transient: !persistent }, 'snapshot created');
       return snap;
     } catch (e) {
-      if (created && store.snapshotCount === 0) await this.dropStore(o.origin, entry);
+      if (created && pool.snapshotCount === 0) await this.dropPool(attached, entry);
       throw e;
     }
   }
@@ -316,7 +325,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   async extendSnapshot(name: string, newSize: number): Promise<SnapshotUsage> {
     const s = this.snaps.get(name);
     if (!s) throw CowErrors.unknownSnapshot(name);
-    await s.store.extend(s.record, Math.floor(newSize / s.store.chunkSize));
+    await s.pool.extend(s.record, Math.floor(newSize / s.pool.chunkSize));
     return s.usage();
   }
 
@@ -325,34 +334,33 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const s = this.snaps.get(name);
     if (!s) throw CowErrors.unknownSnapshot(name);
     this.snaps.delete(name);
-    await s.store.remove(s.record);
-    if (s.store.snapshotCount === 0) {
-      const entry = this.stores.get(s.origin.name)?.find((e) => e.store === s.store);
-      if (entry) await this.dropStore(s.origin.name, entry);
+    await s.pool.remove(s.record);
+    if (s.pool.snapshotCount === 0) {
+      const attached = this.origins.get(s.origin.name);
+      const entry = attached?.entries.find((e) => e.pool === s.pool);
+      if (attached && entry) await this.dropPool(attached, entry);
     }
     this.opts.logger?.info({ snapshot: name }, 'snapshot removed');
   }
 
-  private async dropStore(originName: string, entry: StoreEntry): Promise<void> {
-    const origin = this.origins.get(originName);
-    const list = this.stores.get(originName);
-    if (list) list.splice(list.indexOf(entry), 1);
-    if (origin) origin.stores.splice(origin.stores.indexOf(entry.store), 1);
-    await entry.store.close();
+  private async dropPool(attached: Attached, entry: PoolEntry): Promise<void> {
+    attached.entries.splice(attached.entries.indexOf(entry), 1);
+    attached.pools.remove(entry.pool);
+    await entry.pool.close();
     await unlink(entry.path).catch(() => {});
   }
 
   stats(): CowStats {
     let storeChunks = 0;
     let memoryBytes = 0;
-    for (const list of this.stores.values()) {
-      for (const { store } of list) {
-        storeChunks += store.fileChunks;
-        memoryBytes += store.memoryBytes;
+    let writeBehindBytes = 0;
+    for (const { origin, entries } of this.origins.values()) {
+      writeBehindBytes += origin.behind.heldBytes;
+      for (const { pool } of entries) {
+        storeChunks += pool.fileChunks;
+        memoryBytes += pool.memoryBytes;
       }
     }
-    let writeBehindBytes = 0;
-    for (const o of this.origins.values()) writeBehindBytes += o.behind.heldBytes;
     return { ...this.totals, snapshots: this.snaps.size, storeChunks, memoryBytes, writeBehindBytes };
   }
 

@@ -4,7 +4,7 @@
 // each unsynced write lost, applied, or torn at 512-byte sector granularity (the
 // atomic unit every journaling design, dm-snapshot's included, relies on).
 import type { BlockDevice } from './device.js';
-import { CowErrors } from './errors.js';
+import { injectedError } from './fault-device.js';
 
 export const SECTOR = 512;
 
@@ -67,7 +67,7 @@ export class MemDevice implements BlockDevice {
   /** The start of every write: the crash tests' hook, an injected failure, the latency. */
   private async beginWrite(): Promise<void> {
     this.onIo?.('write');
-    if (this.failWrites) throw CowErrors.injected();
+    if (this.failWrites) throw injectedError('EIO', 'write', 'memory');
     await this.turn();
   }
 

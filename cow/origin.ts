@@ -5,7 +5,7 @@ import { totalmem } from 'node:os';
 import type { BlockDevice } from './device.js';
 import { ZEROS } from './buffer-pool.js';
 import { CowErrors } from './errors.js';
-import type { ExceptionStore, OriginView } from './store.js';
+import type { CopyOnWrite, OriginView } from './origin-contract.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { KeepBuffer, Volume } from './volume.js';
 import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
@@ -23,7 +23,6 @@ export interface OriginOptions {
 export class Origin implements Volume, OriginView {
   readonly state = 'valid' as const;
   readonly size: number;
-  readonly stores: ExceptionStore[] = [];
   private readonly syncer: SyncCoalescer;
   readonly behind: WriteBehind;
   /** Bumped by each snapshot creation: a held write is visible to snapshots of a later epoch. */
@@ -36,6 +35,8 @@ export class Origin implements Volume, OriginView {
   constructor(
     readonly name: string,
     readonly dev: BlockDevice,
+    /** The pools of this origin's snapshots, which every write asks for copies first. */
+    readonly snapshots: CopyOnWrite,
     private readonly opts: OriginOptions = {},
   ) {
     this.size = dev.size;
@@ -43,22 +44,12 @@ export class Origin implements Volume, OriginView {
     this.behind = new WriteBehind(opts.writeBehindBytes ?? DEFAULT_WRITE_BEHIND);
   }
 
-  /** Adds a store of this origin's snapshots; its snapshots read the origin through here. */
-  attach(store: ExceptionStore): void {
-    store.view = this;
-    this.stores.push(store);
-  }
-
-  private get copying(): ExceptionStore[] | undefined {
-    // The usual single store needs no new array per write.
-    if (this.stores.length === 1) return this.stores[0]!.live.length ? this.stores : undefined;
-    let out: ExceptionStore[] | undefined;
-    for (const s of this.stores) if (s.live.length) (out ??= []).push(s);
-    return out;
-  }
-
   read(buf: Buffer, offset: number): Promise<void> {
     return this.readAsOf(buf, offset, Infinity);
+  }
+
+  readForCopy(buf: Buffer, offset: number): Promise<void> {
+    return this.dev.read(buf, offset, true);
   }
 
   /** The origin as a snapshot of the given epoch sees it: the file plus writes held from before it. */
@@ -103,10 +94,9 @@ export class Origin implements Volume, OriginView {
     }
     let held: HeldWrite | undefined;
     try {
-      const stores = this.copying;
-      if (!stores && this.behind.empty) await this.dev.write(buf, offset);
+      if (this.behind.empty && !this.snapshots.active) await this.dev.write(buf, offset);
       else {
-        const r = this.writeCow(stores, buf, offset, fua, keep);
+        const r = this.writeCow(buf, offset, fua, keep);
         if (r instanceof Promise) await r;
         else held = r;
       }
@@ -126,11 +116,12 @@ export class Origin implements Volume, OriginView {
    * copied chunks, goes straight to the file (the promise of that write); one some
    * snapshot needs copies for, or that follows held writes, is held and returned.
    */
-  private writeCow(stores: ExceptionStore[] | undefined, buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): HeldWrite | Promise<void> {
+  private writeCow(buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): HeldWrite | Promise<void> {
     const prior = this.behind.empty ? NONE : this.behind.overlapping(offset, offset + buf.length);
-    if (!prior.length && !stores?.some((s) => s.needsCopy(offset, buf.length))) {
-      if (stores?.some((s) => s.originReading(offset, buf.length))) return this.afterOriginReads(stores, buf, offset);
-      return this.dev.write(buf, offset);
+    if (!prior.length && !this.snapshots.needsCopy(offset, buf.length)) {
+      // Nothing to copy: only snapshot reads still reading these chunks from the file.
+      const reads = this.snapshots.readsDone(offset, buf.length);
+      return reads ? reads.then(() => this.dev.write(buf, offset)) : this.dev.write(buf, offset);
     }
     const own = !fua && this.behind.hasRoom(buf.length);
     const h = this.behind.hold(buf, offset, this.epoch, own, keep);
@@ -138,19 +129,9 @@ export class Origin implements Volume, OriginView {
     return h;
   }
 
-  /** Nothing to copy: only snapshot reads still reading these chunks from the file. */
-  private async afterOriginReads(stores: ExceptionStore[], buf: Buffer, offset: number): Promise<void> {
-    for (const s of stores) {
-      const reads = s.originReadsDone(offset, buf.length);
-      if (reads) await reads;
-    }
-    await this.dev.write(buf, offset);
-  }
-
-  /** The range of chunks (of any store) a copy for this range reads: copies read whole chunks. */
+  /** The range of chunks (of any pool) a copy for this range reads: copies read whole chunks. */
   private chunkSpan(offset: number, length: number): [number, number] {
-    let cs = 1;
-    for (const s of this.stores) cs = Math.max(cs, s.chunkSize);
+    const cs = this.snapshots.chunkSize;
     return [Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs];
   }
 
@@ -159,7 +140,7 @@ export class Origin implements Volume, OriginView {
     if (this.behind.empty) return NONE;
     const [a, b] = this.chunkSpan(offset, length);
     let out: HeldWrite[] | undefined;
-    for (const h of this.behind.overlapping(a, b)) if (h.gen < this.epoch) (out ??= []).push(h);
+    for (const h of this.behind.overlapping(a, b)) if (h.epoch < this.epoch) (out ??= []).push(h);
     return out ?? NONE;
   }
 
@@ -179,8 +160,7 @@ export class Origin implements Volume, OriginView {
   private async land(h: HeldWrite, prior: readonly HeldWrite[]): Promise<void> {
     try {
       if (prior.length) await this.behind.settle(prior);
-      const stores = this.copying;
-      if (stores) await this.prepare(stores, h.offset, h.data.length, h.gen);
+      await this.snapshots.beforeWrite(h.offset, h.data.length, h.epoch);
       await this.dev.write(h.data, h.offset, true);
     } catch (e) {
       h.error = e instanceof Error ? e : new Error(String(e));
@@ -188,11 +168,6 @@ export class Origin implements Volume, OriginView {
     } finally {
       this.behind.release(h);
     }
-  }
-
-  private async prepare(stores: ExceptionStore[], offset: number, length: number, gen = Infinity): Promise<void> {
-    if (stores.length === 1) await stores[0]!.beforeOriginWrite(offset, length, gen);
-    else await Promise.all(stores.map((s) => s.beforeOriginWrite(offset, length, gen)));
   }
 
   async flush(): Promise<void> {
@@ -216,24 +191,14 @@ export class Origin implements Volume, OriginView {
     await this.enter();
     try {
       await this.settleBefore(offset, length);
-      const stores = this.copying;
-      if (!stores) {
+      if (!this.snapshots.active) {
         const a = Math.ceil(offset / 4096) * 4096;
         const b = Math.floor((offset + length) / 4096) * 4096;
         if (b > a) await this.dev.punchHoles([[a, b - a]]);
         if (fua) await this.syncer.sync();
         return;
       }
-      const unit = Math.max(...stores.map((s) => s.chunkSize));
-      const first = Math.ceil(offset / unit);
-      const end = Math.floor((offset + length) / unit);
-      const ranges: Array<[number, number]> = [];
-      for (let u = first; u < end; u++) {
-        if (!stores.every((s) => this.unitDiscardable(s, u * unit, unit))) continue;
-        const last = ranges[ranges.length - 1];
-        if (last && last[0] + last[1] === u * unit) last[1] += unit;
-        else ranges.push([u * unit, unit]);
-      }
+      const ranges = this.snapshots.discardable(offset, length);
       if (ranges.length) await this.dev.punchHoles(ranges);
       if (fua) await this.syncer.sync();
     } finally {
@@ -241,18 +206,12 @@ export class Origin implements Volume, OriginView {
     }
   }
 
-  private unitDiscardable(s: ExceptionStore, offset: number, unit: number): boolean {
-    for (let c = offset / s.chunkSize; c < (offset + unit) / s.chunkSize; c++) if (!s.originDiscardable(c)) return false;
-    return true;
-  }
-
   /** A write of zeros: snapshots get their copies first, exactly as for write(). */
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
     await this.enter();
     try {
       await this.settleBefore(offset, length);
-      const stores = this.copying;
-      if (stores) await this.prepare(stores, offset, length);
+      await this.snapshots.beforeWrite(offset, length);
       for (let at = 0; at < length; at += ZEROS.length) {
         await this.dev.write(ZEROS.subarray(0, Math.min(ZEROS.length, length - at)), offset + at);
       }

@@ -1,7 +1,6 @@
 // What the store knows about one snapshot: identity, limits, its exception map and the
 // chunk accounting that makes its bounded size exact.
 import { ChunkMap } from './chunk-map.js';
-import type { AreaLog } from './area-log.js';
 import type { OverflowPolicy, SnapshotStateName } from './format.js';
 
 export class SnapshotRecord {
@@ -10,13 +9,10 @@ export class SnapshotRecord {
   dataChunks = 0;
   /** Metadata entries written or reserved; superseded entries still occupy space. */
   entries = 0;
-  /** This snapshot's metadata chunks in chain order (persistent stores). */
-  readonly areas: number[] = [];
-  log: AreaLog | undefined;
   /** Snapshot I/O and store jobs in flight that involve this snapshot. */
   busy = 0;
   removing = false;
-  /** The origin's epoch at creation (in memory only): held origin writes of an earlier gen are in its view. */
+  /** The origin's epoch at creation (in memory only): held origin writes of an earlier epoch are in its view. */
   epoch = 0;
   /** Highest usage threshold (percent) already reported. */
   reportedPct = 0;
@@ -30,7 +26,7 @@ export class SnapshotRecord {
     readonly readOnly: boolean,
     public capacityChunks: number,
     readonly createdAt: number,
-    /** Exceptions per metadata area, 0 for transient snapshots (metadata in memory only). */
+    /** Exceptions per metadata area, 0 where metadata costs no store chunks (transient stores). */
     private readonly perArea: number,
   ) {}
 

@@ -7,7 +7,7 @@
 // the page cache). So the write is held here instead and acknowledged at once, like a
 // write into a disk's volatile cache; it lands in the file once its copies are
 // committed. Until then reads of the origin see it through this table, and so do
-// snapshots created after it (their `epoch` is above its `gen`), while older snapshots
+// snapshots created after it (their `epoch` is above its own), while older snapshots
 // keep reading the file. FLUSH and FUA wait for landing, so durability is unchanged;
 // a power loss may lose a held write exactly as it may lose any unflushed write.
 //
@@ -43,7 +43,7 @@ export const MAX_HELD_WRITES = 4096;
 export interface HeldWrite {
   readonly seq: number;
   /** The origin's snapshot epoch when the write was acknowledged. */
-  readonly gen: number;
+  readonly epoch: number;
   readonly offset: number;
   readonly end: number;
   readonly data: Buffer;
@@ -120,7 +120,7 @@ export class WriteBehind {
    * the caller's buffer itself when keep hands it over, else a copy (copying was 15 %
    * of the event loop's time in sequential first writes, and its fresh memory 10 %).
    */
-  hold(data: Buffer, offset: number, gen: number, own: boolean, keep?: KeepBuffer): HeldWrite {
+  hold(data: Buffer, offset: number, epoch: number, own: boolean, keep?: KeepBuffer): HeldWrite {
     let block: Buffer | undefined;
     let giveBack: (() => void) | undefined;
     if (own && keep) giveBack = keep();
@@ -129,7 +129,7 @@ export class WriteBehind {
       data.copy(block);
     }
     const copy = block ? block.subarray(0, data.length) : data;
-    const h: HeldWrite = { seq: ++this.seq, gen, offset, end: offset + data.length, data: copy, block, giveBack, owned: own, landed: Promise.resolve(), pins: 0, released: false };
+    const h: HeldWrite = { seq: ++this.seq, epoch, offset, end: offset + data.length, data: copy, block, giveBack, owned: own, landed: Promise.resolve(), pins: 0, released: false };
     this.all.add(h);
     for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
       const list = this.byUnit.get(u);
@@ -200,7 +200,7 @@ export class WriteBehind {
   static apply(list: readonly HeldWrite[], buf: Buffer, offset: number, beforeEpoch = Infinity): void {
     const end = offset + buf.length;
     for (const h of list) {
-      if (h.gen >= beforeEpoch) continue;
+      if (h.epoch >= beforeEpoch) continue;
       const a = Math.max(offset, h.offset);
       const b = Math.min(end, h.end);
       if (b > a) h.data.copy(buf, a - offset, a - h.offset, b - h.offset);

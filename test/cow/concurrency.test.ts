@@ -2,15 +2,15 @@
 // torn mix, commits are grouped, copies in flight are capped.
 import t from 'tap';
 import { MemDevice } from '../../cow/mem-device.js';
-import { ExceptionStore } from '../../cow/store.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
 import { Origin } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
 import { copyBuffers } from '../../cow/buffer-pool.js';
-import { makeRig, sectorId, type Rig } from './helpers.js';
+import { makeRig, originOf, sectorId, type Rig } from './helpers.js';
 
 async function snap(rig: Rig, name: string): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }));
-  return new Snapshot(rig.origin, rig.store, rec);
+  const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }));
+  return new Snapshot(rig.origin, rig.pool, rec);
 }
 
 t.test('concurrent origin writes to one chunk wait for one copy', async (t) => {
@@ -20,7 +20,7 @@ t.test('concurrent origin writes to one chunk wait for one copy', async (t) => {
   const snaps = [await snap(rig, 'a'), await snap(rig, 'b'), await snap(rig, 'c')];
   await Promise.all(Array.from({ length: 20 }, (_v, i) => rig.origin.write(Buffer.alloc(4096, 10 + i), (i % 16) * 4096, false)));
   await rig.origin.settle();
-  t.equal(rig.store.stats.copies, 1, 'one copy for 20 writers and 3 snapshots');
+  t.equal(rig.pool.stats.copies, 1, 'one copy for 20 writers and 3 snapshots');
   for (const s of snaps) {
     const b = Buffer.alloc(65536);
     await s.read(b, 0);
@@ -35,11 +35,11 @@ t.test('snapshot reads racing origin writes on the same chunk are never torn', a
   originDev.yieldTurns = 3;
   const storeDev = new MemDevice(0);
   storeDev.yieldTurns = 1;
-  const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 65536, originSize: size, originName: 'o' });
-  const origin = new Origin('o', originDev);
-  origin.attach(store);
-  const rec = await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
-  const s = new Snapshot(origin, store, rec);
+  const { origin, pools } = originOf(originDev);
+  const pool = await SnapshotPool.create(storeDev, origin, { chunkSize: 65536, originSize: size, originName: 'o' });
+  pools.add(pool);
+  const rec = await origin.quiesced(() => pool.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
+  const s = new Snapshot(origin, pool, rec);
   let torn = 0;
   let reads = 0;
   const ops: Promise<void>[] = [];
@@ -86,7 +86,7 @@ t.test('snapshot writes racing origin writes and each other on one chunk', async
     if (bb[i * 4096] === 0x10 + i || bb[i * 4096 + 1024] === 0x80 + i) bad++;
   }
   t.equal(bad, 0);
-  t.ok(rig.store.stats.copies <= 2, `at most one origin copy plus one divergence copy (${rig.store.stats.copies})`);
+  t.ok(rig.pool.stats.copies <= 2, `at most one origin copy plus one divergence copy (${rig.pool.stats.copies})`);
 });
 
 t.test('group commit: concurrent exceptions share syncs', async (t) => {
@@ -101,8 +101,8 @@ t.test('group commit: concurrent exceptions share syncs', async (t) => {
   };
   await Promise.all(Array.from({ length: 256 }, (_v, i) => rig.origin.write(Buffer.alloc(4096, 1), i * 4096 * 4, false)));
   await rig.origin.settle();
-  t.equal(rig.store.stats.exceptions, 256);
-  t.ok(syncs < 256 / 4, `${syncs} syncs for 256 exceptions in ${rig.store.stats.commits} commits`);
+  t.equal(rig.pool.stats.exceptions, 256);
+  t.ok(syncs < 256 / 4, `${syncs} syncs for 256 exceptions in ${rig.pool.stats.commits} commits`);
 });
 
 t.test('copies in flight are capped', async (t) => {
@@ -110,9 +110,9 @@ t.test('copies in flight are capped', async (t) => {
   const originDev = new MemDevice(size, Buffer.alloc(size, 3));
   const storeDev = new MemDevice(0);
   storeDev.yieldTurns = 3;
-  const store = await ExceptionStore.create(storeDev, originDev, { chunkSize: 8192, originSize: size, originName: 'o', maxCopies: 2 });
-  const origin = new Origin('o', originDev);
-  origin.attach(store);
+  const { origin, pools } = originOf(originDev);
+  const store = await SnapshotPool.create(storeDev, origin, { chunkSize: 8192, originSize: size, originName: 'o', maxCopies: 2 });
+  pools.add(store);
   await origin.quiesced(() => store.createSnapshot({ name: 's', capacityChunks: 1000, policy: 'invalidate', readOnly: false }));
   let active = 0;
   let peak = 0;
@@ -156,8 +156,8 @@ t.test('an origin write needing no copy still waits for a snapshot read of its c
   rig.originDev.read = realRead;
   // The snapshot's own whole-chunk write makes chunk 0 an exception: the origin write below needs no copy.
   await s.write(Buffer.alloc(4096, 0x55), 0, false);
-  t.equal(rig.store.needsCopy(0, 512), false, 'chunk 0 needs no copy any more');
-  t.equal(rig.store.originReading(0, 512), true, 'the snapshot read is still reading it from the origin');
+  t.equal(rig.pool.copy.needsCopy(0, 512), false, 'chunk 0 needs no copy any more');
+  t.equal(rig.pool.copy.readsDone(0, 512) !== undefined, true, 'the snapshot read is still reading it from the origin');
   let written = false;
   const writing = rig.origin.write(Buffer.alloc(512, 0x77), 0, false).then(() => (written = true));
   await new Promise<void>((r) => setImmediate(r));

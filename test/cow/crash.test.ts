@@ -35,10 +35,10 @@ async function checkCrash(w: Workload, cp: CrashPoint, exercise: boolean, seed: 
   const expected = w.expectedAt(cp.t);
   const byName = new Map(expected.map((e) => [e.info.name, e]));
   const present = new Map<string, Snapshot>();
-  for (const rec of re.store.records) {
+  for (const rec of re.pool.records) {
     if (!rec) continue;
     if (!byName.has(rec.name)) return `snapshot ${rec.name} exists but must not`;
-    present.set(rec.name, new Snapshot(re.origin, re.store, rec));
+    present.set(rec.name, new Snapshot(re.origin, re.pool, rec));
   }
   const seen = new Map<string, Buffer>();
   for (const e of expected) {
@@ -67,7 +67,7 @@ async function checkCrash(w: Workload, cp: CrashPoint, exercise: boolean, seed: 
   const r = rng32(seed);
   const sectors = size / SECTOR;
   await re.origin.write(pattern(0, sectors, 1_000_000), 0, false);
-  const cs = re.store.chunkSize;
+  const cs = re.pool.chunkSize;
   for (const [name, v] of present) {
     for (let c = 0; c < size / cs; c++) if (r() < 0.5) await v.write(pattern((c * cs) / SECTOR, cs / SECTOR, 2_000_000 + c), c * cs, false);
     const b = Buffer.alloc(size);

@@ -4,8 +4,8 @@ import t from 'tap';
 
 import { FaultDevice, FaultPlan } from '../../cow/fault-device.js';
 import { MemDevice } from '../../cow/mem-device.js';
-import { ExceptionStore } from '../../cow/store.js';
-import { SECTOR, idAt, makeRig, pattern, reopenRig, rng32, snap } from './helpers.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
+import { SECTOR, idAt, makeRig, originOf, pattern, reopenRig, rng32, snap } from './helpers.js';
 
 t.test('MemDevice.writeDurable is durable at once and no older unsynced write surfaces over it', async (t) => {
   const dev = new MemDevice(8 * SECTOR);
@@ -46,7 +46,7 @@ t.test('creation does not wait for a store sync in progress, and its snapshot su
   t.equal(await Promise.race([created, timeout]), 'created', 'creation completed while the sync hung');
   // A power loss now: only durable bytes count. The new snapshot exists and reads the origin as of its creation.
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
-  const names = re.store.records.filter((r) => r !== undefined).map((r) => r!.name);
+  const names = re.pool.records.filter((r) => r !== undefined).map((r) => r!.name);
   t.ok(names.includes('new'), `the new snapshot is durable (found: ${names.join(', ')})`);
   release();
   await rig.origin.flush();
@@ -63,15 +63,15 @@ t.test('a failed durable slot write fails creation and leaves no snapshot behind
   rig.storeDev.failWrites = true;
   await t.rejects(snap(rig, 'doomed', 32), /EIO/, 'creation reports the write error');
   rig.storeDev.failWrites = false;
-  t.equal(rig.store.records.filter((r) => r !== undefined).length, 0, 'no snapshot record is left');
+  t.equal(rig.pool.records.filter((r) => r !== undefined).length, 0, 'no snapshot record is left');
   const ok = await snap(rig, 'after', 32);
   t.equal(ok.record.name, 'after', 'the store still creates snapshots');
 });
 
-const names = (s: ExceptionStore) => s.records.filter((r) => r !== undefined).map((r) => r!.name);
+const names = (s: SnapshotPool) => s.records.filter((r) => r !== undefined).map((r) => r!.name);
 
 t.test('a store created for its first snapshot makes header and slot durable with one sync', async (t) => {
-  const origin = new MemDevice(64 * 4096);
+  const { origin } = originOf(new MemDevice(64 * 4096));
   const dev = new MemDevice(0);
   let syncs = 0;
   let durableWrites = 0;
@@ -85,13 +85,13 @@ t.test('a store created for its first snapshot makes header and slot durable wit
   const realDurable = dev.writeDurable.bind(dev);
   dev.writeDurable = (b, o) => (durableWrites++, realDurable(b, o));
   const opts = { chunkSize: 4096, originSize: origin.size, originName: 'o' };
-  const store = await ExceptionStore.create(dev, origin, opts, true);
+  const store = await SnapshotPool.create(dev, origin, opts, true);
   t.equal(syncs, 0, 'the header is not synced on its own');
-  t.ok(await ExceptionStore.unfinished(new MemDevice(0, dev.durableImage())), 'nothing durable yet: an unfinished store');
+  t.ok(await SnapshotPool.unfinished(new MemDevice(0, dev.durableImage())), 'nothing durable yet: an unfinished store');
   const rec = await store.createSnapshot({ name: 's', capacityChunks: 32, policy: 'invalidate', readOnly: false });
   t.equal(syncs, 1, 'one sync for header and slot');
   t.equal(durableWrites, 0);
-  const reopened = await ExceptionStore.open(new MemDevice(0, dev.durableImage()), origin, {});
+  const reopened = await SnapshotPool.open(new MemDevice(0, dev.durableImage()), origin);
   t.same(names(reopened), ['s'], 'the snapshot is durable once created');
   t.equal(rec.name, 's');
   // A crash during creation leaves an unfinished store (removed on open) or one that
@@ -101,9 +101,9 @@ t.test('a store created for its first snapshot makes header and slot durable wit
   let opened = 0;
   for (const img of crashes) {
     const d = new MemDevice(0, img);
-    if (await ExceptionStore.unfinished(d)) unfinished++;
+    if (await SnapshotPool.unfinished(d)) unfinished++;
     else {
-      const s = await ExceptionStore.open(d, origin, {});
+      const s = await SnapshotPool.open(d, origin);
       t.ok(s.snapshotCount <= 1);
       opened++;
     }

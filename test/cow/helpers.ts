@@ -1,8 +1,10 @@
 // Shared by the cow tests: seeded RNG, sector tags and a reference model that knows,
 // for every sector of every volume, what a read may return now and after a crash.
 import { MemDevice } from '../../cow/mem-device.js';
-import { ExceptionStore } from '../../cow/store.js';
-import { Origin } from '../../cow/origin.js';
+import { OriginPools } from '../../cow/origin-copy.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
+import type { BlockDevice } from '../../cow/device.js';
+import { Origin, type OriginOptions } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
 
 export const SECTOR = 512;
@@ -141,27 +143,33 @@ export interface Rig {
   originDev: MemDevice;
   storeDev: MemDevice;
   origin: Origin;
-  store: ExceptionStore;
+  pool: SnapshotPool;
 }
 
-export async function makeRig(originSectors: number, chunkSize: number, initialId = 1): Promise<Rig> {
+export async function makeRig(originSectors: number, chunkSize: number, initialId = 1, originOpts?: OriginOptions): Promise<Rig> {
   const img = Buffer.alloc(originSectors * SECTOR);
   for (let s = 0; s < originSectors; s++) fillSector(img, s * SECTOR, initialId, s);
   const originDev = new MemDevice(img.length, img);
   const storeDev = new MemDevice(0);
-  const store = await ExceptionStore.create(storeDev, originDev, { chunkSize, originSize: img.length, originName: 'o' });
-  const origin = new Origin('o', originDev);
-  origin.attach(store);
-  return { originDev, storeDev, origin, store };
+  const { origin, pools } = originOf(originDev, originOpts);
+  const pool = await SnapshotPool.create(storeDev, origin, { chunkSize, originSize: img.length, originName: 'o' });
+  pools.add(pool);
+  return { originDev, storeDev, origin, pool };
 }
 
 export async function reopenRig(originImg: Buffer, storeImg: Buffer): Promise<Rig> {
   const originDev = new MemDevice(originImg.length, originImg);
   const storeDev = new MemDevice(storeImg.length, storeImg);
-  const store = await ExceptionStore.open(storeDev, originDev, {});
-  const origin = new Origin('o', originDev);
-  origin.attach(store);
-  return { originDev, storeDev, origin, store };
+  const { origin, pools } = originOf(originDev);
+  const pool = await SnapshotPool.open(storeDev, origin);
+  pools.add(pool);
+  return { originDev, storeDev, origin, pool };
+}
+
+/** An origin named 'o' with no pools yet, and the set its pools go into. */
+export function originOf(dev: MemDevice | BlockDevice, opts?: OriginOptions): { origin: Origin; pools: OriginPools } {
+  const pools = new OriginPools();
+  return { origin: new Origin('o', dev, pools, opts), pools };
 }
 
 /** Seeds for randomized tests: COWBD_SEED pins one, else a fresh base per run. */
@@ -174,8 +182,8 @@ export function seeds(n: number): number[] {
 
 /** Creates a snapshot in the rig's store, as the manager does (origin quiesced). */
 export async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy, readOnly }));
-  return new Snapshot(rig.origin, rig.store, rec);
+  const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly }));
+  return new Snapshot(rig.origin, rig.pool, rec);
 }
 
 /** The tag of the sector a volume reads at that sector number. */

@@ -12,8 +12,8 @@ const CS = 4096;
 const SPC = CS / SECTOR;
 
 async function snap(rig: Rig, name: string, capacityChunks: number): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.store.createSnapshot({ name, capacityChunks, policy: 'invalidate', readOnly: false }));
-  return new Snapshot(rig.origin, rig.store, rec);
+  const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks, policy: 'invalidate', readOnly: false }));
+  return new Snapshot(rig.origin, rig.pool, rec);
 }
 
 /** Records, for each origin write, the chunk and the store's durable image at that instant. */
@@ -32,7 +32,7 @@ async function violations(seen: Array<{ chunk: number; store: Buffer; origin: Bu
   const bad: string[] = [];
   for (const s of seen) {
     const re = await reopenRig(s.origin, s.store);
-    const rec = re.store.records.find((r) => r?.name === name);
+    const rec = re.pool.records.find((r) => r?.name === name);
     if (rec && rec.state === 'valid' && rec.map.get(s.chunk) === ABSENT) bad.push(`origin write to chunk ${s.chunk} issued while ${name} reads valid without a copy of it`);
   }
   return bad;
@@ -48,7 +48,7 @@ t.test('a write racing the invalidation of a full snapshot waits for its mark', 
   await rig.origin.write(pattern(0, 2 * SPC, 10), 0, false);
   const seen = captureOriginWrites(rig);
   let racer: Promise<void> | undefined;
-  (rig.store as unknown as { events: { onInvalidated: () => void } }).events.onInvalidated = () => {
+  (rig.pool as unknown as { events: { onInvalidated: () => void } }).events.onInvalidated = () => {
     // The instant the snapshot goes invalid in memory, another write to a chunk it lacks.
     racer ??= rig.origin.write(pattern(5 * SPC, SPC, 12), 5 * CS, false);
   };
@@ -85,7 +85,7 @@ t.test('a failed copy: the mark is written (even past a failed committer) before
   t.equal(s.state, 'invalid', 'invalidated');
   t.same(await violations(seen, 'a'), []);
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
-  t.equal(re.store.records.find((r) => r?.name === 'a')?.state, 'invalid', 'durably');
+  t.equal(re.pool.records.find((r) => r?.name === 'a')?.state, 'invalid', 'durably');
 });
 
 t.test('a store that takes no writes at all: origin writes needing the mark fail until it does', async (t) => {
@@ -104,5 +104,5 @@ t.test('a store that takes no writes at all: origin writes needing the mark fail
   t.equal(await codeOf(rig.origin.flush()), 'ok', 'the flush after the recovery is clean');
   t.same(await violations(seen, 'a'), []);
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
-  t.equal(re.store.records.find((r) => r?.name === 'a')?.state, 'invalid', 'durably invalid');
+  t.equal(re.pool.records.find((r) => r?.name === 'a')?.state, 'invalid', 'durably invalid');
 });

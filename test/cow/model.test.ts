@@ -58,10 +58,10 @@ for (const seed of seeds(RUNS)) {
     // Clean restart: flush everything, reopen from durable images, same content and state.
     await rig.origin.flush();
     for (const s of live.values()) if (s.state !== 'invalid') await s.flush();
-    await rig.store.idle();
+    await rig.pool.idle();
     const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
     const reSnaps = new Map<string, Snapshot>();
-    for (const rec of re.store.records) if (rec) reSnaps.set(rec.name, new Snapshot(re.origin, re.store, rec));
+    for (const rec of re.pool.records) if (rec) reSnaps.set(rec.name, new Snapshot(re.origin, re.pool, rec));
     t.same([...reSnaps.keys()].sort(), [...live.keys()].sort(), 'same snapshots after restart');
     for (const [name, s] of live) {
       const r2 = reSnaps.get(name)!;
@@ -69,6 +69,6 @@ for (const seed of seeds(RUNS)) {
       t.same({ used: r2.usage().usedChunks, exc: r2.usage().exceptions }, { used: s.usage().usedChunks, exc: s.usage().exceptions }, `${name} usage survives restart`);
     }
     t.equal(await verifyAll(w, re.origin, reSnaps), undefined, `seed ${seed}: content survives restart`);
-    t.comment(`seed ${seed}: ${JSON.stringify(w.stats)} copies=${rig.store.stats.copies} commits=${rig.store.stats.commits}`);
+    t.comment(`seed ${seed}: ${JSON.stringify(w.stats)} copies=${rig.pool.stats.copies} commits=${rig.pool.stats.commits}`);
   });
 }

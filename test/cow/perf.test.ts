@@ -7,8 +7,10 @@ import { join } from 'node:path';
 import { AreaLog, type MetaWrite } from '../../cow/area-log.js';
 import { FileDevice } from '../../cow/device.js';
 import { encodePoolHeader, encodeSlot, slotOffset } from '../../cow/format.js';
-import { ExceptionStore } from '../../cow/store.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
+import { Snapshot } from '../../cow/snapshot.js';
 import { CowManager } from '../../cow/manager.js';
+import { originOf } from './helpers.js';
 
 const FULL = process.env.COWBD_PERF === '1';
 const MiB = 1 << 20;
@@ -58,7 +60,8 @@ t.test('restart with many exceptions: time and memory per exception', async (t) 
   const rss0 = process.memoryUsage().rss;
   const t0 = performance.now();
   const originDev = await FileDevice.open(f.origin);
-  const store = await ExceptionStore.open(await FileDevice.open(f.store), originDev, {});
+  const { origin } = originOf(originDev);
+  const store = await SnapshotPool.open(await FileDevice.open(f.store), origin);
   const ms = performance.now() - t0;
   const rec = store.records[0]!;
   t.equal(rec.map.size, n);
@@ -68,7 +71,7 @@ t.test('restart with many exceptions: time and memory per exception', async (t) 
   t.ok(ms < 2000, `opened ${n} exceptions in ${ms.toFixed(0)} ms`);
   t.comment(`open ${n} exceptions: ${ms.toFixed(0)} ms; tables ${perException.toFixed(2)} B/exception; RSS delta ${rssPer.toFixed(2)} B/exception`);
   const b = Buffer.alloc(65536);
-  await store.read(rec, b, 12345 * 65536);
+  await new Snapshot(origin, store, rec).read(b, 12345 * 65536);
   await store.close();
   await originDev.close();
 });

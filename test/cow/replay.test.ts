@@ -8,7 +8,8 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FileDevice } from '../../cow/device.js';
-import { ExceptionStore } from '../../cow/store.js';
+import { OriginPools } from '../../cow/origin-copy.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
 import { Origin } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
 import { pattern, sectorId, SECTOR } from './helpers.js';
@@ -32,13 +33,14 @@ t.test('a reopened store keeps every chunk its snapshots map, past chunk 1024', 
   const open = async (create: boolean) => {
     const o = await FileDevice.open(originPath);
     const s = await FileDevice.open(storePath, { create });
-    const store = create ? await ExceptionStore.create(s, o, { chunkSize: CS, originSize: o.size, originName: 'o' }) : await ExceptionStore.open(s, o, {});
-    const origin = new Origin('o', o);
-    origin.attach(store);
-    return { origin, store, close: async () => { await store.close(); await origin.close(); } };
+    const pools = new OriginPools();
+    const origin = new Origin('o', o, pools);
+    const pool = create ? await SnapshotPool.create(s, origin, { chunkSize: CS, originSize: o.size, originName: 'o' }) : await SnapshotPool.open(s, origin);
+    pools.add(pool);
+    return { origin, pool, close: async () => { await pool.close(); await origin.close(); } };
   };
   const snap = async (r: Awaited<ReturnType<typeof open>>, name: string) =>
-    new Snapshot(r.origin, r.store, await r.origin.quiesced(() => r.store.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false })));
+    new Snapshot(r.origin, r.pool, await r.origin.quiesced(() => r.pool.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false })));
 
   const first = await open(true);
   await snap(first, 'a');
@@ -46,14 +48,14 @@ t.test('a reopened store keeps every chunk its snapshots map, past chunk 1024', 
   await first.close();
 
   const again = await open(false);
-  const recA = again.store.records.find((r) => r?.name === 'a')!;
+  const recA = again.pool.records.find((r) => r?.name === 'a')!;
   let unreferenced = 0;
   recA.map.forEach((_c, p) => {
-    if ((again.store as unknown as { alloc: { refs: Uint8Array } }).alloc.refs[p] !== 1) unreferenced++;
+    if (again.pool.alloc.refs[p] !== 1) unreferenced++;
   });
   t.equal(unreferenced, 0, `every one of ${recA.map.size} mapped chunks has its reference after the reopen`);
   // Life after the reopen: a new snapshot and a whole new round of copies must not land on a's chunks.
-  const a = new Snapshot(again.origin, again.store, recA);
+  const a = new Snapshot(again.origin, again.pool, recA);
   await snap(again, 'b');
   for (let c = 0; c < CHUNKS; c += STEP) await again.origin.write(pattern(c * SPC, STEP * SPC, 3), c * CS, false);
   const buf = Buffer.alloc(CHUNKS * CS);

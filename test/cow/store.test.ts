@@ -5,7 +5,7 @@ import t from 'tap';
 t.setTimeout(600_000);
 import { ChunkMap, ABSENT } from '../../cow/chunk-map.js';
 import { MemDevice } from '../../cow/mem-device.js';
-import { ExceptionStore } from '../../cow/store.js';
+import { SnapshotPool } from '../../cow/snapshot-pool.js';
 import { Snapshot } from '../../cow/snapshot.js';
 import {
   decodeAreaHeader,
@@ -19,13 +19,13 @@ import {
   HEADER_BYTES,
   SLOT_BYTES,
 } from '../../cow/format.js';
-import { SECTOR, idAt, makeRig, pattern, reopenRig, sectorId, snap, type Rig } from './helpers.js';
+import { SECTOR, idAt, makeRig, originOf, pattern, reopenRig, sectorId, snap, type Rig } from './helpers.js';
 
 async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot> }> {
-  await rig.store.idle();
+  await rig.pool.idle();
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
   const snaps = new Map<string, Snapshot>();
-  for (const r of re.store.records) if (r) snaps.set(r.name, new Snapshot(re.origin, re.store, r));
+  for (const r of re.pool.records) if (r) snaps.set(r.name, new Snapshot(re.origin, re.pool, r));
   return { rig: re, snaps };
 }
 
@@ -91,14 +91,14 @@ t.test('first origin write copies once; snapshot keeps old data; restart keeps i
   const s2 = await snap(rig, 'b', 100);
   await rig.origin.write(pattern(0, 16, 50), 0, false);
   await rig.origin.settle();
-  t.equal(rig.store.stats.copies, 2, 'two chunks copied once, shared by both snapshots');
+  t.equal(rig.pool.stats.copies, 2, 'two chunks copied once, shared by both snapshots');
   t.equal(s1.usage().usedChunks, 2 + 2, 'each snapshot is charged its 2 chunks plus 2 metadata');
   t.equal(s2.usage().usedChunks, 4);
   t.equal(await idAt(rig.origin, 3), 50);
   t.equal(await idAt(s1, 3), 1);
   t.equal(await idAt(s2, 15), 1);
   await rig.origin.write(pattern(0, 16, 51), 0, false);
-  t.equal(rig.store.stats.copies, 2, 'no second copy');
+  t.equal(rig.pool.stats.copies, 2, 'no second copy');
   // A snapshot write to a shared chunk diverges it: the other snapshot is untouched.
   await s1.write(pattern(2, 1, 60), 2 * SECTOR, false);
   t.equal(await idAt(s1, 2), 60);
@@ -132,7 +132,7 @@ t.test('full-chunk snapshot write does not read the origin', async (t) => {
 t.test('invalidate policy: origin write that does not fit invalidates, persists', async (t) => {
   const rig = await makeRig(256, 4096);
   const invalidated: string[] = [];
-  (rig.store as unknown as { events: { onInvalidated: (r: { name: string }) => void } }).events.onInvalidated = (r) => invalidated.push(r.name);
+  (rig.pool as unknown as { events: { onInvalidated: (r: { name: string }) => void } }).events.onInvalidated = (r) => invalidated.push(r.name);
   const s = await snap(rig, 'small', 4); // 2 metadata + 2 data chunks
   await rig.origin.write(pattern(0, 16, 80), 0, false);
   t.equal(s.state, 'valid');
@@ -161,7 +161,7 @@ t.test('overflow policy: own writes get ENOSPC, reads go on, extend recovers', a
     const { snaps } = await reopen(rig);
     t.equal(snaps.get('po')!.state, 'overflow', 'overflow persists');
   }
-  await rig.store.extend(s.record, 8);
+  await rig.pool.extend(s.record, 8);
   t.equal(s.state, 'valid', 'extend clears overflow');
   await s.write(pattern(16, 8, 92), 16 * SECTOR, false);
   t.equal(await idAt(s, 16), 92);
@@ -222,8 +222,8 @@ t.test('remove frees space at once and leaves the others alone', async (t) => {
   const b = await snap(rig, 'b', 300);
   await rig.origin.write(pattern(256, 256, 111), 256 * SECTOR, false); // 32 more, shared
   await b.write(pattern(0, 8, 112), 0, false);
-  const before = rig.store.fileChunks;
-  await rig.store.remove(a.record);
+  const before = rig.pool.fileChunks;
+  await rig.pool.remove(a.record);
   t.equal(await codeOf(a.read(Buffer.alloc(SECTOR), 0)), 'EIO');
   t.equal(await idAt(b, 300), 1, 'b still reads its copy of the shared chunks');
   t.equal(await idAt(b, 0), 112);
@@ -231,13 +231,13 @@ t.test('remove frees space at once and leaves the others alone', async (t) => {
   // a's 32 private chunks and its metadata are free: the next copies reuse them, so the file does not grow.
   const c = await snap(rig, 'c', 300);
   await rig.origin.write(pattern(0, 256, 113), 0, false);
-  t.equal(rig.store.fileChunks, before, 'freed chunks reused');
+  t.equal(rig.pool.fileChunks, before, 'freed chunks reused');
   t.equal(await idAt(c, 10), 110);
-  await rig.store.remove(b.record);
-  await rig.store.remove(c.record);
-  t.ok(rig.store.fileChunks < before, `file truncated (${rig.store.fileChunks} < ${before} chunks)`);
+  await rig.pool.remove(b.record);
+  await rig.pool.remove(c.record);
+  t.ok(rig.pool.fileChunks < before, `file truncated (${rig.pool.fileChunks} < ${before} chunks)`);
   const { rig: re } = await reopen(rig);
-  t.equal(re.store.snapshotCount, 0);
+  t.equal(re.pool.snapshotCount, 0);
 });
 
 t.test('creation is atomic: acknowledged writes in, later ones out', async (t) => {
@@ -256,10 +256,9 @@ t.test('creation is atomic: acknowledged writes in, later ones out', async (t) =
 t.test('transient store: works, nothing persisted', async (t) => {
   const originDev = new MemDevice(64 * SECTOR, Buffer.alloc(64 * SECTOR, 1));
   const storeDev = new MemDevice(0);
-  const store = ExceptionStore.createTransient(storeDev, originDev, { chunkSize: 4096, originSize: 64 * SECTOR, originName: 'o' });
-  const { Origin } = await import('../../cow/origin.js');
-  const origin = new Origin('o', originDev);
-  origin.attach(store);
+  const { origin, pools } = originOf(originDev);
+  const store = SnapshotPool.transient(storeDev, origin, { chunkSize: 4096, originSize: 64 * SECTOR, originName: 'o' });
+  pools.add(store);
   const rec = await origin.quiesced(() => store.createSnapshot({ name: 't', capacityChunks: 4, policy: 'invalidate', readOnly: false }));
   const s = new Snapshot(origin, store, rec);
   t.equal(s.usage().usedChunks, 0, 'no metadata chunks');
@@ -268,7 +267,7 @@ t.test('transient store: works, nothing persisted', async (t) => {
   await s.read(b, 0);
   t.equal(b[0], 1);
   t.equal(storeDev.unsyncedWrites, 1, 'one copy, never synced');
-  await t.rejects(ExceptionStore.open(new MemDevice(0, storeDev.durableImage()), originDev, {}), 'nothing to reopen');
+  await t.rejects(SnapshotPool.open(new MemDevice(0, storeDev.durableImage()), origin), 'nothing to reopen');
 });
 
 t.test('chunk sizes from 4 KiB to 1 MiB', async (t) => {

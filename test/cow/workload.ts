@@ -151,14 +151,14 @@ export class Workload {
     const model = new VolumeModel(name, base, (s, t) => origin.crashAllowed(s, t, at));
     const info: SnapInfo = { name, model, createIssue: at, createAck: Infinity, removeIssue: Infinity, removeAck: Infinity, vol: undefined, invalid: false, policy };
     this.snaps.push(info);
-    const rec = await this.rig.origin.quiesced(() => this.rig.store.createSnapshot({ name, capacityChunks, policy, readOnly: false }));
+    const rec = await this.rig.origin.quiesced(() => this.rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly: false }));
     info.createAck = ++this.clock;
-    info.vol = new Snapshot(this.rig.origin, this.rig.store, rec);
+    info.vol = new Snapshot(this.rig.origin, this.rig.pool, rec);
   }
 
   private async remove(s: SnapInfo): Promise<void> {
     s.removeIssue = ++this.clock;
-    await this.rig.store.remove(s.vol!.record);
+    await this.rig.pool.remove(s.vol!.record);
     s.removeAck = ++this.clock;
     s.vol = undefined;
   }

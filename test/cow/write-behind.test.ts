@@ -54,13 +54,11 @@ t.test('acknowledged before its copy is durable, in the file only after', async 
   t.equal(rig.origin.behind.heldBytes, 0);
   t.equal(sectorId(rig.originDev.durableImage(), 3 * CS, 3 * SPC), 7, 'durable in the file after FLUSH');
   t.equal(await idAt(s, 3 * SPC), 1, 'the snapshot still reads the old data, from its copy');
-  t.equal(rig.store.stats.copies, 1);
+  t.equal(rig.pool.stats.copies, 1);
 });
 
 t.test('FUA writes and writes over the bound wait for their own landing', async (t) => {
-  const rig = await makeRig(64 * SPC, CS);
-  rig.origin = new Origin('o', rig.originDev, { writeBehindBytes: 2 * CS });
-  rig.origin.attach(rig.store);
+  const rig = await makeRig(64 * SPC, CS, 1, { writeBehindBytes: 2 * CS });
   await snap(rig, 'a');
   const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
   t.notOk(await settled(rig.origin.write(pattern(1 * SPC, SPC, 5), 1 * CS, true)), 'FUA: not before the copy and the write are durable');
@@ -76,12 +74,10 @@ t.test('FUA writes and writes over the bound wait for their own landing', async 
 });
 
 t.test('a bound of 0 makes every write wait for its copies, as before write-behind', async (t) => {
-  const rig = await makeRig(64 * SPC, CS);
-  rig.origin = new Origin('o', rig.originDev, { writeBehindBytes: 0 });
-  rig.origin.attach(rig.store);
+  const rig = await makeRig(64 * SPC, CS, 1, { writeBehindBytes: 0 });
   await snap(rig, 'a');
   await rig.origin.write(pattern(0, SPC, 9), 0, false);
-  t.equal(rig.store.stats.copies, 1, 'copied before the write returned');
+  t.equal(rig.pool.stats.copies, 1, 'copied before the write returned');
   t.equal(rig.origin.behind.count, 0);
 });
 

@@ -1,0 +1,30 @@
+// The contract between an origin and the pools of its snapshots, one interface each way,
+// both handed over when the other side is made: the pool reads the origin through
+// OriginView, the origin asks its pools for copies through CopyOnWrite.
+
+/** What a pool of snapshots reads of its origin. */
+export interface OriginView {
+  readonly size: number;
+  /** Snapshots created now get this epoch (the origin bumps it while quiesced). */
+  readonly epoch: number;
+  /** The origin as a snapshot of that epoch sees it: the file plus writes held from before it. */
+  readAsOf(buf: Buffer, offset: number, epoch: number): Promise<void>;
+  /** The file alone, for copies: a held write lands only after its copies are made. */
+  readForCopy(buf: Buffer, offset: number): Promise<void>;
+}
+
+/** What the origin asks of its snapshots before a write lands (dm-snap.c's __origin_write). */
+export interface CopyOnWrite {
+  /** Some snapshot still reads chunks from the origin: writes must go through the copy path. */
+  readonly active: boolean;
+  /** The largest chunk size among the pools: copies read whole chunks of it. */
+  readonly chunkSize: number;
+  /** True when a write of the range would need a copy now. */
+  needsCopy(offset: number, length: number): boolean;
+  /** Copies and commits every chunk of the range that a snapshot of epoch or older still reads from the origin. */
+  beforeWrite(offset: number, length: number, epoch?: number): Promise<void>;
+  /** Resolves once no snapshot read is reading the range from the origin; undefined when none is. */
+  readsDone(offset: number, length: number): Promise<void> | undefined;
+  /** Byte ranges within [offset, offset+length) that no snapshot reads from the origin any more. */
+  discardable(offset: number, length: number): Array<[number, number]>;
+}
