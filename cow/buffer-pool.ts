@@ -1,10 +1,8 @@
 // Reuses copy buffers on the COW hot path instead of allocating per chunk.
 
 /**
- * New buffers start this far into their memory, as protocol/buffer-pool.ts's do: a
- * pread from the page cache into a 1 MiB Buffer.allocUnsafe ran at 2.1-2.3 GiB/s and
- * at 5.1-5.4 GiB/s into one 256 bytes in (this machine, 4 passes each), and the
- * origin reads of chunk copies were a third of the threadpool's time.
+ * New buffers start this far into their memory, as protocol/buffer-pool.ts's do: the
+ * kernel's page-cache copy is slower into page-aligned memory (docs/tuning.md, SKEW).
  */
 const SKEW = 256;
 
@@ -45,10 +43,8 @@ export class BufferPool {
 }
 
 /**
- * Chunk copy buffers, shared by every store: as many free as copies may be in flight
- * (16 MiB of 64 KiB chunks is 256), bounded in bytes rather than per store. A cap of
- * 16 buffers per size dropped and reallocated most of them under random first writes:
- * allocation and the garbage collection it drove were a fifth of the loop thread.
+ * Chunk copy buffers, shared by every store: as many free as copies may be in flight,
+ * bounded in bytes rather than per size or per store (docs/tuning.md, copyBuffers).
  */
 export const copyBuffers = new BufferPool(Infinity, 32 << 20);
 

@@ -31,8 +31,7 @@ export class ChunkLocks {
 
 /**
  * Weighted semaphore: caps the chunks copies hold in flight. A copy of a run of chunks
- * weighs its length: counted per copy, 256 runs of 1 MiB put 256 MiB of copy buffers in
- * flight where 16 MiB was meant, most of them new memory (page faults and collection).
+ * weighs its length, so the cap bounds bytes, not runs (docs/tuning.md, MAX_COPY_BYTES).
  */
 export class Limiter {
   private active = 0;

@@ -80,40 +80,22 @@ export function threadpoolSize(env: NodeJS.ProcessEnv = process.env): number {
 }
 
 /**
- * fdatasyncs in flight at once, across every file of the process: each holds a
- * threadpool thread for as long as the disk takes (seconds under heavy writeback), and
- * half the pool stays free for reads and writes. What used to guarantee that was a
- * pool of 16 threads, on which random first writes ran 30-60 % slower than on 4
- * (see daemon/cli.cts).
+ * fdatasyncs in flight at once, across every file: each holds a pool thread as long as the
+ * disk takes, and half the pool stays free for reads and writes (docs/tuning.md, syncGate).
  */
 export const syncGate = new Limiter(Math.max(1, Math.floor(threadpoolSize() / 2)));
 
 /**
- * Background reads and writes (copies, held writes landing) queued in libuv's threadpool
- * at once, across every file. The pool's queue is first in, first out, and nothing else
- * bounded it: the landings of held writes are released a commit at a time, and after a
- * burst of sequential first writes up to 341 MiB of them and copies sat in the queue
- * (measured at this gate, 1 GiB runs), ahead of every call someone waits on: the next
- * group commit's fdatasync (so held writes landed later still), a client's read the
- * page cache could not answer, a snapshot creation's slot write. 8 MiB keeps 4 threads busy between two turns of the event loop while
- * bounding that wait. Measured on 2 cores, one snapshot, 1 GiB of sequential first
- * writes back to back (BENCHMARKS.md, session 9): acknowledged at 2606 against 1485
- * MiB/s, durable after 0.86 against 2.13 s (medians of 4); after a 20 s pause (fresh
- * memory) no better: 1066-1138 against 1193-1293 MiB/s. Random first writes the same.
- * Smaller gates starved the pool: at 2 MiB random first writes took 30 % longer to be
- * durable. Calls weigh their bytes in 64 KiB units, so small landings count as calls.
+ * Background reads and writes (copies, held writes landing) queued in libuv's FIFO pool at
+ * once, so syncs, foreground reads and slot writes do not wait behind a burst of them.
+ * Weighed in 64 KiB units; see docs/tuning.md, BACKGROUND_QUEUE_BYTES.
  */
 export const BACKGROUND_QUEUE_BYTES = 8 << 20;
 const GATE_UNIT = 64 * 1024;
 export const backgroundGate = new Limiter(BACKGROUND_QUEUE_BYTES / GATE_UNIT);
 /**
- * What a background call weighs at least. A 4 KiB write holds a pool thread about as
- * long as a 256 KiB one (the hop, and ext4's walk of a large folio: 35 µs of kernel
- * CPU measured), so weighed by bytes alone 128 of them queued: under random writes on
- * a sparse 1 TiB volume with one snapshot held, a creation's slot write waited 6-19 ms
- * behind a full gate against 0.5-0.9 ms behind an empty one, and creation took 18 ms
- * median. At this weight (32 small calls) the slot write took 2.7-3.3 ms median and
- * creation 6.5-9.8 ms; random first writes did not slow (BENCHMARKS.md, session 10).
+ * What a background call weighs at least: a small write holds a pool thread about as long
+ * as a 256 KiB one (docs/tuning.md, BACKGROUND_CALL_MIN_BYTES).
  */
 export const BACKGROUND_CALL_MIN_BYTES = 256 * 1024;
 
@@ -125,33 +107,16 @@ export function gated<T>(bytes: number, call: () => Promise<T>, gate: Limiter = 
 }
 
 /**
- * Reads and writes run on the calling thread while the page cache answers them
- * quickly, and move to libuv's threadpool for a while once one does not.
+ * Reads and writes run on the calling thread while the page cache answers them quickly
+ * (a threadpool hop costs more than a small cached copy), and move to libuv's threadpool
+ * for asyncForMs once a call takes over slowMs: the disk is in the way, and the loop keeps
+ * serving other clients. Large transfers always take the threadpool; reads sooner than
+ * writes, so a read's copy runs beside the loop's socket sends (docs/tuning.md, IoPolicy
+ * and maxSyncReadBytes).
  *
- * Why: a threadpool hop (queue, wake a worker, wake the loop) costs more CPU than
- * a 4 KiB copy from the page cache, and the copy then lands in another core's
- * cache before the socket send reads it again. On 2 cores that hop halved random
- * 4 KiB reads. Node cannot ask the kernel "only if cached" (preadv2's RWF_NOWAIT),
- * so the call is timed instead: a call slower than SLOW_MS means the disk (or
- * dirty-page throttling) is in the way, and for ASYNC_FOR_MS every call takes the
- * threadpool so the event loop keeps serving other clients. At most one slow call
- * per ASYNC_FOR_MS ever blocks the loop. Large transfers always take the threadpool.
- *
- * Large reads take it sooner than writes: a read's reply is sent by the loop, so a
- * worker's copy out of the page cache runs beside the loop's socket sends (1 MiB
- * sequential reads: the loop thread was 98 % busy when it did both). A write's
- * payload arrives through the loop anyway, and moving its copy gained nothing.
- *
- * Small writes also take it while they are costly without being slow. What a 4 KiB
- * write into the page cache costs depends on the folios the file's history left:
- * 3 µs (median of 16) after its cache was dropped, 13-18 µs right after a 1 MiB fill
- * (large folios). At 3 µs the hop costs more than the write; at 15 µs the loop spent
- * most of its time in the kernel's write while the other core had room, and random
- * 4 KiB writes at qd16 in that state ran at 54884-73783 IOPS on the threadpool
- * against 41892-59429 on the loop (8 rounds, alternating order; nbdkit 38646-79172).
- * So the median of every 16 synchronous small writes is taken, and above
- * COSTLY_WRITE_US small writes take the threadpool for COSTLY_FOR_MS; then 16 more
- * are timed on the loop.
+ * Small writes also take it while the median of the last 16 synchronous ones is over
+ * COSTLY_WRITE_US: the kernel's write then keeps the loop busy while the other core has
+ * room (docs/tuning.md, COSTLY_WRITE_US).
  */
 export const SMALL_WRITE_BYTES = 16 * 1024;
 export const COSTLY_WRITE_US = 10;

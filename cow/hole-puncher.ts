@@ -1,11 +1,10 @@
 // Holes are punched by fallocate(1) (Node has no fallocate), run by one long-lived shell
 // started while the daemon is still small, not by a new child per punch.
 //
-// Why: spawning forks the daemon. The fork copies its page tables, which blocks the event
-// loop (43 ms with 512 MiB of buffers), and write-protects every page, so the next write
-// to each one takes a page fault (rewriting those 512 MiB took 273 ms instead of 67).
-// The daemon is largest (held writes, buffer pools) exactly when TRIM and snapshot
-// removal come. The shell forks fallocate from its own small image instead.
+// Why: spawning forks the daemon, which blocks the event loop to copy its page tables and
+// makes the next write to every page fault; the daemon is largest exactly when TRIM and
+// snapshot removal come. The shell forks fallocate from its own small image instead
+// (docs/tuning.md, holePuncher).
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { CowErrors } from './errors.js';
 

@@ -2,14 +2,14 @@
 //
 // An origin write that needs copies may not reach the volume file before those copies
 // are durable: the page cache could write it back first, and a power loss would then
-// leave a snapshot reading data written after it. Making the writer wait for the copy's
-// fdatasync made first writes run at the disk's synced speed (a tenth of a write into
-// the page cache). So the write is held here instead and acknowledged at once, like a
-// write into a disk's volatile cache; it lands in the file once its copies are
-// committed. Until then reads of the origin see it through this table, and so do
-// snapshots created after it (their `epoch` is above its own), while older snapshots
-// keep reading the file. FLUSH and FUA wait for landing, so durability is unchanged;
-// a power loss may lose a held write exactly as it may lose any unflushed write.
+// leave a snapshot reading data written after it. Waiting for the copy's fdatasync would
+// bound first writes by the disk's synced speed (docs/tuning.md, WriteBehind). So the
+// write is held here instead and acknowledged at once, like a write into a disk's
+// volatile cache; it lands in the file once its copies are committed. Until then reads
+// of the origin see it through this table, and so do snapshots created after it (their
+// `epoch` is above its own), while older snapshots keep reading the file. FLUSH and FUA
+// wait for landing, so durability is unchanged; a power loss may lose a held write
+// exactly as it may lose any unflushed write.
 //
 // The table is bounded: over `maxBytes`, or with MAX_HELD_WRITES writes held, a writer
 // waits for its own write to land, which is the synchronous behaviour and the
@@ -24,19 +24,13 @@ import type { KeepBuffer } from './volume.js';
 const UNIT = 64 * 1024;
 /**
  * Copies of held writes come from free lists kept this long after the table empties:
- * fresh memory costs a page fault and a page clear per 4 KiB, which was 30 % of the
- * event loop's time in a 1 MiB sequential first-write run (reused buffers cost neither).
+ * fresh memory costs a page fault and a clear per 4 KiB (docs/tuning.md, KEEP_FREE_MS).
  */
 const KEEP_FREE_MS = 15_000;
 export const NONE: readonly HeldWrite[] = [];
 /**
- * Bytes alone did not bound the backlog in time: 1 GiB is 262,144 writes of 4 KiB, each
- * with its own exception to commit. Random writes on a sparse 1 TiB volume with one
- * snapshot made a new exception per write, the group commit fell behind, and what queued
- * after the backlog waited for it: removing a snapshot took 0.3 s, then 1.2, 3.3 and 4.4 s
- * in one run. With at most 4096 held, removals stayed under 0.6 s, and an A/B of first
- * writes in the bench's shapes showed no difference beyond the noise (BENCHMARKS.md,
- * session 9).
+ * Bytes alone do not bound the commit backlog in time: each small write held is an
+ * exception to commit, and what queues behind them waits (docs/tuning.md, MAX_HELD_WRITES).
  */
 export const MAX_HELD_WRITES = 4096;
 
@@ -117,8 +111,8 @@ export class WriteBehind {
 
   /**
    * Registers a write. With own=true the table owns its data past the caller's await:
-   * the caller's buffer itself when keep hands it over, else a copy (copying was 15 %
-   * of the event loop's time in sequential first writes, and its fresh memory 10 %).
+   * the caller's buffer itself when keep hands it over, else a copy, which costs the
+   * event loop a memmove and fresh memory (docs/tuning.md, KeepPayload).
    */
   hold(data: Buffer, offset: number, epoch: number, own: boolean, keep?: KeepBuffer): HeldWrite {
     let block: Buffer | undefined;

@@ -7,19 +7,15 @@ const MAX_SHIFT = 22; // 4 MiB: larger buffers are allocated and left to the GC
 export const MAX_POOLED_BYTES = 1 << MAX_SHIFT;
 const PER_CLASS_BYTES = 16 * 1024 * 1024;
 /**
- * Buffers start this far into their memory, off the page boundary. Measured on
- * this project's machines: pread from the page cache into a page-aligned 1 MiB
- * buffer ran at 0.9-1.6 GiB/s, and at 2.3-5.3 GiB/s into the same buffer 16 to
- * 2048 bytes in (the kernel's copy suffers when source and destination share
- * their offset within a page). A large malloc is page-aligned plus a small
- * header, so the skew is what keeps us off the boundary. Writes did not care.
+ * Buffers start this far into their memory, off the page boundary: the kernel's copy
+ * from the page cache suffers when source and destination share their offset within a
+ * page, and a large malloc is page-aligned plus a small header (docs/tuning.md, SKEW).
  */
 const SKEW = 256;
 /**
  * How long after the last kept buffer came back the pool still keeps as many free as
- * were kept at the peak: a burst of held writes is often followed by another, and fresh
- * memory costs a page fault and a clear per 4 KiB plus the collections its external
- * bytes start.
+ * were kept at the peak: bursts of held writes follow one another, and fresh memory is
+ * costly (docs/tuning.md, KEEP_FREE_MS).
  */
 const KEEP_FREE_MS = 15_000;
 

@@ -212,8 +212,7 @@ h.shutdown()' "$1" >"$2"
 
 timed() { # the time-based shape of a job
   # Every timed job starts with no dirty page cache: otherwise a job pays for the
-  # writeback of whatever ran before it (a rewrite run after the copy-all write
-  # measured 29-89 MiB/s on the same target), and the order of jobs decides ratios.
+  # writeback of whatever ran before it, and the order of jobs decides ratios.
   sync
   run_fio "$@" --runtime="$RUNTIME" --time_based --ramp_time=1
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks BENCHMARKS.md's "short exception counts" (settled on 2026-11-27): random 4 KiB
+# Checks BENCHMARKS.md's "Short exception counts": random 4 KiB
 # first writes into 8192 distinct chunks of a 1 GiB volume with NS snapshots, then a
 # FLUSH, then per round: the writes fio issued and saw acknowledged, the writes the
 # daemon served (its metrics), every snapshot's exception count, the first snapshot's

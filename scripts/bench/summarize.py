@@ -175,8 +175,8 @@ def main():
         rows.append(("2", f"1 snapshot, first writes: {args.rand_ios} rand 4K writes qd16 into distinct chunks, vs no snapshot (same writes)",
                      ("cow-randwrite", "cowbd-1snap"), ("cow-randwrite", "cowbd"), RAND, 0.35))
     if "rewrite" in sections:
-        # run.sh measures the rewrites' reference next to them (cowbd-ref); results from
-        # before it did have only the base section's runs.
+        # run.sh measures the rewrites' reference next to them (cowbd-ref); a result
+        # directory without those runs falls back to the base section's.
         ref = "cowbd-ref" if ("randwrite", "cowbd-ref") in R.samples else "cowbd"
         what = "no snapshot, same round next to it" if ref == "cowbd-ref" else "no snapshot"
         rows.append(("3", f"1 snapshot, chunks all copied: seq 1M write qd8, vs {what}", ("seqwrite", "cowbd-1snap-copied"), ("seqwrite", ref), SEQ, 0.95))
