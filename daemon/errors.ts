@@ -1,5 +1,6 @@
 // One registry of typed errors with stable codes, in the manner of fastify's.
 // The CLI prints `message` and exits non-zero; the control API sends `code`.
+import { NAME_RULE } from '../cow/names.js';
 
 export class CowbdError extends Error {
   constructor(
@@ -20,8 +21,7 @@ function define<A extends unknown[]>(code: string, status: number, format: (...a
 }
 
 export const Errors = {
-  invalidName: define('COWBD_INVALID_NAME', 400, (name: string) =>
-    `invalid name "${name}": use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'`),
+  invalidName: define('COWBD_INVALID_NAME', 400, (name: string) => `invalid name "${name}": use ${NAME_RULE}`),
   invalidSize: define('COWBD_INVALID_SIZE', 400, (text: string, why: string) => `invalid size "${text}": ${why}`),
   nameTaken: define('COWBD_NAME_TAKEN', 409, (name: string) => `name "${name}" is already used by a volume or snapshot`),
   unknownVolume: define('COWBD_UNKNOWN_VOLUME', 404, (name: string) => `no volume named "${name}"`),
@@ -32,6 +32,7 @@ export const Errors = {
   badAddress: define('COWBD_BAD_ADDRESS', 400, (text: string) => `invalid address "${text}": expected HOST:PORT`),
 } as const;
 
-export function isCowbdError(e: unknown): e is CowbdError {
-  return e instanceof CowbdError;
+/** True for any CowbdError, or with `of`, for one made by that factory's code. */
+export function isCowbdError(e: unknown, of?: { code: string }): e is CowbdError {
+  return e instanceof CowbdError && (!of || e.code === of.code);
 }
