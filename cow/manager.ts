@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { FileDevice, syncDirectory, syncMadeDirectories, type BlockDevice, type FileDeviceOptions } from './device.js';
 import { CowErrors } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
+import { isValidName } from './names.js';
 import { Origin } from './origin.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
 import { checkGeometry } from './exception-store.js';
@@ -87,11 +88,8 @@ export interface CowManagerEvents {
   commit: [{ seconds: number; exceptions: number }];
 }
 
-/** Names become file names: accept a conservative set only, whatever the caller checked. */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
-export function validName(name: string): boolean {
-  return NAME_RE.test(name) && !name.includes('..');
-}
+/** Names become file names: checked here too, whatever the caller checked (see cow/names.ts). */
+export const validName = isValidName;
 
 interface PoolEntry {
   pool: SnapshotPool;

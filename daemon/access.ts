@@ -12,7 +12,7 @@
 // A rule without `allow` restricts nothing but what its other keys say.
 import { BlockList, isIP } from 'node:net';
 import type { ClientInfo } from '../protocol/tls.js';
-import { CowbdError } from './errors.js';
+import { Errors } from './errors.js';
 import { isValidName } from './names.js';
 
 export interface ExportRule {
@@ -24,10 +24,6 @@ export interface ExportRule {
 
 const DEFAULT_KEY = '*';
 const RULE_KEYS = new Set(['allow', 'readOnly', 'read-only', 'allowUnix', 'allow-unix']);
-
-function bad(msg: string): CowbdError {
-  return new CowbdError('COWBD_BAD_CONFIG', `exports: ${msg}`);
-}
 
 /** "::ffff:10.1.2.3" (an IPv4 client on a dual-stack listener) is matched as 10.1.2.3. */
 function normalize(address: string): { address: string; type: 'ipv4' | 'ipv6' } | undefined {
@@ -43,19 +39,19 @@ function normalize(address: string): { address: string; type: 'ipv4' | 'ipv6' } 
 function addEntry(list: BlockList, entry: string, where: string): void {
   const [addr, prefix, ...rest] = entry.trim().split('/');
   const n = addr === undefined ? undefined : normalize(addr);
-  if (!n || rest.length) throw bad(`${where}: "${entry}" is not an IPv4 or IPv6 address or CIDR (host names are not accepted)`);
+  if (!n || rest.length) throw Errors.badExports(`${where}: "${entry}" is not an IPv4 or IPv6 address or CIDR (host names are not accepted)`);
   const max = n.type === 'ipv4' ? 32 : 128;
   if (prefix === undefined) {
     list.addAddress(n.address, n.type);
     return;
   }
-  if (!/^\d{1,3}$/.test(prefix) || Number(prefix) > max) throw bad(`${where}: "${entry}" has a bad prefix length (0-${max})`);
+  if (!/^\d{1,3}$/.test(prefix) || Number(prefix) > max) throw Errors.badExports(`${where}: "${entry}" has a bad prefix length (0-${max})`);
   list.addSubnet(n.address, Number(prefix), n.type);
 }
 
 function bool(v: unknown, where: string): boolean | undefined {
   if (v === undefined || v === null) return undefined;
-  if (typeof v !== 'boolean') throw bad(`${where} must be true or false`);
+  if (typeof v !== 'boolean') throw Errors.badExports(`${where} must be true or false`);
   return v;
 }
 
@@ -76,21 +72,21 @@ export class ExportAccess {
       try {
         v = JSON.parse(v);
       } catch {
-        throw bad('must be a mapping of export names to rules');
+        throw Errors.badExports('must be a mapping of export names to rules');
       }
     }
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw bad('must be a mapping of export names to rules');
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw Errors.badExports('must be a mapping of export names to rules');
     const rules = new Map<string, CompiledRule>();
     for (const [name, raw] of Object.entries(v as Record<string, unknown>)) {
-      if (name !== DEFAULT_KEY && !isValidName(name)) throw bad(`"${name}" is not a valid export name (or "*")`);
+      if (name !== DEFAULT_KEY && !isValidName(name)) throw Errors.badExports(`"${name}" is not a valid export name (or "*")`);
       const where = `exports.${name}`;
       if (raw === null) {
         rules.set(name, { allowUnix: true, readOnly: false });
         continue;
       }
-      if (typeof raw !== 'object' || Array.isArray(raw)) throw bad(`${where} must be a mapping (allow, readOnly, allowUnix)`);
+      if (typeof raw !== 'object' || Array.isArray(raw)) throw Errors.badExports(`${where} must be a mapping (allow, readOnly, allowUnix)`);
       const r = raw as Record<string, unknown>;
-      for (const k of Object.keys(r)) if (!RULE_KEYS.has(k)) throw bad(`${where}: unknown key "${k}" (expected allow, readOnly, allowUnix)`);
+      for (const k of Object.keys(r)) if (!RULE_KEYS.has(k)) throw Errors.badExports(`${where}: unknown key "${k}" (expected allow, readOnly, allowUnix)`);
       const rule: CompiledRule = {
         allowUnix: bool(r.allowUnix ?? r['allow-unix'], `${where}.allowUnix`) ?? true,
         readOnly: bool(r.readOnly ?? r['read-only'], `${where}.readOnly`) ?? false,
@@ -98,7 +94,7 @@ export class ExportAccess {
       const allow = r.allow;
       if (allow !== undefined && allow !== null) {
         const entries = typeof allow === 'string' ? [allow] : allow;
-        if (!Array.isArray(entries) || entries.some((e) => typeof e !== 'string')) throw bad(`${where}.allow must be a list of addresses or CIDRs`);
+        if (!Array.isArray(entries) || entries.some((e) => typeof e !== 'string')) throw Errors.badExports(`${where}.allow must be a list of addresses or CIDRs`);
         rule.allow = entries as string[];
         rule.blocks = new BlockList();
         for (const e of rule.allow) addEntry(rule.blocks, e, `${where}.allow`);

@@ -1,7 +1,7 @@
 // What each CLI command does: through the running daemon's control API, or on
 // the data directory directly where that is safe without one (volume create/list).
-import { call, NoDaemonError } from './control-client.js';
-import { CowbdError } from './errors.js';
+import { call } from './control-client.js';
+import { Errors, isCowbdError } from './errors.js';
 import { checkName } from './names.js';
 import type { SnapshotUsage } from '../cow/index.js';
 import type { StatusRow, VolumeView } from './service.js';
@@ -22,7 +22,7 @@ async function daemonOrOffline<T>(online: () => Promise<T>, offline: () => Promi
   try {
     return await online();
   } catch (err) {
-    if (err instanceof NoDaemonError) return offline();
+    if (isCowbdError(err, Errors.noDaemon)) return offline();
     throw err;
   }
 }
@@ -108,6 +108,6 @@ export async function status(o: Common): Promise<void> {
 }
 
 export function requirePositive(n: number, what: string): number {
-  if (!Number.isFinite(n) || n < 0) throw new CowbdError('COWBD_BAD_OPTION', `${what} must be a non-negative number`);
+  if (!Number.isFinite(n) || n < 0) throw Errors.negativeOption(what);
   return n;
 }

@@ -1,7 +1,7 @@
 // `--config FILE`: JSON, or the YAML subset a config file needs (mappings by
 // indentation, lists, scalars, comments). Keys are the long flag names; flags win.
 import { readFileSync } from 'node:fs';
-import { CowbdError } from './errors.js';
+import { Errors } from './errors.js';
 
 type Value = string | number | boolean | null | Value[] | { [k: string]: Value };
 
@@ -44,7 +44,7 @@ export function parseYaml(text: string): Value {
   text.split(/\r?\n/).forEach((raw, i) => {
     const t = stripComment(raw).replace(/\s+$/, '');
     if (t.trim() === '' || t.trim() === '---') return;
-    if (/^\t/.test(t)) throw new CowbdError('COWBD_BAD_CONFIG', `line ${i + 1}: tabs are not allowed for indentation`);
+    if (/^\t/.test(t)) throw Errors.badConfig(`line ${i + 1}: tabs are not allowed for indentation`);
     lines.push({ indent: t.length - t.trimStart().length, text: t.trim(), no: i + 1 });
   });
   let pos = 0;
@@ -64,18 +64,18 @@ export function parseYaml(text: string): Value {
     while (pos < lines.length && lines[pos]!.indent === first.indent) {
       const l = lines[pos]!;
       const m = /^("[^"]*"|'[^']*'|[^:]+?)\s*:(?:\s+(.*))?$/.exec(l.text);
-      if (!m) throw new CowbdError('COWBD_BAD_CONFIG', `line ${l.no}: expected "key: value"`);
+      if (!m) throw Errors.badConfig(`line ${l.no}: expected "key: value"`);
       const key = String(scalar(m[1]!));
       pos++;
       map[key] = m[2] === undefined || m[2] === '' ? block(first.indent + 1) : scalar(m[2]);
     }
     if (pos < lines.length && lines[pos]!.indent > first.indent) {
-      throw new CowbdError('COWBD_BAD_CONFIG', `line ${lines[pos]!.no}: unexpected indentation`);
+      throw Errors.badConfig(`line ${lines[pos]!.no}: unexpected indentation`);
     }
     return map;
   };
   const v = block(0);
-  if (pos < lines.length) throw new CowbdError('COWBD_BAD_CONFIG', `line ${lines[pos]!.no}: unexpected indentation`);
+  if (pos < lines.length) throw Errors.badConfig(`line ${lines[pos]!.no}: unexpected indentation`);
   return v;
 }
 
@@ -85,20 +85,20 @@ export function loadConfig(path: string): Record<string, unknown> {
   try {
     text = readFileSync(path, 'utf8');
   } catch (err) {
-    throw new CowbdError('COWBD_BAD_CONFIG', `cannot read config ${path}: ${(err as Error).message}`);
+    throw Errors.badConfig(`cannot read config ${path}: ${(err as Error).message}`);
   }
   let v: Value;
   if (/\.json$/i.test(path) || text.trimStart().startsWith('{')) {
     try {
       v = JSON.parse(text) as Value;
     } catch (err) {
-      throw new CowbdError('COWBD_BAD_CONFIG', `config ${path} is not valid JSON: ${(err as Error).message}`);
+      throw Errors.badConfig(`config ${path} is not valid JSON: ${(err as Error).message}`);
     }
   } else {
     v = parseYaml(text);
   }
   if (v === null) return {};
-  if (typeof v !== 'object' || Array.isArray(v)) throw new CowbdError('COWBD_BAD_CONFIG', `config ${path} must be a mapping of option names`);
+  if (typeof v !== 'object' || Array.isArray(v)) throw Errors.badConfig(`config ${path} must be a mapping of option names`);
   // yargs would split nested keys at dots (an export named "snap.1"), so the
   // exports section travels as JSON text, as --exports takes it.
   if (v.exports !== undefined && v.exports !== null && typeof v.exports === 'object') return { ...v, exports: JSON.stringify(v.exports) };

@@ -1,18 +1,12 @@
 // The CLI's side of the control API.
 import { request } from 'node:http';
 import { join } from 'node:path';
-import { CowbdError } from './errors.js';
+import { Errors } from './errors.js';
 
 export const CONTROL_SOCKET = 'control.sock';
 
 export function controlSocketPath(dataDir: string): string {
   return join(dataDir, CONTROL_SOCKET);
-}
-
-export class NoDaemonError extends CowbdError {
-  constructor(dataDir: string) {
-    super('COWBD_NO_DAEMON', `no cowbd daemon is running on ${dataDir} (start one with: cowbd serve --data-dir ${dataDir})`, 503);
-  }
 }
 
 export function call<T = unknown>(dataDir: string, method: string, path: string, body?: unknown): Promise<T> {
@@ -29,18 +23,18 @@ export function call<T = unknown>(dataDir: string, method: string, path: string,
           try {
             parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
           } catch {
-            return reject(new CowbdError('COWBD_BAD_REPLY', `daemon sent a non-JSON reply (HTTP ${res.statusCode})`, 502));
+            return reject(Errors.badReply(res.statusCode));
           }
           if ((res.statusCode ?? 500) >= 400) {
             const e = (parsed as { error?: { code?: string; message?: string } }).error;
-            return reject(new CowbdError(e?.code ?? 'COWBD_ERROR', e?.message ?? `HTTP ${res.statusCode}`, res.statusCode));
+            return reject(Errors.fromReply(e?.code, e?.message, res.statusCode));
           }
           resolve(parsed as T);
         });
       },
     );
     req.on('error', (err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(new NoDaemonError(dataDir));
+      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(Errors.noDaemon(dataDir));
       else reject(err);
     });
     req.end(payload);

@@ -3,7 +3,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { CowbdError, isCowbdError } from './errors.js';
+import { Errors, isCowbdError } from './errors.js';
 
 export type Handler = (params: Record<string, string>, body: Record<string, unknown>) => Promise<unknown>;
 
@@ -70,14 +70,15 @@ export class ControlServer {
         send(res, req.method === 'POST' ? 201 : 200, result ?? { ok: true });
         return;
       }
-      throw new CowbdError('COWBD_NOT_FOUND', `no route ${req.method} ${url.pathname}`, 404);
+      throw Errors.noRoute(req.method ?? '', url.pathname);
     } catch (err) {
       if (isCowbdError(err)) {
         this.log.info({ code: err.code, method: req.method, path: url.pathname }, err.message);
         send(res, err.statusCode, { error: { code: err.code, message: err.message } });
       } else {
         this.log.error({ err, method: req.method, path: url.pathname }, 'control request failed');
-        send(res, 500, { error: { code: 'COWBD_INTERNAL', message: err instanceof Error ? err.message : String(err) } });
+        const e = Errors.internal(err instanceof Error ? err.message : String(err));
+        send(res, e.statusCode, { error: { code: e.code, message: e.message } });
       }
     }
   }
@@ -88,7 +89,7 @@ function decodeParam(raw: string): string {
   try {
     return decodeURIComponent(raw);
   } catch {
-    throw new CowbdError('COWBD_BAD_REQUEST', `malformed escape in "${raw}"`, 400);
+    throw Errors.badEscape(raw);
   }
 }
 
@@ -103,15 +104,16 @@ async function readBody(req: IncomingMessage): Promise<Record<string, unknown>> 
   let n = 0;
   for await (const c of req) {
     n += (c as Buffer).length;
-    if (n > MAX_BODY) throw new CowbdError('COWBD_BAD_REQUEST', 'request body too large', 413);
+    if (n > MAX_BODY) throw Errors.bodyTooLarge();
     chunks.push(c as Buffer);
   }
   if (n === 0) return {};
+  let v: unknown;
   try {
-    const v: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
-    return v as Record<string, unknown>;
+    v = JSON.parse(Buffer.concat(chunks).toString('utf8'));
   } catch {
-    throw new CowbdError('COWBD_BAD_REQUEST', 'request body must be a JSON object', 400);
+    throw Errors.bodyNotObject();
   }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw Errors.bodyNotObject();
+  return v as Record<string, unknown>;
 }

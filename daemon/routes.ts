@@ -1,23 +1,23 @@
 // The control API's routes: a thin JSON face over the Service.
 import type { ControlServer } from './control-server.js';
-import { CowbdError } from './errors.js';
+import { Errors } from './errors.js';
 import type { Service } from './service.js';
 import { parseSizeNumber } from './sizes.js';
 
 function str(body: Record<string, unknown>, key: string, required = true): string | undefined {
   const v = body[key];
   if (v === undefined || v === null) {
-    if (required) throw new CowbdError('COWBD_BAD_REQUEST', `missing "${key}"`);
+    if (required) throw Errors.missingField(key);
     return undefined;
   }
-  if (typeof v !== 'string' && typeof v !== 'number') throw new CowbdError('COWBD_BAD_REQUEST', `"${key}" must be a string`);
+  if (typeof v !== 'string' && typeof v !== 'number') throw Errors.notString(key);
   return String(v);
 }
 
 function bool(body: Record<string, unknown>, key: string): boolean {
   const v = body[key];
   if (v === undefined) return false;
-  if (typeof v !== 'boolean') throw new CowbdError('COWBD_BAD_REQUEST', `"${key}" must be true or false`);
+  if (typeof v !== 'boolean') throw Errors.notBoolean(key);
   return v;
 }
 
@@ -32,7 +32,7 @@ export function controlRoutes(c: ControlServer, svc: Service): void {
   c.route('GET', '/v1/snapshots/:name', async (p) => svc.snapshot(p.name!));
   c.route('POST', '/v1/snapshots', async (_p, b) => {
     const policy = str(b, 'policy', false) ?? 'invalidate';
-    if (policy !== 'invalidate' && policy !== 'overflow') throw new CowbdError('COWBD_BAD_REQUEST', `policy must be invalidate or overflow, not "${policy}"`);
+    if (policy !== 'invalidate' && policy !== 'overflow') throw Errors.badPolicy(policy);
     const chunk = str(b, 'chunkSize', false);
     return svc.createSnapshot({
       name: str(b, 'name')!,

@@ -3,8 +3,8 @@
 // the metrics read from here; cow/ does the storage work.
 import { statfs, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { CowError, CowManager, type Origin, type Snapshot, type SnapshotUsage } from '../cow/index.js';
-import { Errors, CowbdError } from './errors.js';
+import { CowError, CowErrors, CowManager, type Origin, type Snapshot, type SnapshotUsage } from '../cow/index.js';
+import { Errors } from './errors.js';
 import { checkName } from './names.js';
 import { Registry } from './registry.js';
 import { formatSize } from './sizes.js';
@@ -65,17 +65,23 @@ const USAGE_WARNINGS = Array.from({ length: 11 }, (_, i) => 50 + 5 * i);
 
 export function toCowbdError(err: unknown, what: { volume?: string; snapshot?: string }): unknown {
   if (!(err instanceof CowError)) return err;
-  const msg = err.message;
-  switch (err.code) {
-    case 'ENOENT':
-      return what.snapshot ? Errors.unknownSnapshot(what.snapshot) : Errors.unknownVolume(what.volume ?? '?');
-    case 'EEXIST':
+  switch (err.id) {
+    case CowErrors.unknownSnapshot.id:
+      return Errors.unknownSnapshot(what.snapshot ?? '?');
+    case CowErrors.unknownOrigin.id:
+      return Errors.unknownVolume(what.volume ?? '?');
+    case CowErrors.nameTaken.id:
+    case CowErrors.fileExists.id:
       return Errors.nameTaken(what.snapshot ?? what.volume ?? '?');
+  }
+  // The rest by kind: a request the engine refuses as given is the caller's to fix;
+  // I/O errors pass through as they are.
+  switch (err.code) {
     case 'EBUSY':
-      return Errors.originBusy(what.volume ?? '?', msg);
+      return Errors.originBusy(what.volume ?? '?', err.message);
     case 'EINVAL':
     case 'ENOSPC':
-      return new CowbdError('COWBD_INVALID_REQUEST', msg, 400);
+      return Errors.invalidRequest(err.message);
     default:
       return err;
   }
@@ -176,7 +182,7 @@ export class Service {
   async createVolume(name: string, size: number): Promise<VolumeView> {
     checkName(name);
     this.nameFree(name);
-    if (this.opts.readOnly) throw new CowbdError('COWBD_READ_ONLY', 'the daemon serves read-only; volumes cannot be created', 409);
+    if (this.opts.readOnly) throw Errors.readOnly();
     await createVolume(this.opts.dataDir, name, size);
     try {
       this.exportOrigin(await this.cow.attachOrigin(name));
@@ -231,7 +237,7 @@ export class Service {
     if (!s) throw Errors.unknownSnapshot(name);
     const current = s.usage().capacityBytes;
     const target = relative ? current + size : size;
-    if (target < current) throw new CowbdError('COWBD_INVALID_SIZE', `snapshot ${name} is ${formatSize(current)}; it can only grow`);
+    if (target < current) throw Errors.cannotShrink(name, formatSize(current));
     try {
       const u = await this.cow.extendSnapshot(name, target);
       this.log.info({ snapshot: name, from: current, to: u.capacityBytes }, 'snapshot extended');

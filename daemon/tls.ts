@@ -10,7 +10,7 @@ import { createSecureContext, type TlsOptions } from 'node:tls';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { TlsMode, TlsPolicy } from '../protocol/tls.js';
-import { CowbdError } from './errors.js';
+import { Errors } from './errors.js';
 
 export const TLS_MODES: readonly TlsMode[] = ['off', 'on', 'require'];
 
@@ -20,17 +20,13 @@ export interface TlsSettings {
   verifyPeer: boolean;
 }
 
-function tlsError(msg: string): CowbdError {
-  return new CowbdError('COWBD_BAD_TLS', msg);
-}
-
 /** yargs coerce for --tls: YAML turns a bare on/off into a boolean, so those are accepted too. */
 export function parseTlsMode(v: unknown): TlsMode {
   if (v === true || v === 'true') return 'on';
   if (v === false || v === 'false' || v === undefined) return 'off';
   const s = String(v).toLowerCase();
   if ((TLS_MODES as readonly string[]).includes(s)) return s as TlsMode;
-  throw tlsError(`--tls must be off, on or require, not "${String(v)}"`);
+  throw Errors.badTls(`--tls must be off, on or require, not "${String(v)}"`);
 }
 
 async function readPem(dir: string, file: string, what: string): Promise<Buffer> {
@@ -38,7 +34,7 @@ async function readPem(dir: string, file: string, what: string): Promise<Buffer>
   try {
     return await readFile(path);
   } catch (err) {
-    throw tlsError(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    throw Errors.badTls(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
 }
 
@@ -47,7 +43,7 @@ function checkValidity(pem: Buffer, path: string, log: Logger): void {
   try {
     cert = new X509Certificate(pem);
   } catch (err) {
-    throw tlsError(`${path} is not a PEM certificate: ${(err as Error).message}`);
+    throw Errors.badTls(`${path} is not a PEM certificate: ${(err as Error).message}`);
   }
   const now = Date.now();
   if (Date.parse(cert.validTo) < now) log.warn({ path, validTo: cert.validTo }, 'TLS certificate has expired; clients will refuse it');
@@ -57,18 +53,18 @@ function checkValidity(pem: Buffer, path: string, log: Logger): void {
 /** Loads and checks the certificates; the result goes to NbdServer. Throws a CowbdError with the file at fault. */
 export async function loadTls(s: TlsSettings, log: Logger): Promise<TlsPolicy> {
   if (s.mode === 'off') {
-    if (s.verifyPeer) throw tlsError('--tls-verify-peer needs --tls on or --tls require');
+    if (s.verifyPeer) throw Errors.badTls('--tls-verify-peer needs --tls on or --tls require');
     return { mode: 'off' };
   }
   const dir = s.certificates;
-  if (!dir) throw tlsError(`--tls ${s.mode} needs --tls-certificates DIR holding server-cert.pem, server-key.pem and ca-cert.pem`);
+  if (!dir) throw Errors.badTls(`--tls ${s.mode} needs --tls-certificates DIR holding server-cert.pem, server-key.pem and ca-cert.pem`);
   const cert = await readPem(dir, 'server-cert.pem', 'the server certificate');
   const key = await readPem(dir, 'server-key.pem', 'the server key');
   let ca: Buffer | undefined;
   try {
     ca = await readFile(join(dir, 'ca-cert.pem'));
   } catch {
-    if (s.verifyPeer) throw tlsError(`--tls-verify-peer needs the CA that signs client certificates in ${join(dir, 'ca-cert.pem')}`);
+    if (s.verifyPeer) throw Errors.badTls(`--tls-verify-peer needs the CA that signs client certificates in ${join(dir, 'ca-cert.pem')}`);
   }
   checkValidity(cert, join(dir, 'server-cert.pem'), log);
   const keyMode = (await stat(join(dir, 'server-key.pem'))).mode & 0o777;
@@ -85,7 +81,7 @@ export async function loadTls(s: TlsSettings, log: Logger): Promise<TlsPolicy> {
     // Fails here, at startup, on a key that does not match the certificate or a broken PEM.
     createSecureContext(options);
   } catch (err) {
-    throw tlsError(`cannot use the certificates in ${dir}: ${(err as Error).message}`);
+    throw Errors.badTls(`cannot use the certificates in ${dir}: ${(err as Error).message}`);
   }
   return { mode: s.mode, options };
 }

@@ -4,6 +4,7 @@
 import type { Backend, Extent, ExportInfo, KeepPayload, ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
 import { MAX_POOLED_BYTES, sharedPool } from '../protocol/buffer-pool.js';
+import { Errors } from './errors.js';
 
 const CACHE_CHUNK = 4 * 1024 * 1024;
 // Block status reads the data to find zeros (Node has no lseek(SEEK_HOLE), and a
@@ -63,7 +64,7 @@ export class VolumeBackend implements Backend {
   }
 
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    if (flags.fast) return Promise.reject(Object.assign(new Error('zeroing is not fast here'), { code: 'ENOTSUP' }));
+    if (flags.fast) return Promise.reject(Errors.zeroNotFast());
     return this.volume.writeZeroes(offset, length, flags.fua);
   }
 
