@@ -12,7 +12,7 @@ import { greeting, Handshake, type Negotiated } from './handshake.js';
 import type { Logger } from './logger.js';
 import { ReplyWriter } from './reply-writer.js';
 import * as P from './request-parser.js';
-import { execute, validate, type Outcome, type RequestContext } from './requests.js';
+import { serve, validate, type Outcome, type RequestContext } from './requests.js';
 import type { Request } from './wire.js';
 import type { ByteBudget } from './budget.js';
 import { clientInfo, upgradeToTls, type ClientInfo, type TlsPolicy } from './tls.js';
@@ -155,19 +155,17 @@ export class Connection extends EventEmitter {
     this.socket.destroy();
   }
 
-  /**
-   * Reads into chosen buffers from now on; the socket was built with adoptSocket.
-   * `stage` may be shared by every connection: a read and its callback run in one
-   * go on the loop thread, and onRead keeps nothing that points into it.
-   */
+  /** Reads into buffers the parser picks from now on; the socket was built with adoptSocket. */
   useDirectReads(stage: Buffer): void {
     this.parser.useDirectReads(stage);
   }
 
+  /** ReadTarget (direct-socket.ts). */
   nextReadBuffer(): Uint8Array {
     return this.parser.nextReadBuffer();
   }
 
+  /** ReadTarget (direct-socket.ts): buf is not kept past return. */
   onRead(n: number, buf: Uint8Array): void {
     if (this.parser.isPayloadBuffer(buf)) {
       if (this.phase !== 'transmission') return;
@@ -322,37 +320,14 @@ export class Connection extends EventEmitter {
   }
 
   private dispatch(req: Request, payload: Buffer | undefined, pooled: boolean): void {
-    const ctx = this.ctx!;
     const started = performance.now();
     this.inFlight++;
-    const bytes = req.type === C.NBD_CMD_READ ? req.length : 0;
-    this.holdBytes(bytes);
-    const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
-    this.observer.requestStarted?.(this.negotiated!.exportName, command);
-    const refused = validate(req, ctx);
-    if (refused) {
-      this.log.debug({ command, offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
-      if (pooled) this.pool.put(payload!);
-      this.finish(req, refused, started, bytes + (payload?.length ?? 0));
-      return;
-    }
-    const held = bytes + (payload?.length ?? 0);
-    // A backend that holds the write past its reply keeps the buffer (no copy of it)
-    // and gives it back to the pool once the write has landed.
-    let kept = false;
-    const keep = pooled
-      ? () => {
-          kept = true;
-          return this.pool.keep(payload!);
-        }
-      : undefined;
-    execute(req, payload, ctx, keep).then(
-      (outcome) => {
-        if (pooled && !kept) this.pool.put(payload!);
-        this.finish(req, outcome, started, held);
-      },
-      (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, held),
-    );
+    // A write's payload is held since its header; a read's buffer from now on.
+    const reading = req.type === C.NBD_CMD_READ ? req.length : 0;
+    this.holdBytes(reading);
+    const held = reading + (payload?.length ?? 0);
+    this.observer.requestStarted?.(this.negotiated!.exportName, C.COMMAND_NAMES[req.type] ?? 'unknown');
+    serve(req, payload, pooled, this.ctx!, (outcome) => this.finish(req, outcome, started, held));
   }
 
   private finish(req: Request, outcome: Outcome, started: number, heldBytes: number): void {

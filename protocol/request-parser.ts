@@ -28,7 +28,7 @@ export const HELD = 1;
 export const REQUEST = 2;
 /** A write header: its payload follows and is held from now on. */
 export const WRITE_STARTED = 3;
-/** A write over MAX_REQUEST_SIZE: the caller answers with refuse(), and its payload is discarded. */
+/** A write over maxPayload (MAX_REQUEST_SIZE): the caller answers with refuse(); its payload is discarded. */
 export const OVERSIZED = 4;
 /** The oversized write's payload is gone: send `refusal` for `request`. */
 export const DRAINED = 5;
@@ -65,6 +65,8 @@ export class RequestParser {
   constructor(
     private readonly input: ByteQueue,
     private readonly pool: BufferPool,
+    /** The largest write payload received; larger ones are discarded (as ws's maxPayload). */
+    private readonly maxPayload = MAX_REQUEST_SIZE,
   ) {}
 
   /** Whether the parser sits between requests (no payload half read or being discarded). */
@@ -108,7 +110,7 @@ export class RequestParser {
     this.pooled = false;
     if (req.type === NBD_CMD_DISC) return DISCONNECT;
     if (req.type === NBD_CMD_WRITE) {
-      if (req.length > MAX_REQUEST_SIZE) {
+      if (req.length > this.maxPayload) {
         // Its payload is skipped so the stream stays in sync.
         this.state = DRAIN;
         this.left = req.length;
