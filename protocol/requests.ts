@@ -2,7 +2,7 @@
 // Socket-free: it turns a decoded request into an outcome the connection encodes.
 import * as C from './constants.js';
 import type { Backend, Extent, KeepPayload } from './backend.js';
-import { NbdRequestError, toNbdError } from './errors.js';
+import { NbdRequestError, ProtocolErrors, toNbdError } from './errors.js';
 import type { Logger } from './logger.js';
 import type { BufferPool } from './buffer-pool.js';
 import type { Request } from './wire.js';
@@ -169,6 +169,6 @@ export function clampExtents(extents: Extent[], length: number, one: boolean): E
     total += len;
     if (one) break;
   }
-  if (out.length === 0) throw Object.assign(new Error('backend returned no extents'), { code: 'EIO' });
+  if (out.length === 0) throw ProtocolErrors.noExtents();
   return one ? out.slice(0, 1) : out;
 }
