@@ -10,9 +10,10 @@ import { sharedPool, type BufferPool } from './buffer-pool.js';
 import { NBD_ERROR_NAMES } from './errors.js';
 import { greeting, Handshake, type Negotiated } from './handshake.js';
 import type { Logger } from './logger.js';
-import { encodeReply } from './replies.js';
-import { execute, validate, type Outcome, type RequestContext } from './requests.js';
-import { decodeRequest, REQUEST_HEADER_SIZE, type Request } from './wire.js';
+import { ReplyWriter } from './reply-writer.js';
+import * as P from './request-parser.js';
+import { serve, validate, type Outcome, type RequestContext } from './requests.js';
+import type { Request } from './wire.js';
 import type { ByteBudget } from './budget.js';
 import { clientInfo, upgradeToTls, type ClientInfo, type TlsPolicy } from './tls.js';
 
@@ -48,23 +49,13 @@ type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
 
 let nextId = 1;
 
-/** Writes at least this large switch direct reads to header-sized reads between payloads. */
-const HEADER_READS_FROM = 128 * 1024;
-
-/**
- * A cork is released early once this much is queued. Batching pays for small replies
- * (one syscall for many); a big read reply gains nothing from waiting, and writev
- * calls of up to 8 MiB (every reply of a qd8 1 MiB read stream) ran 11 % slower than one
- * per reply: 4098-4292 against 4510-4824 MiB/s over 6 alternating rounds (nbdkit
- * 4826-5509). The receiving end on loopback gets its data in one long burst per call.
- */
-const UNCORK_AT_BYTES = 256 * 1024;
-
 export class Connection extends EventEmitter {
   readonly id = nextId++;
   readonly log: Logger;
   private phase: Phase = 'handshake';
   private readonly queue = new ByteQueue();
+  private readonly parser: P.RequestParser;
+  private readonly replies: ReplyWriter;
   private readonly handshake: Handshake;
   private negotiated?: Negotiated;
   private ctx?: RequestContext;
@@ -72,20 +63,10 @@ export class Connection extends EventEmitter {
   private bytesInFlight = 0;
   private readPaused = false;
   private writeBlocked = false;
-  /** A WRITE whose payload we are still receiving. */
-  private pendingWrite?: Request;
-  /** Its pooled buffer and how much of it has arrived. */
-  private payload?: { buf: Buffer; filled: number };
-  /** Set when the socket reads into buffers we hand it (see direct-socket.ts). */
-  private stage?: Buffer;
-  /** A rejected oversized WRITE whose payload we are skipping. */
-  private draining?: { req: Request; left: number; outcome: Outcome };
   private handshakeTimer?: NodeJS.Timeout;
   private unsubscribeGone?: () => void;
   private closed: Promise<void>;
   private released = false;
-  private corked = false;
-  private headerReads = false;
   /** The client sent FIN: close once the requests it sent are parsed. */
   private inputEnded = false;
   /** Replaced by the TLSSocket after STARTTLS. */
@@ -105,7 +86,9 @@ export class Connection extends EventEmitter {
     this.socket = socket;
     this.client = clientInfo(socket);
     this.log = log.child({ conn: this.id, remote: socket.remoteAddress ?? 'unix' });
-    this.handshake = new Handshake(registry, (b) => this.send(b), this.log, { tls: tls.mode, client: this.client });
+    this.parser = new P.RequestParser(this.queue, pool);
+    this.replies = new ReplyWriter(socket, pool, limits.maxWriteBuffer);
+    this.handshake = new Handshake(registry, (b) => this.replies.send(b), this.log, { tls: tls.mode, client: this.client });
     // The raw socket closes last even when TLS runs on top of it.
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
   }
@@ -149,7 +132,7 @@ export class Connection extends EventEmitter {
     this.handshakeTimer.unref?.();
     this.observer.connectionOpened?.(this);
     this.log.debug('connection opened');
-    this.send(greeting());
+    this.replies.send(greeting());
   }
 
   /** Graceful close: stop reading, let requests in flight finish, then end the socket. Idempotent. */
@@ -172,31 +155,21 @@ export class Connection extends EventEmitter {
     this.socket.destroy();
   }
 
-  /**
-   * Reads into chosen buffers from now on; the socket was built with adoptSocket.
-   * `stage` may be shared by every connection: a read and its callback run in one
-   * go on the loop thread, and onRead keeps nothing that points into it.
-   */
+  /** Reads into buffers the parser picks from now on; the socket was built with adoptSocket. */
   useDirectReads(stage: Buffer): void {
-    this.stage = stage;
+    this.parser.useDirectReads(stage);
   }
 
+  /** ReadTarget (direct-socket.ts). */
   nextReadBuffer(): Uint8Array {
-    const p = this.payload;
-    // The rest of a write's payload is read straight into its buffer, and never past it.
-    if (p && this.pendingWrite && this.queue.length === 0) return p.buf.subarray(p.filled, this.pendingWrite.length);
-    // While large writes stream in, read just the next header: its payload then lands
-    // in its own buffer instead of being copied out of the stage (up to 256 KiB per
-    // request), for one short read per request.
-    if (this.headerReads && this.queue.length < REQUEST_HEADER_SIZE) return this.stage!.subarray(0, REQUEST_HEADER_SIZE - this.queue.length);
-    return this.stage!;
+    return this.parser.nextReadBuffer();
   }
 
+  /** ReadTarget (direct-socket.ts): buf is not kept past return. */
   onRead(n: number, buf: Uint8Array): void {
-    const p = this.payload;
-    if (p && buf.buffer === p.buf.buffer) {
+    if (this.parser.isPayloadBuffer(buf)) {
       if (this.phase !== 'transmission') return;
-      p.filled += n;
+      this.parser.payloadLanded(n);
       this.pump();
       return;
     }
@@ -254,6 +227,7 @@ export class Connection extends EventEmitter {
         const subject = s.authorized ? s.getPeerCertificate()?.subject?.CN : undefined;
         if (subject) this.client.certificateSubject = Array.isArray(subject) ? subject.join(',') : subject;
         this.socket = s;
+        this.replies.out = s;
         this.attach(s);
         this.log.info({ protocol: s.getProtocol(), cipher: s.getCipher()?.name, clientCertificate: this.client.certificateSubject ?? null }, 'TLS established');
       },
@@ -310,109 +284,50 @@ export class Connection extends EventEmitter {
   }
 
   private pumpTransmission(): void {
-    const q = this.queue;
+    const p = this.parser;
     while (this.phase === 'transmission') {
-      if (this.draining) {
-        this.draining.left -= q.skip(this.draining.left);
-        if (this.draining.left > 0) return this.needMoreInput();
-        const { req, outcome } = this.draining;
-        this.draining = undefined;
-        this.inFlight++;
-        this.finish(req, outcome, performance.now(), 0);
-        continue;
+      switch (p.parse(!this.overloaded() && !this.writeBlocked)) {
+        case P.NEED_INPUT:
+          return this.needMoreInput();
+        case P.HELD:
+          return this.holdReading();
+        case P.WRITE_STARTED:
+          this.holdBytes(p.request!.length);
+          break;
+        case P.REQUEST:
+          this.dispatch(p.request!, p.payload, p.pooled);
+          break;
+        case P.OVERSIZED:
+          this.log.warn({ length: p.request!.length }, 'oversized write; draining its payload');
+          p.refuse(validate(p.request!, this.ctx!)!);
+          break;
+        case P.DRAINED:
+          this.inFlight++;
+          this.finish(p.request!, p.refusal!, performance.now(), 0);
+          break;
+        case P.DISCONNECT:
+          this.log.debug('client sent NBD_CMD_DISC');
+          void this.close();
+          return;
+        case P.BAD_MAGIC:
+          this.log.warn('bad request magic; closing connection');
+          this.phase = 'closed';
+          this.queue.clear();
+          this.socket.destroy();
+          return;
       }
-      if (this.pendingWrite) {
-        const req = this.pendingWrite;
-        if (!this.payload) {
-          // A payload inside one chunk we own is used in place.
-          if (!this.stage && q.contiguous(req.length)) {
-            this.pendingWrite = undefined;
-            this.dispatch(req, q.take(req.length), false);
-            continue;
-          }
-          // A pooled buffer: a fresh 1 MiB allocation per write costs page faults.
-          this.payload = { buf: this.pool.get(req.length), filled: 0 };
-        }
-        const p = this.payload;
-        const n = Math.min(q.length, req.length - p.filled);
-        if (n > 0) {
-          q.copyOut(p.buf, p.filled, n);
-          p.filled += n;
-        }
-        if (p.filled < req.length) return this.needMoreInput();
-        this.pendingWrite = undefined;
-        this.payload = undefined;
-        this.dispatch(req, p.buf, true);
-        continue;
-      }
-      if (this.overloaded() || this.writeBlocked) {
-        this.holdReading();
-        return;
-      }
-      if (q.length < REQUEST_HEADER_SIZE) return this.needMoreInput();
-      const req = decodeRequest(q.take(REQUEST_HEADER_SIZE));
-      if (!req) {
-        this.log.warn('bad request magic; closing connection');
-        this.phase = 'closed';
-        q.clear();
-        this.socket.destroy();
-        return;
-      }
-      if (req.type === C.NBD_CMD_DISC) {
-        this.log.debug('client sent NBD_CMD_DISC');
-        void this.close();
-        return;
-      }
-      if (req.type === C.NBD_CMD_WRITE) {
-        if (req.length > C.MAX_REQUEST_SIZE) {
-          // Skip the payload so the stream stays in sync, then refuse.
-          const outcome = validate(req, this.ctx!)!;
-          this.log.warn({ length: req.length }, 'oversized write; draining its payload');
-          this.draining = { req, left: req.length, outcome };
-          continue;
-        }
-        this.holdBytes(req.length);
-        this.pendingWrite = req;
-        this.headerReads = req.length >= HEADER_READS_FROM;
-        continue;
-      }
-      this.headerReads = false;
-      this.dispatch(req, undefined, false);
     }
   }
 
   private dispatch(req: Request, payload: Buffer | undefined, pooled: boolean): void {
-    const ctx = this.ctx!;
     const started = performance.now();
     this.inFlight++;
-    const bytes = req.type === C.NBD_CMD_READ ? req.length : 0;
-    this.holdBytes(bytes);
-    const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
-    this.observer.requestStarted?.(this.negotiated!.exportName, command);
-    const refused = validate(req, ctx);
-    if (refused) {
-      this.log.debug({ command, offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
-      if (pooled) this.pool.put(payload!);
-      this.finish(req, refused, started, bytes + (payload?.length ?? 0));
-      return;
-    }
-    const held = bytes + (payload?.length ?? 0);
-    // A backend that holds the write past its reply keeps the buffer (no copy of it)
-    // and gives it back to the pool once the write has landed.
-    let kept = false;
-    const keep = pooled
-      ? () => {
-          kept = true;
-          return this.pool.keep(payload!);
-        }
-      : undefined;
-    execute(req, payload, ctx, keep).then(
-      (outcome) => {
-        if (pooled && !kept) this.pool.put(payload!);
-        this.finish(req, outcome, started, held);
-      },
-      (err) => this.finish(req, { error: C.NBD_EIO, message: String(err) }, started, held),
-    );
+    // A write's payload is held since its header; a read's buffer from now on.
+    const reading = req.type === C.NBD_CMD_READ ? req.length : 0;
+    this.holdBytes(reading);
+    const held = reading + (payload?.length ?? 0);
+    this.observer.requestStarted?.(this.negotiated!.exportName, C.COMMAND_NAMES[req.type] ?? 'unknown');
+    serve(req, payload, pooled, this.ctx!, (outcome) => this.finish(req, outcome, started, held));
   }
 
   private finish(req: Request, outcome: Outcome, started: number, heldBytes: number): void {
@@ -422,45 +337,10 @@ export class Connection extends EventEmitter {
     const result = outcome.error === 0 ? 'ok' : (NBD_ERROR_NAMES[outcome.error] ?? `E${outcome.error}`);
     const moved = outcome.error === 0 && (req.type === C.NBD_CMD_READ || req.type === C.NBD_CMD_WRITE) ? req.length : 0;
     this.observer.requestDone?.(this.negotiated?.exportName ?? '', command, result, moved, (performance.now() - started) / 1000);
-    if (this.phase !== 'closed' && !this.socket.destroyed) {
-      const frames = encodeReply(req, outcome, this.ctx!.structured);
-      const data = outcome.data;
-      this.corkUntilCheckPhase();
-      for (let i = 0; i < frames.length; i++) {
-        const last = i === frames.length - 1;
-        const ok = this.socket.write(frames[i]!, last && data ? () => this.pool.put(data) : undefined);
-        if (!ok && this.socket.writableLength > this.limits.maxWriteBuffer) this.writeBlocked = true;
-      }
-      if (this.corked && this.socket.writableLength >= UNCORK_AT_BYTES) {
-        this.corked = false;
-        this.socket.uncork();
-      }
-    } else if (outcome.data) {
-      this.pool.put(outcome.data);
-    }
+    if (this.phase === 'closed') this.replies.discard(outcome);
+    else if (this.replies.reply(req, outcome, this.ctx!.structured)) this.writeBlocked = true;
     if (this.phase === 'closing') this.maybeFinishClosing();
     else this.updateFlow();
-  }
-
-  /**
-   * Replies completed in one event-loop turn leave in one writev: the socket is
-   * corked at the first and uncorked in the check phase, after libuv has run
-   * every I/O completion of this turn. One syscall instead of one per reply.
-   * Released early past UNCORK_AT_BYTES; the check phase then finds it released.
-   */
-  private corkUntilCheckPhase(): void {
-    if (this.corked) return;
-    this.corked = true;
-    this.socket.cork();
-    setImmediate(() => {
-      if (!this.corked) return;
-      this.corked = false;
-      this.socket.uncork();
-    });
-  }
-
-  private send(b: Buffer): void {
-    if (!this.socket.destroyed) this.socket.write(b);
   }
 
   private pauseReading(): void {
@@ -474,7 +354,7 @@ export class Connection extends EventEmitter {
     if (this.phase !== 'transmission') return;
     // Never pause inside a write's payload: its bytes are already counted, and
     // connections holding budget they cannot release would wait on each other.
-    if ((this.overloaded() || this.writeBlocked) && !this.pendingWrite && !this.draining) {
+    if ((this.overloaded() || this.writeBlocked) && this.parser.betweenRequests) {
       this.holdReading();
       return;
     }
@@ -499,10 +379,8 @@ export class Connection extends EventEmitter {
     this.handshakeTimer = undefined;
     this.queue.clear();
     // A write whose payload never fully arrived still holds its bytes.
-    if (this.pendingWrite) this.releaseBytes(this.pendingWrite.length);
-    this.pendingWrite = undefined;
-    // Not back to the pool: nothing may read into a buffer someone else holds.
-    this.payload = undefined;
+    const unfinished = this.parser.abandon();
+    if (unfinished) this.releaseBytes(unfinished.length);
     this.limits.budget?.cancel(this.onBudgetRoom);
     this.unsubscribeGone?.();
     this.negotiated?.backend.release?.();

@@ -1,4 +1,5 @@
-// The one place where errors from storage become NBD error values.
+// The protocol layer's errors: its own table (ProtocolErrors), and the one place
+// where errors from storage become NBD error values.
 import {
   NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
 } from './constants.js';
@@ -32,6 +33,27 @@ export class NbdRequestError extends Error {
     this.name = 'NbdRequestError';
   }
 }
+
+/** A fault the protocol layer finds itself, with a stable `id` and an errno-style `code` (as cow/errors.ts). */
+export class ProtocolError extends Error {
+  constructor(
+    readonly id: string,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'ProtocolError';
+  }
+}
+
+function define<A extends unknown[]>(id: string, code: string, format: (...args: A) => string) {
+  return Object.assign((...args: A) => new ProtocolError(id, code, format(...args)), { id, code });
+}
+
+/** The protocol layer's own errors; toNbdError maps them by code like any other. */
+export const ProtocolErrors = {
+  noExtents: define('NBD_NO_EXTENTS', 'EIO', () => 'backend returned no extents'),
+} as const;
 
 /**
  * Maps any thrown value to an NBD error after logging the real error.

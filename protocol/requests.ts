@@ -2,7 +2,7 @@
 // Socket-free: it turns a decoded request into an outcome the connection encodes.
 import * as C from './constants.js';
 import type { Backend, Extent, KeepPayload } from './backend.js';
-import { NbdRequestError, toNbdError } from './errors.js';
+import { NbdRequestError, ProtocolErrors, toNbdError } from './errors.js';
 import type { Logger } from './logger.js';
 import type { BufferPool } from './buffer-pool.js';
 import type { Request } from './wire.js';
@@ -77,6 +77,37 @@ export function validate(req: Request, ctx: RequestContext): Outcome | undefined
   return undefined;
 }
 
+/**
+ * Validates and runs a request, then calls done: at once for a refusal (its reply goes
+ * out before later requests are parsed), else when the backend is done. A pooled
+ * payload goes back to the pool then, or later from a backend that kept it.
+ */
+export function serve(req: Request, payload: Buffer | undefined, pooled: boolean, ctx: RequestContext, done: (outcome: Outcome) => void): void {
+  const refused = validate(req, ctx);
+  if (refused) {
+    ctx.log.debug({ command: C.COMMAND_NAMES[req.type] ?? 'unknown', offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
+    if (pooled) ctx.pool.put(payload!);
+    done(refused);
+    return;
+  }
+  // A backend that holds the write past its reply keeps the buffer (no copy of it)
+  // and gives it back to the pool once the write has landed.
+  let kept = false;
+  const keep = pooled
+    ? () => {
+        kept = true;
+        return ctx.pool.keep(payload!);
+      }
+    : undefined;
+  execute(req, payload, ctx, keep).then(
+    (outcome) => {
+      if (pooled && !kept) ctx.pool.put(payload!);
+      done(outcome);
+    },
+    (err) => done({ error: C.NBD_EIO, message: String(err) }),
+  );
+}
+
 /** Runs a validated request. Never throws: failures become an Outcome. */
 export async function execute(req: Request, payload: Buffer | undefined, ctx: RequestContext, keep?: KeepPayload): Promise<Outcome> {
   const b = ctx.backend;
@@ -138,6 +169,6 @@ export function clampExtents(extents: Extent[], length: number, one: boolean): E
     total += len;
     if (one) break;
   }
-  if (out.length === 0) throw Object.assign(new Error('backend returned no extents'), { code: 'EIO' });
+  if (out.length === 0) throw ProtocolErrors.noExtents();
   return one ? out.slice(0, 1) : out;
 }
