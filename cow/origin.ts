@@ -10,7 +10,7 @@ import { SyncCoalescer } from './sync-coalescer.js';
 import type { KeepBuffer, Volume } from './volume.js';
 import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
 
-/** Default bound on held writes: a sixteenth of RAM, at most 1 GiB. */
+/** Default bound on held writes: a sixteenth of RAM, at most 1 GiB (docs/tuning.md, DEFAULT_WRITE_BEHIND). */
 export const DEFAULT_WRITE_BEHIND = Math.min(1 << 30, Math.floor(totalmem() / 16));
 
 export interface OriginOptions {
@@ -226,8 +226,8 @@ export class Origin implements Volume, OriginView {
    * creates, writes after see it. Constant time: nothing is copied, and nothing is
    * synced. An acknowledged write not yet flushed is, as on a disk with a volatile
    * cache, allowed to be lost by a power loss, from the snapshot as from the origin;
-   * any chunk copied later carries it durably. Syncing here made creation cost the
-   * volume's whole dirty page cache (50-600 ms under load).
+   * any chunk copied later carries it durably. A sync here would make creation cost the
+   * volume's whole dirty page cache (docs/tuning.md, Origin.quiesced).
    */
   async quiesced<T>(fn: () => Promise<T>): Promise<T> {
     while (this.gate) await this.gate;

@@ -66,8 +66,8 @@ export class PersistentStore implements ExceptionStore {
     const store = new PersistentStore(dev, randomU32(), g.chunkSize, onCommit);
     // Slots are zero (never used) until written; the header is written last so a torn
     // creation reads as no store at all. An empty device already reads as zeros, so then
-    // the header, one sector, is the only write and one sync does (see docs/tuning.md,
-    // SNAPSHOT_CREATION).
+    // the header, one sector, is the only write and one sync does (docs/tuning.md,
+    // PersistentStore.create).
     if (dev.size > 0) {
       await dev.write(Buffer.alloc(HEADER_BYTES - SLOT_BYTES), SLOT_BYTES);
       await dev.sync();
@@ -145,8 +145,8 @@ export class PersistentStore implements ExceptionStore {
 
   /**
    * The slot is made durable on its own (O_DSYNC) instead of in the group commit, whose
-   * sync under load writes back every copy in flight (see docs/tuning.md,
-   * SNAPSHOT_CREATION). It may skip the commit order: nothing else writes a slot not yet
+   * sync under load writes back every copy in flight (docs/tuning.md,
+   * PersistentStore.addSnapshot). It may skip the commit order: nothing else writes a slot not yet
    * live, and it names only its empty first area. The first snapshot of a new store goes
    * out with plain writes and one sync, which also makes the header durable.
    */

@@ -11,7 +11,7 @@ const RESULTS = ['ok', 'EPERM', 'EIO', 'ENOMEM', 'EINVAL', 'ENOSPC', 'EOVERFLOW'
 
 /**
  * One export's labelled series, looked up once: prom-client hashes the label object on
- * every inc/observe, which came to 13 % of the CPU of 4 KiB snapshot reads.
+ * every inc/observe, a cost small reads feel (docs/tuning.md, ExportSeries).
  */
 interface ExportSeries {
   inFlight: { inc(): void; dec(): void };

@@ -18,7 +18,8 @@ const STATE_HOLE_ZERO = 3;
 export class VolumeBackend implements Backend {
   /**
    * Built once: every request reads it. The description is computed only when read
-   * (LIST, INFO, GO): formatting a snapshot's usage per request cost 6 % of 4 KiB reads.
+   * (LIST, INFO, GO): formatting a snapshot's usage per request is too costly for small
+   * reads (docs/tuning.md, VolumeBackend.info).
    */
   readonly info: ExportInfo;
 
