@@ -29,7 +29,10 @@ export class BufferPool {
   put(buf: Buffer): void {
     this.lent--;
     let list = this.free.get(buf.length);
-    if (!list) this.free.set(buf.length, (list = []));
+    if (!list) {
+      list = [];
+      this.free.set(buf.length, list);
+    }
     if (list.length >= this.maxPerSize || this.bytes + buf.length > this.maxBytes) return;
     list.push(buf);
     this.bytes += buf.length;

@@ -77,8 +77,7 @@ export class HolePuncher {
 
   private onOutput(s: string): void {
     this.partial += s;
-    let nl: number;
-    while ((nl = this.partial.indexOf('\n')) >= 0) {
+    for (let nl = this.partial.indexOf('\n'); nl >= 0; nl = this.partial.indexOf('\n')) {
       const line = this.partial.slice(0, nl);
       this.partial = this.partial.slice(nl + 1);
       this.waiting.shift()?.(line === 'ok' ? undefined : line.replace(/^err /, '').trim() || 'failed');

@@ -53,7 +53,7 @@ export class OriginCopy {
     const cs = this.pool.chunkSize;
     const last = lastChunk(offset, length, cs);
     let need: number[] | undefined;
-    for (let c = firstChunk(offset, cs); c <= last; c++) if (this.anyLacks(c, epoch)) (need ??= []).push(c);
+    for (let c = firstChunk(offset, cs); c <= last; c++) if (this.anyLacks(c, epoch)) { need ??= []; need.push(c); }
     if (need) {
       const locks = this.pool.locks;
       // Only a held lock is awaited: an await of undefined still costs a turn and a promise.
@@ -238,7 +238,7 @@ export class OriginPools implements CopyOnWrite {
   private copying(): readonly SnapshotPool[] | undefined {
     if (this.pools.length === 1) return this.pools[0]!.live.length ? this.pools : undefined;
     let out: SnapshotPool[] | undefined;
-    for (const p of this.pools) if (p.live.length) (out ??= []).push(p);
+    for (const p of this.pools) if (p.live.length) { out ??= []; out.push(p); }
     return out;
   }
 
@@ -269,7 +269,7 @@ export class OriginPools implements CopyOnWrite {
     let waits: Promise<void>[] | undefined;
     for (const p of pools) {
       const w = p.copy.readsDone(offset, length);
-      if (w) (waits ??= []).push(w);
+      if (w) { waits ??= []; waits.push(w); }
     }
     return waits && Promise.all(waits).then(() => {});
   }

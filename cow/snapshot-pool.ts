@@ -141,6 +141,7 @@ export class SnapshotPool {
 
   /** Durable when it resolves. The caller has quiesced the origin (Origin.quiesced). */
   async createSnapshot(o: NewSnapshot): Promise<SnapshotRecord> {
+    // biome-ignore lint/complexity/useIndexOf: records is sparse, and indexOf skips holes.
     const slot = this.records.findIndex((r) => r === undefined);
     if (slot < 0) throw CowErrors.storeSlotsFull(MAX_SNAPSHOTS);
     const rec = new SnapshotRecord(slot, randomU32(), o.name, 'valid', o.policy, o.readOnly, o.capacityChunks, Date.now(), this.store.entriesPerArea);

@@ -1,7 +1,7 @@
 // Reading a persistent store's metadata back (dm's read_metadata): each slot's newer
 // copy, then each snapshot's chain of areas up to the first entry whose check fails.
 // Whatever a crash left parses; nothing ever needs manual repair.
-import { AreaLog, type MetaWrite } from './area-log.js';
+import type { AreaLog, MetaWrite } from './area-log.js';
 import { REF_META, type Allocator } from './allocator.js';
 import type { BlockDevice } from './device.js';
 import {

@@ -24,10 +24,10 @@ export class ControlServer {
 
   route(method: string, path: string, handler: Handler): this {
     const keys: string[] = [];
-    const pattern = new RegExp('^' + path.replace(/:(\w+)/g, (_m, k: string) => {
+    const pattern = new RegExp(`^${path.replace(/:(\w+)/g, (_m, k: string) => {
       keys.push(k);
       return '([^/]+)';
-    }) + '$');
+    })}$`);
     this.routes.push({ method, pattern, keys, handler });
     return this;
   }
@@ -65,7 +65,9 @@ export class ControlServer {
         const m = r.pattern.exec(url.pathname);
         if (!m) continue;
         const params: Record<string, string> = {};
-        r.keys.forEach((k, i) => (params[k] = decodeParam(m[i + 1]!)));
+        r.keys.forEach((k, i) => {
+          params[k] = decodeParam(m[i + 1]!);
+        });
         const result = await r.handler(params, body);
         send(res, req.method === 'POST' ? 201 : 200, result ?? { ok: true });
         return;

@@ -21,7 +21,7 @@ function prettyStream(): DestinationStream {
         .filter(([k]) => !SKIP.has(k))
         .map(([k, v]) => `${k}=${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
         .join(' ');
-      process.stdout.write(`${time} ${LEVELS[Number(rec.level)] ?? rec.level} ${String(rec.msg ?? '')}${fields ? ' ' + fields : ''}\n`);
+      process.stdout.write(`${time} ${LEVELS[Number(rec.level)] ?? rec.level} ${String(rec.msg ?? '')}${fields ? ` ${fields}` : ''}\n`);
     },
   };
 }

@@ -23,7 +23,10 @@ interface ExportSeries {
 
 function cached<T>(m: Map<string, T>, key: string, make: () => T): T {
   let v = m.get(key);
-  if (v === undefined) m.set(key, (v = make()));
+  if (v === undefined) {
+    v = make();
+    m.set(key, v);
+  }
   return v;
 }
 

@@ -67,7 +67,10 @@ export class Registry implements ExportRegistry {
       onGone: {
         value: (listener: () => Promise<void> | void) => {
           let set = this.goneListeners.get(exportName);
-          if (!set) this.goneListeners.set(exportName, (set = new Set()));
+          if (!set) {
+            set = new Set();
+            this.goneListeners.set(exportName, set);
+          }
           set.add(listener);
           return () => set!.delete(listener);
         },

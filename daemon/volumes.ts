@@ -1,5 +1,5 @@
 // The data directory's plain volumes: one sparse file NAME.vol per volume.
-import { open, readdir, stat, mkdir } from 'node:fs/promises';
+import { open, readdir, stat, mkdir, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkName, isValidName } from './names.js';
 import { Errors } from './errors.js';
@@ -44,7 +44,7 @@ export async function makeDataDir(dataDir: string): Promise<void> {
 export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
   const path = volumePath(dataDir, name);
   await makeDataDir(dataDir);
-  let fh;
+  let fh: FileHandle;
   try {
     fh = await open(path, 'wx', 0o600);
   } catch (err) {

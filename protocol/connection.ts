@@ -75,7 +75,7 @@ export class Connection extends EventEmitter {
 
   constructor(
     socket: Socket,
-    private readonly registry: ExportRegistry,
+    registry: ExportRegistry,
     private readonly limits: ConnectionLimits,
     log: Logger,
     private readonly observer: RequestObserver = {},
@@ -288,9 +288,11 @@ export class Connection extends EventEmitter {
     while (this.phase === 'transmission') {
       switch (p.parse(!this.overloaded() && !this.writeBlocked)) {
         case P.NEED_INPUT:
-          return this.needMoreInput();
+          this.needMoreInput();
+          return;
         case P.HELD:
-          return this.holdReading();
+          this.holdReading();
+          return;
         case P.WRITE_STARTED:
           this.holdBytes(p.request!.length);
           break;

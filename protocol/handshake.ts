@@ -2,7 +2,7 @@
 // It writes replies through `send` and reports the outcome; it never touches a socket.
 import * as C from './constants.js';
 import type { Backend, ExportInfo, ExportRegistry } from './backend.js';
-import { ByteQueue } from './byte-queue.js';
+import type { ByteQueue } from './byte-queue.js';
 import type { Logger } from './logger.js';
 import type { ClientInfo, TlsMode } from './tls.js';
 import { decodeOptionHeader, encodeOptionReply, lengthPrefixed, OPTION_HEADER_SIZE } from './wire.js';
@@ -57,7 +57,7 @@ export function greeting(): Buffer {
   return b;
 }
 
-const enum State { ClientFlags, OptionHeader, OptionData, DrainOption, Done }
+enum State { ClientFlags, OptionHeader, OptionData, DrainOption, Done }
 
 /** Reads length-prefixed fields out of one option's payload, failing softly. */
 class OptionCursor {

@@ -40,7 +40,7 @@ function encodeReadChunks(req: Request, offset: number, data: Buffer, df: boolea
     let pos = 0;
     while (pos < data.length) {
       // Find the next zero run of whole grains.
-      let runStart = pos;
+      const runStart = pos;
       let runEnd = pos;
       while (runEnd + HOLE_GRAIN <= data.length && isZero(data, runEnd, runEnd + HOLE_GRAIN)) runEnd += HOLE_GRAIN;
       if (runEnd - runStart >= MIN_HOLE) {

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The whole suite: build, typecheck, then every tap test. Ends with a plain
+# The whole suite: build, typecheck, lint, then every tap test. Ends with a plain
 # "N passed, N failed" line because that is what CI reads; tap's own summary is not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 npm run --silent build || { echo "0 passed, 1 failed"; exit 1; }
 npm run --silent typecheck || { echo "0 passed, 1 failed"; exit 1; }
+npm run --silent lint || { echo "0 passed, 1 failed"; exit 1; }
 
 shopt -s globstar nullglob
 files=("$@")

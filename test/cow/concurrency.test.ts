@@ -3,7 +3,6 @@
 import t from 'tap';
 import { MemDevice } from '../../cow/mem-device.js';
 import { SnapshotPool } from '../../cow/snapshot-pool.js';
-import { Origin } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
 import { copyBuffers } from '../../cow/buffer-pool.js';
 import { makeRig, originOf, sectorId, type Rig } from './helpers.js';

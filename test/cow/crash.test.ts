@@ -14,14 +14,14 @@ import t from 'tap';
 
 t.setTimeout(600_000);
 import { Snapshot } from '../../cow/snapshot.js';
-import { SECTOR, checkSectors, makeRig, pattern, reopenRig, rng32, seeds } from './helpers.js';
+import { SECTOR, checkSectors, makeRig, pattern, reopenRig, rng32, seeds, type Rig } from './helpers.js';
 import { Workload, type CrashPoint } from './workload.js';
 
 const RUNS = Number(process.env.COWBD_CRASH_ITERATIONS ?? 40);
 let totalPoints = 0;
 
 async function checkCrash(w: Workload, cp: CrashPoint, exercise: boolean, seed: number): Promise<string | undefined> {
-  let re;
+  let re: Rig;
   try {
     re = await reopenRig(cp.originImg, cp.storeImg);
   } catch (e) {

@@ -81,9 +81,15 @@ t.test('a store created for its first snapshot makes header and slot durable wit
     for (let i = 0; i < 4; i++) crashes.push(dev.crashImage(r));
   };
   const realSync = dev.sync.bind(dev);
-  dev.sync = () => (syncs++, realSync());
+  dev.sync = () => {
+    syncs++;
+    return realSync();
+  };
   const realDurable = dev.writeDurable.bind(dev);
-  dev.writeDurable = (b, o) => (durableWrites++, realDurable(b, o));
+  dev.writeDurable = (b, o) => {
+    durableWrites++;
+    return realDurable(b, o);
+  };
   const opts = { chunkSize: 4096, originSize: origin.size, originName: 'o' };
   const store = await SnapshotPool.create(dev, origin, opts, true);
   t.equal(syncs, 0, 'the header is not synced on its own');

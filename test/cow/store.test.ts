@@ -19,7 +19,7 @@ import {
   HEADER_BYTES,
   SLOT_BYTES,
 } from '../../cow/format.js';
-import { SECTOR, idAt, makeRig, originOf, pattern, reopenRig, sectorId, snap, type Rig } from './helpers.js';
+import { SECTOR, idAt, makeRig, originOf, pattern, reopenRig, snap, type Rig } from './helpers.js';
 
 async function reopen(rig: Rig): Promise<{ rig: Rig; snaps: Map<string, Snapshot> }> {
   await rig.pool.idle();

@@ -207,7 +207,7 @@ export class Workload {
         if (target && this.explain(target, e)) return;
         throw e;
       }
-      if (this.o.checkLive && !(target && target.invalid)) {
+      if (this.o.checkLive && !(target?.invalid)) {
         const err = checkSectors(buf, first, (s) => model.liveAllowed(s));
         if (err) this.fail(`${model.name} read [${first}, +${count}): ${err}`);
       }

@@ -2,7 +2,6 @@
 // before the copy is durable, never in the volume file before it, visible to origin
 // reads and to snapshots created after them, waited for by FLUSH and FUA, bounded.
 import t from 'tap';
-import { Origin } from '../../cow/origin.js';
 import { MAX_HELD_WRITES, WriteBehind } from '../../cow/write-behind.js';
 import { SECTOR, idAt, makeRig, pattern, sectorId, snap as snapOf, type Rig } from './helpers.js';
 

@@ -106,7 +106,10 @@ t.test('--max-connections-per-export: GO is refused with POLICY, EXPORT_NAME han
   await a1.write(0, Buffer.alloc(512, 1));
   t.ok((await a2.read(0, 512)).equals(Buffer.alloc(512, 1)), 'the admitted clients are served');
   await a1.disconnect();
-  await waitFor('the slot to free', async () => (await NbdClient.connect({ port: d.port, exportName: 'a' }).then((x) => (x.destroy(), true), () => false)));
+  await waitFor('the slot to free', async () => (await NbdClient.connect({ port: d.port, exportName: 'a' }).then((x) => {
+    x.destroy();
+    return true;
+  }, () => false)));
   await a2.disconnect();
   c.close();
 });

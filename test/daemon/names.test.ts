@@ -90,7 +90,7 @@ t.test('hostile names reach nothing outside the data directory', async (t) => {
     for (const opt of [C.NBD_OPT_INFO, C.NBD_OPT_GO, C.NBD_OPT_LIST_META_CONTEXT]) {
       const r = await optionReply(d.port, opt, name);
       t.ok(r === C.NBD_REP_ERR_UNKNOWN || r === C.NBD_REP_ERR_INVALID,
-        `option ${opt} on ${JSON.stringify(name.length > 40 ? name.slice(0, 40) + '…' : name)}: 0x${typeof r === 'number' ? r.toString(16) : r}`);
+        `option ${opt} on ${JSON.stringify(name.length > 40 ? `${name.slice(0, 40)}…` : name)}: 0x${typeof r === 'number' ? r.toString(16) : r}`);
     }
     t.equal(await exportName(d.port, Buffer.from(name)), 0, `EXPORT_NAME ${JSON.stringify(name.slice(0, 40))} hangs up`);
   }

@@ -205,7 +205,7 @@ t.test('CLI errors say what is wrong and exit non-zero', async (t) => {
   const help = await cowbdResult(['snapshot', 'create', '--help']);
   t.equal(help.code, 0);
   t.match(help.stdout, /--chunk-size/);
-  const offline = await cowbdResult(['snapshot', 'list', '--data-dir', join(tmpdir(), 'cowbd-none-' + process.pid)]);
+  const offline = await cowbdResult(['snapshot', 'list', '--data-dir', join(tmpdir(), `cowbd-none-${process.pid}`)]);
   t.not(offline.code, 0);
   t.match(offline.stderr, /no cowbd daemon is running/);
 });

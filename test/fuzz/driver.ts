@@ -338,7 +338,7 @@ export interface FuzzRunResult {
 export function saveRegression(dir: string, c: FuzzCase, message: string): string {
   mkdirSync(dir, { recursive: true });
   const file = join(dir, `seed-${c.seed}-case-${c.index}.json`);
-  writeFileSync(file, JSON.stringify(saveCase(c, message), null, 2) + '\n');
+  writeFileSync(file, `${JSON.stringify(saveCase(c, message), null, 2)}\n`);
   return file;
 }
 

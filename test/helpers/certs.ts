@@ -57,9 +57,9 @@ export async function makePki(root: string): Promise<TestPki> {
   await makeCa(work, 'rogue-ca');
   const leaf = 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n';
   await makeLeaf(work, 'ca', 'server', 'localhost',
-    leaf + 'extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.2\n');
-  await makeLeaf(work, 'ca', 'client', 'cowbd-test-client', leaf + 'extendedKeyUsage=clientAuth\n');
-  await makeLeaf(work, 'rogue-ca', 'rogue', 'cowbd-rogue-client', leaf + 'extendedKeyUsage=clientAuth\n');
+    `${leaf}extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.2\n`);
+  await makeLeaf(work, 'ca', 'client', 'cowbd-test-client', `${leaf}extendedKeyUsage=clientAuth\n`);
+  await makeLeaf(work, 'rogue-ca', 'rogue', 'cowbd-rogue-client', `${leaf}extendedKeyUsage=clientAuth\n`);
 
   const pki: TestPki = {
     root,

@@ -43,7 +43,7 @@ export class MemoryBackend implements Backend {
   async cache(): Promise<void> {
     this.check();
   }
-  async extents(offset: number, length: number): Promise<Extent[]> {
+  async extents(_offset: number, length: number): Promise<Extent[]> {
     this.check();
     const half = Math.max(1, Math.floor(length / 2));
     return [{ length: half, flags: 0 }, { length: length - half, flags: 3 }].filter((e) => e.length > 0);

@@ -128,7 +128,7 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
     const extra = cpioNewc([
       { name: 'cowbd', mode: 0o40755 },
       { name: 'cowbd/exports', mode: 0o100644, data: Buffer.from(exportsFile) },
-      { name: 'cowbd/script.sh', mode: 0o100755, data: Buffer.from(opts.script + '\n') },
+      { name: 'cowbd/script.sh', mode: 0o100755, data: Buffer.from(`${opts.script}\n`) },
       ...(opts.files ?? []).map((f) => {
         if (!/^[\w.-]+$/.test(f.name)) throw new Error(`guest file name must be one plain name: ${JSON.stringify(f.name)}`);
         return { name: `cowbd/${f.name}`, mode: 0o100000 | (f.mode ?? 0o644), data: f.data };
@@ -240,9 +240,9 @@ export function cpioNewc(entries: CpioEntry[]): Buffer {
   const all = [...entries, { name: 'TRAILER!!!', mode: 0 }];
   all.forEach((e, i) => {
     const data = e.data ?? Buffer.alloc(0);
-    const name = Buffer.from(e.name + '\0');
+    const name = Buffer.from(`${e.name}\0`);
     const fields = [i + 1, e.mode, 0, 0, e.mode & 0o40000 ? 2 : 1, mtime, data.length, 0, 0, 0, 0, name.length, 0];
-    push(Buffer.from('070701' + fields.map((f) => f.toString(16).padStart(8, '0')).join(''), 'ascii'));
+    push(Buffer.from(`070701${fields.map((f) => f.toString(16).padStart(8, '0')).join('')}`, 'ascii'));
     push(name);
     align();
     if (data.length) { push(data); align(); }

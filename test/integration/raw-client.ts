@@ -155,7 +155,9 @@ export class RawNbd {
     b.writeUInt32BE(n.length, 0);
     n.copy(b, 4);
     b.writeUInt16BE(infos.length, 4 + n.length);
-    infos.forEach((v, i) => b.writeUInt16BE(v, 6 + n.length + 2 * i));
+    infos.forEach((v, i) => {
+      b.writeUInt16BE(v, 6 + n.length + 2 * i);
+    });
     return b;
   }
 

@@ -274,7 +274,10 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
 
   function ambiguous(snap: ExportModel, b: number, v: number): void {
     let set = snap.alt.get(b);
-    if (!set) snap.alt.set(b, (set = new Set([snap.versions[b]!])));
+    if (!set) {
+      set = new Set([snap.versions[b]!]);
+      snap.alt.set(b, set);
+    }
     set.add(v);
   }
 

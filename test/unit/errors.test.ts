@@ -8,7 +8,7 @@ import { NbdRequestError, toNbdError } from '../../protocol/errors.js';
 import type { Logger, LogFn } from '../../protocol/logger.js';
 import { CowErrors } from '../../cow/errors.js';
 import { injectedError } from '../../cow/fault-device.js';
-import { CowbdError, Errors, isCowbdError } from '../../daemon/errors.js';
+import { type CowbdError, Errors, isCowbdError } from '../../daemon/errors.js';
 import { toCowbdError } from '../../daemon/service.js';
 
 function recorder(): { log: Logger; lines: { level: string; obj: Record<string, unknown> }[] } {

@@ -121,7 +121,7 @@ t.test('a sequence of requests, whole, split at every position and byte by byte'
 
 t.test('a write over maxPayload is drained and the stream stays in sync', async (t) => {
   // 20 payload bytes against a limit of 16: refused once they are discarded.
-  const big = '25609513 0000 0001 0000000000000007 0000000000000000 00000014' + ' ee'.repeat(20);
+  const big = `25609513 0000 0001 0000000000000007 0000000000000000 00000014${' ee'.repeat(20)}`;
   const stream = hex([big, READ, WRITE8, big, DISC].join(''));
   checkSplits(t, stream, [
     'oversized type=1 flags=0 cookie=0:7 offset=0 length=20',
@@ -134,7 +134,7 @@ t.test('a write over maxPayload is drained and the stream stays in sync', async 
     'disconnect type=2 flags=0 cookie=0:9 offset=0 length=0',
   ], 16);
   // A payload of exactly the limit is received.
-  const atLimit = '25609513 0000 0001 0000000000000008 0000000000000000 00000010' + ' 5a'.repeat(16);
+  const atLimit = `25609513 0000 0001 0000000000000008 0000000000000000 00000010${' 5a'.repeat(16)}`;
   t.same(feed([hex(atLimit)], 16), [
     'write-started type=1 flags=0 cookie=0:8 offset=0 length=16',
     `request type=1 flags=0 cookie=0:8 offset=0 length=16 payload=${'5a'.repeat(16)}`,
