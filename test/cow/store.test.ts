@@ -41,7 +41,7 @@ t.test('format round trips and rejects damage', async (t) => {
   const h = encodePoolHeader({ chunkSize: 65536, poolId: 7, originSize: 1 << 30, originName: 'vol' });
   t.same(decodePoolHeader(h), { chunkSize: 65536, poolId: 7, originSize: 1 << 30, originName: 'vol' });
   const bad = Buffer.from(h);
-  bad[40] ^= 1;
+  bad[40] = bad[40]! ^ 1;
   t.equal(decodePoolHeader(bad), 'bad header checksum');
   const slot = { seq: 3, snapId: 9, inUse: true, state: 'overflow' as const, policy: 'overflow' as const, readOnly: true, capacityChunks: 256, firstArea: 5, createdAt: 1700000000000, name: 'snap-1' };
   t.same(decodeSlot(encodeSlot(slot)), slot);
