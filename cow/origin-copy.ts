@@ -1,13 +1,15 @@
 // The origin-write copy, dm-snap.c's __origin_write: before an origin write lands, every
 // chunk of it that some live snapshot still reads from the origin is copied into the
 // pool's store once, shared by every snapshot that lacks it, and committed.
+import type { Allocator } from './allocator.js';
 import { copyBuffers, ZEROS } from './buffer-pool.js';
 import { ABSENT } from './chunk-map.js';
-import { Limiter } from './chunk-locks.js';
+import { type ChunkLocks, Limiter, type ReaderTable } from './chunk-locks.js';
 import { chunkRanges, firstChunk, lastChunk } from './chunks.js';
+import type { ExceptionStore } from './exception-store.js';
 import { ZERO_CHUNK } from './format.js';
-import type { CopyOnWrite } from './origin-contract.js';
-import type { SnapshotPool } from './snapshot-pool.js';
+import type { CopyOnWrite, OriginView } from './origin-contract.js';
+import type { SnapshotPolicy } from './snapshot-policy.js';
 import type { SnapshotRecord } from './snapshot-record.js';
 
 /** Longest run of chunks copied with one read and one write (see docs/tuning.md, MAX_RUN_BYTES). */
@@ -15,12 +17,27 @@ const MAX_RUN_BYTES = 1 << 20;
 /** Bytes of chunk copies in flight per pool (see docs/tuning.md, MAX_COPY_BYTES). */
 const MAX_COPY_BYTES = 16 << 20;
 
+/** What the copy path uses of its pool (snapshot-pool.ts). */
+export interface CopyPool {
+  readonly chunkSize: number;
+  /** Snapshots that still get copies. */
+  readonly live: readonly SnapshotRecord[];
+  readonly store: ExceptionStore;
+  readonly alloc: Allocator;
+  readonly origin: OriginView;
+  readonly policy: SnapshotPolicy;
+  readonly locks: ChunkLocks;
+  readonly originReaders: ReaderTable;
+  readonly copy: OriginCopy;
+  countCopies(chunks: number): void;
+}
+
 export class OriginCopy {
   private readonly copies: Limiter;
   private readonly bufs = copyBuffers;
 
   constructor(
-    private readonly pool: SnapshotPool,
+    private readonly pool: CopyPool,
     maxCopies?: number,
   ) {
     this.copies = new Limiter(maxCopies ?? Math.max(16, Math.floor(MAX_COPY_BYTES / pool.chunkSize)));
@@ -223,21 +240,21 @@ export class OriginCopy {
 
 /** Every pool of one origin's snapshots, as the one CopyOnWrite the origin calls. */
 export class OriginPools implements CopyOnWrite {
-  private readonly pools: SnapshotPool[] = [];
+  private readonly pools: CopyPool[] = [];
 
-  add(pool: SnapshotPool): void {
+  add(pool: CopyPool): void {
     this.pools.push(pool);
   }
 
-  remove(pool: SnapshotPool): void {
+  remove(pool: CopyPool): void {
     const i = this.pools.indexOf(pool);
     if (i >= 0) this.pools.splice(i, 1);
   }
 
   /** Pools with a snapshot that still gets copies; the usual single pool needs no new array. */
-  private copying(): readonly SnapshotPool[] | undefined {
+  private copying(): readonly CopyPool[] | undefined {
     if (this.pools.length === 1) return this.pools[0]!.live.length ? this.pools : undefined;
-    let out: SnapshotPool[] | undefined;
+    let out: CopyPool[] | undefined;
     for (const p of this.pools) if (p.live.length) { out ??= []; out.push(p); }
     return out;
   }
@@ -286,7 +303,7 @@ export class OriginPools implements CopyOnWrite {
     return chunkRanges(units, unit);
   }
 
-  private unitDiscardable(p: SnapshotPool, offset: number, unit: number): boolean {
+  private unitDiscardable(p: CopyPool, offset: number, unit: number): boolean {
     for (let c = offset / p.chunkSize; c < (offset + unit) / p.chunkSize; c++) if (!p.copy.discardable(c)) return false;
     return true;
   }
