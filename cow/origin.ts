@@ -236,7 +236,7 @@ export class Origin implements Volume, OriginView {
     try {
       if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
       this.drained = null;
-      // Writes still held belong to what fn's snapshot sees (store.createSnapshot takes
+      // Writes still held belong to what fn's snapshot sees (pool.createSnapshot takes
       // the epoch); their copies go only to the snapshots that existed before them.
       this.epoch++;
       return await fn();

@@ -164,18 +164,8 @@ export class Snapshot implements Volume {
     }
   }
 
-  async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
-    this.checkWritable();
-    const rec = this.record;
-    rec.busy++;
-    try {
-      const parts: Promise<void>[] = [];
-      forEachChunk(offset, buf.length, this.cs, (c, within, n, pos) => parts.push(this.writeChunk(c, within, buf.subarray(pos, pos + n))));
-      await Promise.all(parts);
-      if (fua) await this.pool.store.sync();
-    } finally {
-      rec.busy--;
-    }
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.eachChunk(offset, buf.length, fua, (c, within, n, pos) => this.writeChunk(c, within, buf.subarray(pos, pos + n)));
   }
 
   /** Changes only this snapshot: whole chunks become zero exceptions, which cost no data chunk. */
@@ -183,16 +173,28 @@ export class Snapshot implements Volume {
     return this.writeZeroes(offset, length, fua);
   }
 
-  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.eachChunk(offset, length, fua, (c, within, n) =>
+      n === this.cs ? this.zeroChunk(c) : this.writeChunk(c, within, ZEROS.subarray(0, n)),
+    );
+  }
+
+  /** Runs a write's per-chunk parts concurrently, the snapshot held busy (a removal waits for it). */
+  private async eachChunk(
+    offset: number,
+    length: number,
+    fua: boolean,
+    part: (chunk: number, within: number, n: number, pos: number) => Promise<void>,
+  ): Promise<void> {
     this.checkWritable();
     const rec = this.record;
     rec.busy++;
     try {
       const parts: Promise<void>[] = [];
-      forEachChunk(offset, length, this.cs, (c, within, n) =>
-        parts.push(n === this.cs ? this.zeroChunk(c) : this.writeChunk(c, within, ZEROS.subarray(0, n))),
-      );
-      await Promise.all(parts);
+      forEachChunk(offset, length, this.cs, (c, within, n, pos) => parts.push(part(c, within, n, pos)));
+      // Every part settles before the first error is thrown: one still running after the
+      // reply would write from a buffer the caller reuses, and commit past a removal.
+      for (const r of await Promise.allSettled(parts)) if (r.status === 'rejected') throw r.reason;
       if (fua) await this.pool.store.sync();
     } finally {
       rec.busy--;

@@ -282,3 +282,19 @@ t.test('chunk sizes from 4 KiB to 1 MiB', async (t) => {
   }
   await t.rejects(makeRig(64, 2048), { code: 'EINVAL' });
 });
+
+t.test('a snapshot write that fails in one chunk returns only once its other chunks have settled', async (t) => {
+  const CS = 4096;
+  const rig = await makeRig(64, CS);
+  // Two chunks of metadata (area and next) plus one data chunk: the second chunk does not fit.
+  const s = await snap(rig, 's', 3, 'overflow');
+  rig.storeDev.yieldTurns = 4;
+  await t.rejects(s.write(Buffer.alloc(2 * CS, 7), 0, false), { code: 'ENOSPC' });
+  t.not(s.record.map.get(0), ABSENT, 'the chunk that fit is committed before the error is reported');
+  await rig.origin.quiesced(async () => {});
+  const removal = rig.pool.remove(s.record);
+  await removal;
+  t.equal(rig.pool.snapshotCount, 0, 'the removal is not overtaken by a straggling commit');
+  const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
+  t.equal(re.pool.snapshotCount, 0, 'and the store reopens without it');
+});
