@@ -2,7 +2,7 @@
 // for every sector of every volume, what a read may return now and after a crash.
 import { MemDevice } from '../../cow/mem-device.js';
 import { ExceptionStore } from '../../cow/store.js';
-import { Origin } from '../../cow/origin.js';
+import { Origin, type OriginOptions } from '../../cow/origin.js';
 import { Snapshot } from '../../cow/snapshot.js';
 
 export const SECTOR = 512;
@@ -183,4 +183,12 @@ export async function idAt(v: { read(b: Buffer, o: number): Promise<void> }, sec
   const b = Buffer.alloc(SECTOR);
   await v.read(b, sector * SECTOR);
   return sectorId(b, 0, sector);
+}
+
+/** makeRig, with an origin built with the given options over the same devices and store. */
+export async function makeRigWith(opts: OriginOptions, originSectors: number, chunkSize: number, initialId = 1): Promise<Rig> {
+  const rig = await makeRig(originSectors, chunkSize, initialId);
+  const origin = new Origin('o', rig.originDev, opts);
+  origin.attach(rig.store);
+  return { ...rig, origin };
 }
