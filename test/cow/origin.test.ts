@@ -114,6 +114,12 @@ t.test('write-behind: acknowledged while held, visible to origin reads, lands af
   t.equal(await fileId(rig, 3 * SPC), 1, 'not in the file yet');
   t.equal(await idAt(rig.origin, 3 * SPC), 7, 'origin reads see it');
   t.equal(await idAt(s, 3 * SPC), 1, 'the snapshot does not');
+  // A failed file read under a held write fails the origin read, and leaves the write held.
+  const read = rig.originDev.read;
+  rig.originDev.read = () => Promise.reject(new Error('read failed'));
+  await t.rejects(rig.origin.read(Buffer.alloc(CS), 3 * CS), /read failed/, 'a read under a held write can fail');
+  rig.originDev.read = read;
+  t.equal(await idAt(rig.origin, 3 * SPC), 7, 'and the held write still reads');
   const fua = rig.origin.write(pattern(6 * SPC, SPC, 8), 6 * CS, true);
   t.notOk(await settles(fua), 'a FUA write waits for its landing');
   const landed = rig.origin.settle();
