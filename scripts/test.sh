@@ -14,7 +14,7 @@ if [ ${#files[@]} -eq 0 ]; then files=(test/**/*.test.ts); fi
 
 out=$(mktemp)
 npx tap --reporter=tap --timeout=900 \
-  --statements=70 --branches=60 --functions=70 --lines=70 \
+  --statements=85 --branches=80 --functions=85 --lines=85 \
   "${files[@]}" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 # Each run's tap output and exit code, for the closing line.

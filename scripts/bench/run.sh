@@ -10,7 +10,7 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create memory"   which parts to run:
+#   SECTIONS="base cow rewrite snapread create memory engine"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
@@ -21,6 +21,8 @@
 #               round, which run on cowbd alone when base is not selected)
 #     create    snapshot creation latency, idle and under a random-write load
 #     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
+#     engine    the COW engine in process (engine.ts): first-write ratios with 0, 1
+#               and 4 snapshots and snapshot/origin read speed on ENGINE_SIZE
 #   ROUNDS=5 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
 #   CHUNK=64K                         snapshot chunk size for cow/rewrite/snapread
 #   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
@@ -28,6 +30,7 @@
 #   JOBS="seqread seqwrite randread randwrite"   base jobs
 #   CREATE_SIZES="1G 1T" CREATE_N=15  volumes for snapshot creation, creations per case
 #   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
+#   ENGINE_SIZE=256M                  engine: volume size
 #   BENCH_DIR=/tmp                    where the volumes live (one filesystem)
 #   KEEP=1                            keep the raw fio JSON and logs
 #
@@ -42,7 +45,7 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory"}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory engine"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
@@ -51,10 +54,11 @@ CREATE_N=${CREATE_N:-15}
 MEM_SIZE=${MEM_SIZE:-4G}
 MEM_CHUNK=${MEM_CHUNK:-4K}
 RESTARTS=${RESTARTS:-3}
+ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | memory) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | cow | rewrite | snapread | create | memory | engine) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -442,7 +446,17 @@ print(m.group(1) if m else "null")' "http://127.0.0.1:$mport/metrics")
   rm -f "$dir"/*.vol "$dir"/cow/*
 fi
 
+# ---- the engine in process ---------------------------------------------------
+
+if has engine; then
+  log "engine: first writes and reads in process ($ENGINE_SIZE)"
+  mkdir -p "$WORK/engine"
+  # Run from the working tree's sources, as the tests do: no daemon, no build needed.
+  TS_NODE_TRANSPILE_ONLY=1 node --import @tapjs/typescript/import "$BENCH/engine.ts" "$WORK/engine" "$(bytes "$ENGINE_SIZE")" >"$RESULTS/engine.md"
+fi
+
 log "done"
 python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$BASE_JOBS" --base-targets "$BASE_TARGETS" \
   --sections "$SECTIONS" --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE" --chunk "$CHUNK" --rand-ios "$RAND_IOS" \
   --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))" --commit "$COMMIT"
+if has engine; then cat "$RESULTS/engine.md"; fi

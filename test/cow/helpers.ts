@@ -192,3 +192,8 @@ export async function idAt(v: { read(b: Buffer, o: number): Promise<void> }, sec
   await v.read(b, sector * SECTOR);
   return sectorId(b, 0, sector);
 }
+
+/** makeRig, with an origin built with the given options over the same devices and store. */
+export function makeRigWith(opts: OriginOptions, originSectors: number, chunkSize: number, initialId = 1): Promise<Rig> {
+  return makeRig(originSectors, chunkSize, initialId, opts);
+}
