@@ -14,7 +14,10 @@ export class Allocator {
   private freeCount = 0;
   private cursor: number;
 
-  constructor(readonly firstChunk: number, end = firstChunk) {
+  constructor(
+    readonly firstChunk: number,
+    end = firstChunk,
+  ) {
     this.refs = new Uint8Array(Math.max(1024, end * 2));
     this.refs.fill(REF_HEADER, 0, firstChunk);
     this.end = Math.max(end, firstChunk);

@@ -2,15 +2,7 @@
 // chunk: a 32-byte header (with the chunk already reserved for the next area, so a
 // committed header is never rewritten) and 16-byte entries. Only the 4 KiB block being
 // filled is kept in memory.
-import {
-  AREA_HEADER_BYTES,
-  ENTRY_BYTES,
-  META_BLOCK,
-  encodeAreaHeader,
-  encodeEntry,
-  entriesPerArea,
-  randomU32,
-} from './format.js';
+import { AREA_HEADER_BYTES, ENTRY_BYTES, META_BLOCK, encodeAreaHeader, encodeEntry, entriesPerArea, randomU32 } from './format.js';
 
 export interface MetaWrite {
   offset: number;

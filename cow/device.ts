@@ -43,8 +43,7 @@ const readP = (fd: number, buf: Buffer, off: number, len: number, pos: number): 
   new Promise((res, rej) => fs.read(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
 const writeP = (fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> =>
   new Promise((res, rej) => fs.write(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
-const fdatasyncP = (fd: number): Promise<void> =>
-  new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+const fdatasyncP = (fd: number): Promise<void> => new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
 
 /**
  * Makes a directory's entries durable: fdatasync of a new file does not promise its name,
@@ -226,7 +225,9 @@ export class FileDevice implements BlockDevice {
       this.io.asyncCalls++;
       const at = done;
       const len = buf.length - done;
-      const n = await (background ? gated(len, () => readP(this.fd, buf, at, len, offset + at)) : readP(this.fd, buf, at, len, offset + at));
+      const n = await (background
+        ? gated(len, () => readP(this.fd, buf, at, len, offset + at))
+        : readP(this.fd, buf, at, len, offset + at));
       if (n === 0) {
         buf.fill(0, done);
         return;
@@ -237,12 +238,15 @@ export class FileDevice implements BlockDevice {
 
   async write(buf: Buffer, offset: number, background = false): Promise<void> {
     let done = 0;
-    if (!background && this.io.useSync(buf.length)) done = this.io.timedWrite(buf.length, () => fs.writeSync(this.fd, buf, 0, buf.length, offset));
+    if (!background && this.io.useSync(buf.length))
+      done = this.io.timedWrite(buf.length, () => fs.writeSync(this.fd, buf, 0, buf.length, offset));
     while (done < buf.length) {
       this.io.asyncCalls++;
       const at = done;
       const len = buf.length - done;
-      done += await (background ? gated(len, () => writeP(this.fd, buf, at, len, offset + at)) : writeP(this.fd, buf, at, len, offset + at));
+      done += await (background
+        ? gated(len, () => writeP(this.fd, buf, at, len, offset + at))
+        : writeP(this.fd, buf, at, len, offset + at));
     }
     if (offset + buf.length > this._size) this._size = offset + buf.length;
   }
@@ -298,7 +302,11 @@ export class FileDevice implements BlockDevice {
     this.closed = true;
     const dsync = this.dsync;
     this.dsync = undefined;
-    if (dsync) await dsync.then((fh) => fh.close(), () => {});
+    if (dsync)
+      await dsync.then(
+        (fh) => fh.close(),
+        () => {},
+      );
     await this.fh.close();
   }
 }

@@ -31,8 +31,11 @@ export const CowErrors = {
   badChunkSize: define('COW_BAD_CHUNK_SIZE', 'EINVAL', (size: number) => `chunk size ${size}: need a power of two from 4 KiB to 1 MiB`),
   originTooLarge: define('COW_ORIGIN_TOO_LARGE', 'EINVAL', () => 'origin has too many chunks'),
   badStore: define('COW_BAD_STORE', 'EIO', (why: string) => `exception store: ${why}`),
-  storeOriginSize: define('COW_STORE_ORIGIN_SIZE', 'EIO', (want: number, have: number) =>
-    `exception store was made for an origin of ${want} bytes, origin has ${have}`),
+  storeOriginSize: define(
+    'COW_STORE_ORIGIN_SIZE',
+    'EIO',
+    (want: number, have: number) => `exception store was made for an origin of ${want} bytes, origin has ${have}`,
+  ),
   storeSlotsFull: define('COW_STORE_SLOTS_FULL', 'ENOSPC', (max: number) => `an exception store holds at most ${max} snapshots`),
   snapshotTooSmall: define('COW_SNAPSHOT_TOO_SMALL', 'EINVAL', (chunks: number) => `snapshot size must be at least ${chunks} chunks`),
   snapshotShrink: define('COW_SNAPSHOT_SHRINK', 'EINVAL', () => 'a snapshot cannot shrink'),

@@ -53,7 +53,7 @@ export interface ExceptionStore {
   close(): Promise<void>;
 }
 
-export type CommitListener = (seconds: number, exceptions: number) => void
+export type CommitListener = (seconds: number, exceptions: number) => void;
 
 export function checkGeometry(g: StoreGeometry): void {
   if (!validChunkSize(g.chunkSize)) throw CowErrors.badChunkSize(g.chunkSize);

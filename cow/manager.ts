@@ -275,7 +275,9 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const geometry = { chunkSize, originSize: origin.size, originName: origin.name };
     checkGeometry(geometry);
     const capacityChunks = Math.floor(o.size / chunkSize);
-    let entry = entries.find((e) => e.pool.chunkSize === chunkSize && e.pool.store.persistent === persistent && e.pool.snapshotCount < MAX_SNAPSHOTS);
+    let entry = entries.find(
+      (e) => e.pool.chunkSize === chunkSize && e.pool.store.persistent === persistent && e.pool.snapshotCount < MAX_SNAPSHOTS,
+    );
     const created = !entry;
     if (!entry) {
       const path = this.storePath(o.origin, chunkSize, !persistent);

@@ -70,7 +70,11 @@ export class OriginCopy {
     const cs = this.pool.chunkSize;
     const last = lastChunk(offset, length, cs);
     let need: number[] | undefined;
-    for (let c = firstChunk(offset, cs); c <= last; c++) if (this.anyLacks(c, epoch)) { need ??= []; need.push(c); }
+    for (let c = firstChunk(offset, cs); c <= last; c++)
+      if (this.anyLacks(c, epoch)) {
+        need ??= [];
+        need.push(c);
+      }
     if (need) {
       const locks = this.pool.locks;
       // Only a held lock is awaited: an await of undefined still costs a turn and a promise.
@@ -255,7 +259,11 @@ export class OriginPools implements CopyOnWrite {
   private copying(): readonly CopyPool[] | undefined {
     if (this.pools.length === 1) return this.pools[0]!.live.length ? this.pools : undefined;
     let out: CopyPool[] | undefined;
-    for (const p of this.pools) if (p.live.length) { out ??= []; out.push(p); }
+    for (const p of this.pools)
+      if (p.live.length) {
+        out ??= [];
+        out.push(p);
+      }
     return out;
   }
 
@@ -286,7 +294,10 @@ export class OriginPools implements CopyOnWrite {
     let waits: Promise<void>[] | undefined;
     for (const p of pools) {
       const w = p.copy.readsDone(offset, length);
-      if (w) { waits ??= []; waits.push(w); }
+      if (w) {
+        waits ??= [];
+        waits.push(w);
+      }
     }
     return waits && Promise.all(waits).then(() => {});
   }

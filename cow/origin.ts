@@ -140,7 +140,11 @@ export class Origin implements Volume, OriginView {
     if (this.behind.empty) return NONE;
     const [a, b] = this.chunkSpan(offset, length);
     let out: HeldWrite[] | undefined;
-    for (const h of this.behind.overlapping(a, b)) if (h.epoch < this.epoch) { out ??= []; out.push(h); }
+    for (const h of this.behind.overlapping(a, b))
+      if (h.epoch < this.epoch) {
+        out ??= [];
+        out.push(h);
+      }
     return out ?? NONE;
   }
 

@@ -72,7 +72,10 @@ export class PersistentStore implements ExceptionStore {
       await dev.write(Buffer.alloc(HEADER_BYTES - SLOT_BYTES), SLOT_BYTES);
       await dev.sync();
     }
-    await dev.write(encodePoolHeader({ chunkSize: g.chunkSize, poolId: store.poolId, originSize: g.originSize, originName: g.originName }), 0);
+    await dev.write(
+      encodePoolHeader({ chunkSize: g.chunkSize, poolId: store.poolId, originSize: g.originSize, originName: g.originName }),
+      0,
+    );
     if (firstSnapshot) store.headerUnsynced = true;
     else await dev.sync();
     return store;
@@ -91,7 +94,11 @@ export class PersistentStore implements ExceptionStore {
   }
 
   /** Opens a store and replays its snapshots, which come back in slot order. */
-  static async open(dev: BlockDevice, originSize: number, onCommit: CommitListener): Promise<{ store: PersistentStore; records: SnapshotRecord[] }> {
+  static async open(
+    dev: BlockDevice,
+    originSize: number,
+    onCommit: CommitListener,
+  ): Promise<{ store: PersistentStore; records: SnapshotRecord[] }> {
     const head = Buffer.alloc(HEADER_BYTES);
     await dev.read(head, 0);
     const ph = decodePoolHeader(head.subarray(0, SLOT_BYTES));
@@ -109,7 +116,14 @@ export class PersistentStore implements ExceptionStore {
   }
 
   private newChain(rec: SnapshotRecord, areas: number[], state: LogState): Chain {
-    const log = new AreaLog(this.chunkSize, this.poolId, rec.snapId, () => this.alloc.allocOne(REF_META), (c) => areas.push(c), state);
+    const log = new AreaLog(
+      this.chunkSize,
+      this.poolId,
+      rec.snapId,
+      () => this.alloc.allocOne(REF_META),
+      (c) => areas.push(c),
+      state,
+    );
     return { areas, log };
   }
 
@@ -156,7 +170,13 @@ export class PersistentStore implements ExceptionStore {
     const out: MetaWrite[] = [];
     const header = this.headerUnsynced;
     if (!header && (!this.dev.writeDurable || this.committer.failed !== undefined)) {
-      return this.committer.submit(this.slotJob(() => [rec], true, () => {}));
+      return this.committer.submit(
+        this.slotJob(
+          () => [rec],
+          true,
+          () => {},
+        ),
+      );
     }
     this.slotWrite(rec, true, out);
     for (const w of out) await (header ? this.dev.write(w.buf, w.offset) : this.dev.writeDurable!(w.buf, w.offset));
@@ -167,7 +187,13 @@ export class PersistentStore implements ExceptionStore {
   }
 
   updateSnapshot(rec: SnapshotRecord): Promise<void> {
-    return this.committer.submit(this.slotJob(() => [rec], true, () => {}));
+    return this.committer.submit(
+      this.slotJob(
+        () => [rec],
+        true,
+        () => {},
+      ),
+    );
   }
 
   /**

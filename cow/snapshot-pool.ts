@@ -87,7 +87,12 @@ export class SnapshotPool {
   }
 
   /** A new persistent pool on an empty device; see PersistentStore.create for firstSnapshot. */
-  static async create(dev: BlockDevice, origin: OriginView, opts: PoolOptions & StoreGeometry, firstSnapshot = false): Promise<SnapshotPool> {
+  static async create(
+    dev: BlockDevice,
+    origin: OriginView,
+    opts: PoolOptions & StoreGeometry,
+    firstSnapshot = false,
+  ): Promise<SnapshotPool> {
     const stats = newStats();
     const store = await PersistentStore.create(dev, opts, commitCounter(stats, opts.events ?? {}), firstSnapshot);
     return new SnapshotPool(store, origin, opts, stats);
@@ -144,7 +149,17 @@ export class SnapshotPool {
     // biome-ignore lint/complexity/useIndexOf: records is sparse, and indexOf skips holes.
     const slot = this.records.findIndex((r) => r === undefined);
     if (slot < 0) throw CowErrors.storeSlotsFull(MAX_SNAPSHOTS);
-    const rec = new SnapshotRecord(slot, randomU32(), o.name, 'valid', o.policy, o.readOnly, o.capacityChunks, Date.now(), this.store.entriesPerArea);
+    const rec = new SnapshotRecord(
+      slot,
+      randomU32(),
+      o.name,
+      'valid',
+      o.policy,
+      o.readOnly,
+      o.capacityChunks,
+      Date.now(),
+      this.store.entriesPerArea,
+    );
     rec.epoch = this.origin.epoch;
     if (!rec.fits(0, 0)) throw CowErrors.snapshotTooSmall(rec.usedChunks);
     rec.removing = true; // not live until durable
@@ -186,16 +201,20 @@ export class SnapshotPool {
     rec.removing = true;
     this.refreshLive();
     while (rec.busy > 0) await new Promise<void>((r) => setImmediate(r));
-    await this.store.saveSlots(() => [rec], false, () => {
-      this.policy.forget(rec);
-      const freed: number[] = [];
-      rec.map.forEach((_c, p) => {
-        if (p !== ZERO_CHUNK && this.alloc.unref(p)) freed.push(p);
-      });
-      freed.push(...this.store.dropSnapshot(rec));
-      this.records[rec.slot] = undefined;
-      this.reclaimer.release(freed);
-    });
+    await this.store.saveSlots(
+      () => [rec],
+      false,
+      () => {
+        this.policy.forget(rec);
+        const freed: number[] = [];
+        rec.map.forEach((_c, p) => {
+          if (p !== ZERO_CHUNK && this.alloc.unref(p)) freed.push(p);
+        });
+        freed.push(...this.store.dropSnapshot(rec));
+        this.records[rec.slot] = undefined;
+        this.reclaimer.release(freed);
+      },
+    );
     await this.reclaimer.idle();
   }
 

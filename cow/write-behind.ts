@@ -95,14 +95,21 @@ export class WriteBehind {
     const u0 = Math.floor(offset / UNIT);
     const u1 = Math.floor((end - 1) / UNIT);
     if (u1 - u0 >= this.all.size) {
-      for (const h of this.all) if (h.offset < end && h.end > offset) { out ??= []; out.push(h); }
+      for (const h of this.all)
+        if (h.offset < end && h.end > offset) {
+          out ??= [];
+          out.push(h);
+        }
       return out ?? NONE;
     }
     for (let u = u0; u <= u1; u++) {
       const list = this.byUnit.get(u);
       if (!list) continue;
       for (const h of list) {
-        if (h.offset < end && h.end > offset && !out?.includes(h)) { out ??= []; out.push(h); }
+        if (h.offset < end && h.end > offset && !out?.includes(h)) {
+          out ??= [];
+          out.push(h);
+        }
       }
     }
     if (out && out.length > 1) out.sort((a, b) => a.seq - b.seq);
@@ -123,7 +130,19 @@ export class WriteBehind {
       data.copy(block);
     }
     const copy = block ? block.subarray(0, data.length) : data;
-    const h: HeldWrite = { seq: ++this.seq, epoch, offset, end: offset + data.length, data: copy, block, giveBack, owned: own, landed: Promise.resolve(), pins: 0, released: false };
+    const h: HeldWrite = {
+      seq: ++this.seq,
+      epoch,
+      offset,
+      end: offset + data.length,
+      data: copy,
+      block,
+      giveBack,
+      owned: own,
+      landed: Promise.resolve(),
+      pins: 0,
+      released: false,
+    };
     this.all.add(h);
     for (let u = Math.floor(offset / UNIT); u <= Math.floor((h.end - 1) / UNIT); u++) {
       const list = this.byUnit.get(u);

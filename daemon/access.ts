@@ -39,7 +39,8 @@ function normalize(address: string): { address: string; type: 'ipv4' | 'ipv6' } 
 function addEntry(list: BlockList, entry: string, where: string): void {
   const [addr, prefix, ...rest] = entry.trim().split('/');
   const n = addr === undefined ? undefined : normalize(addr);
-  if (!n || rest.length) throw Errors.badExports(`${where}: "${entry}" is not an IPv4 or IPv6 address or CIDR (host names are not accepted)`);
+  if (!n || rest.length)
+    throw Errors.badExports(`${where}: "${entry}" is not an IPv4 or IPv6 address or CIDR (host names are not accepted)`);
   const max = n.type === 'ipv4' ? 32 : 128;
   if (prefix === undefined) {
     list.addAddress(n.address, n.type);
@@ -86,7 +87,8 @@ export class ExportAccess {
       }
       if (typeof raw !== 'object' || Array.isArray(raw)) throw Errors.badExports(`${where} must be a mapping (allow, readOnly, allowUnix)`);
       const r = raw as Record<string, unknown>;
-      for (const k of Object.keys(r)) if (!RULE_KEYS.has(k)) throw Errors.badExports(`${where}: unknown key "${k}" (expected allow, readOnly, allowUnix)`);
+      for (const k of Object.keys(r))
+        if (!RULE_KEYS.has(k)) throw Errors.badExports(`${where}: unknown key "${k}" (expected allow, readOnly, allowUnix)`);
       const rule: CompiledRule = {
         allowUnix: bool(r.allowUnix ?? r['allow-unix'], `${where}.allowUnix`) ?? true,
         readOnly: bool(r.readOnly ?? r['read-only'], `${where}.readOnly`) ?? false,
@@ -94,7 +96,8 @@ export class ExportAccess {
       const allow = r.allow;
       if (allow !== undefined && allow !== null) {
         const entries = typeof allow === 'string' ? [allow] : allow;
-        if (!Array.isArray(entries) || entries.some((e) => typeof e !== 'string')) throw Errors.badExports(`${where}.allow must be a list of addresses or CIDRs`);
+        if (!Array.isArray(entries) || entries.some((e) => typeof e !== 'string'))
+          throw Errors.badExports(`${where}.allow must be a list of addresses or CIDRs`);
         rule.allow = entries as string[];
         rule.blocks = new BlockList();
         for (const e of rule.allow) addEntry(rule.blocks, e, `${where}.allow`);

@@ -45,7 +45,13 @@ export async function volumeList(o: Common): Promise<void> {
     () => call(o.dataDir, 'GET', '/v1/volumes'),
     async () => (await listVolumes(o.dataDir)).map((v) => ({ name: v.name, size: v.size, snapshots: [] })),
   );
-  print(o.json, vols, () => table(['NAME', 'SIZE', 'SNAPSHOTS'], vols.map((v) => [v.name, formatSize(v.size), v.snapshots.join(',') || '-']), [1]));
+  print(o.json, vols, () =>
+    table(
+      ['NAME', 'SIZE', 'SNAPSHOTS'],
+      vols.map((v) => [v.name, formatSize(v.size), v.snapshots.join(',') || '-']),
+      [1],
+    ),
+  );
 }
 
 export async function volumeRemove(o: Common & { name: string }): Promise<void> {
@@ -56,34 +62,61 @@ export async function volumeRemove(o: Common & { name: string }): Promise<void> 
 
 function snapshotRows(list: SnapshotUsage[]): (string | number)[][] {
   return list.map((u) => [
-    u.name, u.origin, formatSize(u.capacityBytes), formatSize(u.chunkSize),
+    u.name,
+    u.origin,
+    formatSize(u.capacityBytes),
+    formatSize(u.chunkSize),
     u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(2) : '0.00',
-    u.state, u.policy, u.transient ? 'transient' : 'persistent', new Date(u.createdAt).toISOString(),
+    u.state,
+    u.policy,
+    u.transient ? 'transient' : 'persistent',
+    new Date(u.createdAt).toISOString(),
   ]);
 }
 
-export async function snapshotCreate(o: Common & {
-  name: string; origin: string; size: string; chunkSize: string; policy: string; transient: boolean; readOnly: boolean;
-}): Promise<void> {
+export async function snapshotCreate(
+  o: Common & {
+    name: string;
+    origin: string;
+    size: string;
+    chunkSize: string;
+    policy: string;
+    transient: boolean;
+    readOnly: boolean;
+  },
+): Promise<void> {
   checkName(o.name);
   checkName(o.origin);
   const u = await call<SnapshotUsage>(o.dataDir, 'POST', '/v1/snapshots', {
-    name: o.name, origin: o.origin, size: String(parseSizeNumber(o.size)), chunkSize: String(parseSizeNumber(o.chunkSize)),
-    policy: o.policy, transient: o.transient, readOnly: o.readOnly,
+    name: o.name,
+    origin: o.origin,
+    size: String(parseSizeNumber(o.size)),
+    chunkSize: String(parseSizeNumber(o.chunkSize)),
+    policy: o.policy,
+    transient: o.transient,
+    readOnly: o.readOnly,
   });
-  print(o.json, u, () => `created snapshot ${u.name} of ${u.origin}: ${formatSize(u.capacityBytes)} store, ${formatSize(u.chunkSize)} chunks`);
+  print(
+    o.json,
+    u,
+    () => `created snapshot ${u.name} of ${u.origin}: ${formatSize(u.capacityBytes)} store, ${formatSize(u.chunkSize)} chunks`,
+  );
 }
 
 export async function snapshotList(o: Common): Promise<void> {
   const list = await call<SnapshotUsage[]>(o.dataDir, 'GET', '/v1/snapshots');
-  print(o.json, list, () => table(['NAME', 'ORIGIN', 'SIZE', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'], snapshotRows(list), [2, 3, 4]));
+  print(o.json, list, () =>
+    table(['NAME', 'ORIGIN', 'SIZE', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'], snapshotRows(list), [2, 3, 4]),
+  );
 }
 
 export async function snapshotExtend(o: Common & { name: string; size: string }): Promise<void> {
   checkName(o.name);
   const rel = o.size.startsWith('+');
   const bytes = parseSizeNumber(rel ? o.size.slice(1) : o.size);
-  const u = await call<SnapshotUsage>(o.dataDir, 'POST', `/v1/snapshots/${encodeURIComponent(o.name)}/extend`, { size: (rel ? '+' : '') + bytes });
+  const u = await call<SnapshotUsage>(o.dataDir, 'POST', `/v1/snapshots/${encodeURIComponent(o.name)}/extend`, {
+    size: (rel ? '+' : '') + bytes,
+  });
   print(o.json, u, () => `snapshot ${u.name} is now ${formatSize(u.capacityBytes)} (${u.usedChunks}/${u.capacityChunks} chunks used)`);
 }
 
@@ -99,8 +132,14 @@ export async function status(o: Common): Promise<void> {
     table(
       ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'DATA%', 'STATE'],
       rows.map((r) => [
-        r.name, r.kind, formatSize(r.size), r.origin ?? '', r.chunkSize ? formatSize(r.chunkSize) : '',
-        r.storeSize ? formatSize(r.storeSize) : '', r.usedPercent === null ? '' : r.usedPercent.toFixed(2), r.state,
+        r.name,
+        r.kind,
+        formatSize(r.size),
+        r.origin ?? '',
+        r.chunkSize ? formatSize(r.chunkSize) : '',
+        r.storeSize ? formatSize(r.storeSize) : '',
+        r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
+        r.state,
       ]),
       [2, 4, 5, 6],
     ),

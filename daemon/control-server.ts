@@ -24,10 +24,12 @@ export class ControlServer {
 
   route(method: string, path: string, handler: Handler): this {
     const keys: string[] = [];
-    const pattern = new RegExp(`^${path.replace(/:(\w+)/g, (_m, k: string) => {
-      keys.push(k);
-      return '([^/]+)';
-    })}$`);
+    const pattern = new RegExp(
+      `^${path.replace(/:(\w+)/g, (_m, k: string) => {
+        keys.push(k);
+        return '([^/]+)';
+      })}$`,
+    );
     this.routes.push({ method, pattern, keys, handler });
     return this;
   }

@@ -41,8 +41,11 @@ export const Errors = {
   invalidRequest: define('COWBD_INVALID_REQUEST', 400, (why: string) => why),
 
   // Starting the daemon: options, config file, TLS, data directory.
-  dataDirLocked: define('COWBD_DATA_DIR_LOCKED', 409, (dir: string, pid: string) =>
-    `data directory ${dir} is in use by another cowbd (pid ${pid}); stop it first`),
+  dataDirLocked: define(
+    'COWBD_DATA_DIR_LOCKED',
+    409,
+    (dir: string, pid: string) => `data directory ${dir} is in use by another cowbd (pid ${pid}); stop it first`,
+  ),
   badAddress: define('COWBD_BAD_ADDRESS', 400, (text: string) => `invalid address "${text}": expected HOST:PORT`),
   negativeOption: define('COWBD_BAD_OPTION', 400, (what: string) => `${what} must be a non-negative number`),
   badConfig: define('COWBD_BAD_CONFIG', 400, (why: string) => why),
@@ -61,8 +64,11 @@ export const Errors = {
   internal: define('COWBD_INTERNAL', 500, (why: string) => why),
 
   // The control API, client side.
-  noDaemon: define('COWBD_NO_DAEMON', 503, (dataDir: string) =>
-    `no cowbd daemon is running on ${dataDir} (start one with: cowbd serve --data-dir ${dataDir})`),
+  noDaemon: define(
+    'COWBD_NO_DAEMON',
+    503,
+    (dataDir: string) => `no cowbd daemon is running on ${dataDir} (start one with: cowbd serve --data-dir ${dataDir})`,
+  ),
   badReply: define('COWBD_BAD_REPLY', 502, (status?: number) => `daemon sent a non-JSON reply (HTTP ${status})`),
   /** The daemon's error sent back: its code is whatever that daemon sent, so it is not one of this table's. */
   fromReply: (code: string | undefined, message: string | undefined, status: number | undefined): CowbdError =>

@@ -17,7 +17,11 @@ const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local',
 
 function common<T>(y: Argv<T>) {
   return y
-    .option('data-dir', { type: 'string', default: DEFAULT_DATA_DIR, describe: 'directory holding volumes and snapshot stores (env COWBD_DATA_DIR)' })
+    .option('data-dir', {
+      type: 'string',
+      default: DEFAULT_DATA_DIR,
+      describe: 'directory holding volumes and snapshot stores (env COWBD_DATA_DIR)',
+    })
     .option('json', { type: 'boolean', default: false, describe: 'print JSON for scripts' });
 }
 
@@ -47,21 +51,58 @@ function serveCommand(y: Argv) {
     .option('listen', { type: 'string', array: true, describe: 'TCP address HOST:PORT (default 127.0.0.1:10809); repeatable' })
     .option('socket', { type: 'string', describe: 'also (or only) listen on this unix socket' })
     .option('read-only', { type: 'boolean', default: false, describe: 'serve every export read-only' })
-    .option('default-volume', { type: 'string', default: 'default', describe: 'volume served for the empty export name, created when the data directory has none' })
+    .option('default-volume', {
+      type: 'string',
+      default: 'default',
+      describe: 'volume served for the empty export name, created when the data directory has none',
+    })
     .option('default-size', { type: 'string', default: '1G', describe: 'size of the default volume when it is created' })
-    .option('metrics-listen', { type: 'string', default: '127.0.0.1:9810', describe: 'HOST:PORT serving Prometheus /metrics; "off" to disable' })
-    .option('autoextend-threshold', { type: 'number', default: 100, describe: 'grow a snapshot when its usage reaches this percent (100: never), as lvm.conf snapshot_autoextend_threshold' })
-    .option('autoextend-percent', { type: 'number', default: 20, describe: 'grow by this percent of its size, as snapshot_autoextend_percent' })
+    .option('metrics-listen', {
+      type: 'string',
+      default: '127.0.0.1:9810',
+      describe: 'HOST:PORT serving Prometheus /metrics; "off" to disable',
+    })
+    .option('autoextend-threshold', {
+      type: 'number',
+      default: 100,
+      describe: 'grow a snapshot when its usage reaches this percent (100: never), as lvm.conf snapshot_autoextend_threshold',
+    })
+    .option('autoextend-percent', {
+      type: 'number',
+      default: 20,
+      describe: 'grow by this percent of its size, as snapshot_autoextend_percent',
+    })
     .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
     .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
-    .option('max-connections-per-export', { type: 'number', default: 0, describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)' })
-    .option('max-bytes-in-flight', { type: 'string', default: '1G', describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit' })
-    .option('write-behind', { type: 'string', default: 'auto', describe: 'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies' })
+    .option('max-connections-per-export', {
+      type: 'number',
+      default: 0,
+      describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)',
+    })
+    .option('max-bytes-in-flight', {
+      type: 'string',
+      default: '1G',
+      describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit',
+    })
+    .option('write-behind', {
+      type: 'string',
+      default: 'auto',
+      describe:
+        'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies',
+    })
     .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
-    .option('tls', { type: 'string', default: 'off', coerce: parseTlsMode, describe: 'STARTTLS: off, on (client chooses) or require (nbdkit\'s modes)' })
+    .option('tls', {
+      type: 'string',
+      default: 'off',
+      coerce: parseTlsMode,
+      describe: "STARTTLS: off, on (client chooses) or require (nbdkit's modes)",
+    })
     .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
     .option('tls-verify-peer', { type: 'boolean', default: false, describe: 'require client certificates signed by ca-cert.pem' })
-    .option('exports', { type: 'string', describe: 'per-export rules as JSON (allow, readOnly, allowUnix); usually the config file\'s exports section' })
+    .option('exports', {
+      type: 'string',
+      describe: "per-export rules as JSON (allow, readOnly, allowUnix); usually the config file's exports section",
+    })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
@@ -77,42 +118,91 @@ await yargs(hideBin(process.argv))
   .usage('$0 <command> [options]')
   .command('volume', 'manage origin volumes', (y) =>
     y
-      .command('create <name>', 'create a sparse volume (live when a daemon runs)', (y) =>
-        common(y)
-          .positional('name', { type: 'string', demandOption: true })
-          .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' }),
-        run((a) => cmd.volumeCreate({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })))
-      .command('list', 'list volumes', (y) => common(y), run((a) => cmd.volumeList({ dataDir: a['data-dir'], json: a.json })))
-      .command('remove <name>', 'remove a volume; refused while it has snapshots', (y) =>
-        common(y).positional('name', { type: 'string', demandOption: true }),
-        run((a) => cmd.volumeRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })))
-      .demandCommand(1, 'name a volume command'))
+      .command(
+        'create <name>',
+        'create a sparse volume (live when a daemon runs)',
+        (y) =>
+          common(y)
+            .positional('name', { type: 'string', demandOption: true })
+            .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' }),
+        run((a) => cmd.volumeCreate({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })),
+      )
+      .command(
+        'list',
+        'list volumes',
+        (y) => common(y),
+        run((a) => cmd.volumeList({ dataDir: a['data-dir'], json: a.json })),
+      )
+      .command(
+        'remove <name>',
+        'remove a volume; refused while it has snapshots',
+        (y) => common(y).positional('name', { type: 'string', demandOption: true }),
+        run((a) => cmd.volumeRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })),
+      )
+      .demandCommand(1, 'name a volume command'),
+  )
   .command('snapshot', 'manage snapshots of origin volumes', (y) =>
     y
-      .command('create <name>', 'take a snapshot, like lvcreate --snapshot', (y) =>
-        common(y)
-          .positional('name', { type: 'string', demandOption: true })
-          .option('origin', { type: 'string', demandOption: true, describe: 'origin volume' })
-          .option('size', { type: 'string', demandOption: true, describe: 'exception store size, metadata included' })
-          .option('chunk-size', { type: 'string', default: '64K', describe: 'power of two from 4K to 1M' })
-          .option('policy', { type: 'string', default: 'invalidate', choices: ['invalidate', 'overflow'], describe: 'what a full store does' })
-          .option('transient', { type: 'boolean', default: false, describe: 'keep in memory only; gone on restart' })
-          .option('read-only', { type: 'boolean', default: false }),
-        run((a) => cmd.snapshotCreate({
-          dataDir: a['data-dir'], json: a.json, name: a.name, origin: a.origin, size: a.size, chunkSize: a['chunk-size'],
-          policy: a.policy, transient: a.transient, readOnly: a['read-only'],
-        })))
-      .command('list', 'list snapshots', (y) => common(y), run((a) => cmd.snapshotList({ dataDir: a['data-dir'], json: a.json })))
-      .command('extend <name>', 'grow a snapshot store, like lvextend', (y) =>
-        common(y)
-          .positional('name', { type: 'string', demandOption: true })
-          .option('size', { type: 'string', demandOption: true, describe: '+SIZE to add, or the new total SIZE' }),
-        run((a) => cmd.snapshotExtend({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })))
-      .command('remove <name>', 'remove a snapshot and free its space', (y) =>
-        common(y).positional('name', { type: 'string', demandOption: true }),
-        run((a) => cmd.snapshotRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })))
-      .demandCommand(1, 'name a snapshot command'))
-  .command('status', 'every volume and snapshot, like lvs', (y) => common(y), run((a) => cmd.status({ dataDir: a['data-dir'], json: a.json })))
+      .command(
+        'create <name>',
+        'take a snapshot, like lvcreate --snapshot',
+        (y) =>
+          common(y)
+            .positional('name', { type: 'string', demandOption: true })
+            .option('origin', { type: 'string', demandOption: true, describe: 'origin volume' })
+            .option('size', { type: 'string', demandOption: true, describe: 'exception store size, metadata included' })
+            .option('chunk-size', { type: 'string', default: '64K', describe: 'power of two from 4K to 1M' })
+            .option('policy', {
+              type: 'string',
+              default: 'invalidate',
+              choices: ['invalidate', 'overflow'],
+              describe: 'what a full store does',
+            })
+            .option('transient', { type: 'boolean', default: false, describe: 'keep in memory only; gone on restart' })
+            .option('read-only', { type: 'boolean', default: false }),
+        run((a) =>
+          cmd.snapshotCreate({
+            dataDir: a['data-dir'],
+            json: a.json,
+            name: a.name,
+            origin: a.origin,
+            size: a.size,
+            chunkSize: a['chunk-size'],
+            policy: a.policy,
+            transient: a.transient,
+            readOnly: a['read-only'],
+          }),
+        ),
+      )
+      .command(
+        'list',
+        'list snapshots',
+        (y) => common(y),
+        run((a) => cmd.snapshotList({ dataDir: a['data-dir'], json: a.json })),
+      )
+      .command(
+        'extend <name>',
+        'grow a snapshot store, like lvextend',
+        (y) =>
+          common(y)
+            .positional('name', { type: 'string', demandOption: true })
+            .option('size', { type: 'string', demandOption: true, describe: '+SIZE to add, or the new total SIZE' }),
+        run((a) => cmd.snapshotExtend({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })),
+      )
+      .command(
+        'remove <name>',
+        'remove a snapshot and free its space',
+        (y) => common(y).positional('name', { type: 'string', demandOption: true }),
+        run((a) => cmd.snapshotRemove({ dataDir: a['data-dir'], json: a.json, name: a.name })),
+      )
+      .demandCommand(1, 'name a snapshot command'),
+  )
+  .command(
+    'status',
+    'every volume and snapshot, like lvs',
+    (y) => common(y),
+    run((a) => cmd.status({ dataDir: a['data-dir'], json: a.json })),
+  )
   .command('serve', 'serve every volume and snapshot over NBD', serveCommand, async (a) => {
     const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
     try {

@@ -44,25 +44,36 @@ export class Metrics {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'cowbd_' });
     const registers = [this.registry];
     this.requests = new client.Counter({
-      name: 'cowbd_nbd_requests_total', help: 'NBD requests served, by export, command and result (ok or the NBD error)',
-      labelNames: ['export', 'command', 'result'], registers,
+      name: 'cowbd_nbd_requests_total',
+      help: 'NBD requests served, by export, command and result (ok or the NBD error)',
+      labelNames: ['export', 'command', 'result'],
+      registers,
     });
     this.bytes = new client.Counter({
-      name: 'cowbd_nbd_bytes_total', help: 'Bytes read and written through NBD, by export',
-      labelNames: ['export', 'direction'], registers,
+      name: 'cowbd_nbd_bytes_total',
+      help: 'Bytes read and written through NBD, by export',
+      labelNames: ['export', 'direction'],
+      registers,
     });
     this.latency = new client.Histogram({
-      name: 'cowbd_nbd_request_duration_seconds', help: 'NBD request latency from header parsed to reply queued',
-      labelNames: ['export', 'command'], registers,
+      name: 'cowbd_nbd_request_duration_seconds',
+      help: 'NBD request latency from header parsed to reply queued',
+      labelNames: ['export', 'command'],
+      registers,
       buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
     });
     this.inFlight = new client.Gauge({
-      name: 'cowbd_nbd_requests_in_flight', help: 'NBD requests being served, by export', labelNames: ['export'], registers,
+      name: 'cowbd_nbd_requests_in_flight',
+      help: 'NBD requests being served, by export',
+      labelNames: ['export'],
+      registers,
     });
     this.connections = new client.Gauge({ name: 'cowbd_nbd_connections', help: 'Open NBD connections', registers });
     this.commitLatency = new client.Histogram({
-      name: 'cowbd_cow_commit_duration_seconds', help: 'Exception store group commits: metadata write and fdatasync',
-      registers, buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+      name: 'cowbd_cow_commit_duration_seconds',
+      help: 'Exception store group commits: metadata write and fdatasync',
+      registers,
+      buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
     });
   }
 
@@ -75,7 +86,10 @@ export class Metrics {
     const registers = [this.registry];
     const perSnapshot = (name: string, help: string, pick: (u: ReturnType<Service['snapshots']>[number]) => number) =>
       new client.Gauge({
-        name, help, labelNames: ['snapshot', 'origin'], registers,
+        name,
+        help,
+        labelNames: ['snapshot', 'origin'],
+        registers,
         collect() {
           this.reset();
           for (const u of svc.snapshots()) this.set({ snapshot: u.name, origin: u.origin }, pick(u));
@@ -89,8 +103,10 @@ export class Metrics {
     perSnapshot('cowbd_snapshot_exceptions', 'Chunks of the snapshot that no longer read from the origin', (u) => u.exceptions);
     perSnapshot('cowbd_snapshot_created_timestamp_seconds', 'When the snapshot was taken', (u) => u.createdAt.getTime() / 1000);
     new client.Gauge({
-      name: 'cowbd_snapshot_state', help: 'Snapshot state: 1 for the current one of valid, invalid, overflow',
-      labelNames: ['snapshot', 'origin', 'state'], registers,
+      name: 'cowbd_snapshot_state',
+      help: 'Snapshot state: 1 for the current one of valid, invalid, overflow',
+      labelNames: ['snapshot', 'origin', 'state'],
+      registers,
       collect() {
         this.reset();
         for (const u of svc.snapshots()) {
@@ -99,7 +115,10 @@ export class Metrics {
       },
     });
     new client.Gauge({
-      name: 'cowbd_volume_size_bytes', help: 'Size of each origin volume', labelNames: ['volume'], registers,
+      name: 'cowbd_volume_size_bytes',
+      help: 'Size of each origin volume',
+      labelNames: ['volume'],
+      registers,
       collect() {
         this.reset();
         for (const v of svc.volumes()) this.set({ volume: v.name }, v.size);
@@ -107,7 +126,9 @@ export class Metrics {
     });
     const total = (name: string, help: string, pick: (st: ReturnType<Service['cow']['stats']>) => number) =>
       new client.Counter({
-        name, help, registers,
+        name,
+        help,
+        registers,
         collect() {
           this.reset();
           this.inc(pick(svc.cow.stats()));
@@ -118,13 +139,17 @@ export class Metrics {
     total('cowbd_cow_exceptions_committed_total', 'Exceptions made durable', (st) => st.exceptionsCommitted);
     total('cowbd_cow_commits_total', 'Group commits (one fdatasync each)', (st) => st.commits);
     new client.Gauge({
-      name: 'cowbd_cow_exception_map_bytes', help: 'Memory held by exception maps', registers,
+      name: 'cowbd_cow_exception_map_bytes',
+      help: 'Memory held by exception maps',
+      registers,
       collect() {
         this.set(svc.cow.stats().memoryBytes);
       },
     });
     new client.Gauge({
-      name: 'cowbd_cow_write_behind_bytes', help: 'Origin writes acknowledged and held in memory until their chunks are copied', registers,
+      name: 'cowbd_cow_write_behind_bytes',
+      help: 'Origin writes acknowledged and held in memory until their chunks are copied',
+      registers,
       collect() {
         this.set(svc.cow.stats().writeBehindBytes);
       },
@@ -162,7 +187,12 @@ export class Metrics {
   }
 
   private exportSeries(exp: string): ExportSeries {
-    return cached(this.series, exp, () => ({ inFlight: this.inFlight.labels({ export: exp }), requests: new Map(), latency: new Map(), bytes: new Map() }));
+    return cached(this.series, exp, () => ({
+      inFlight: this.inFlight.labels({ export: exp }),
+      requests: new Map(),
+      latency: new Map(),
+      bytes: new Map(),
+    }));
   }
 
   /** Forgets the labelled series of an export that went away. */

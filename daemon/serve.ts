@@ -60,7 +60,8 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
   // The control socket inside is 0600; a data directory others can enter also
   // exposes the volume files' names and any file left group- or world-readable.
   const dirMode = (await stat(opts.dataDir)).mode & 0o777;
-  if (dirMode & 0o077) log.warn({ dataDir: opts.dataDir, mode: dirMode.toString(8) }, 'the data directory is accessible to other users; chmod 700 it');
+  if (dirMode & 0o077)
+    log.warn({ dataDir: opts.dataDir, mode: dirMode.toString(8) }, 'the data directory is accessible to other users; chmod 700 it');
   // Certificates are read before anything is locked or served: a bad path fails fast.
   const tls = await loadTls(opts.tls ?? { mode: 'off', verifyPeer: false }, log);
   const access = opts.exports ?? ExportAccess.open;
@@ -77,8 +78,12 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     const metrics = new Metrics();
     const service = await Service.open(
       {
-        dataDir: opts.dataDir, readOnly: opts.readOnly, defaultVolume: opts.defaultVolume, autoExtend: opts.autoExtend,
-        onCommit: (s) => metrics.observeCommit(s), exportReadOnly: (name) => access.readOnly(name),
+        dataDir: opts.dataDir,
+        readOnly: opts.readOnly,
+        defaultVolume: opts.defaultVolume,
+        autoExtend: opts.autoExtend,
+        onCommit: (s) => metrics.observeCommit(s),
+        exportReadOnly: (name) => access.readOnly(name),
         writeBehindBytes: opts.writeBehindBytes,
       },
       log,
@@ -86,10 +91,18 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     cleanups.push(() => service.close());
     metrics.watch(service);
     if (!access.empty) service.registry.access = access;
-    const server = new NbdServer(service.registry, log, {
-      maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs,
-      maxConnectionsPerExport: opts.maxConnectionsPerExport ?? 0, maxTotalBytesInFlight: opts.maxTotalBytesInFlight ?? DEFAULT_TOTAL_BYTES_IN_FLIGHT,
-    }, metrics.observer(), tls);
+    const server = new NbdServer(
+      service.registry,
+      log,
+      {
+        maxConnections: opts.maxConnections,
+        handshakeTimeoutMs: opts.handshakeTimeoutMs,
+        maxConnectionsPerExport: opts.maxConnectionsPerExport ?? 0,
+        maxTotalBytesInFlight: opts.maxTotalBytesInFlight ?? DEFAULT_TOTAL_BYTES_IN_FLIGHT,
+      },
+      metrics.observer(),
+      tls,
+    );
     service.onExportRemoved = (name) => metrics.dropExport(name);
     metrics.watchServer(server);
 
@@ -119,10 +132,17 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       metricsPort = m.port;
       log.info({ address: host, port: m.port }, 'metrics listening');
     }
-    log.info({
-      dataDir: opts.dataDir, exports: service.registry.list().map((e) => e.name), default: service.registry.default,
-      tls: tls.mode, tlsVerifyPeer: opts.tls?.verifyPeer ?? false, ...(access.empty ? {} : { access: access.describe() }),
-    }, 'serving');
+    log.info(
+      {
+        dataDir: opts.dataDir,
+        exports: service.registry.list().map((e) => e.name),
+        default: service.registry.default,
+        tls: tls.mode,
+        tlsVerifyPeer: opts.tls?.verifyPeer ?? false,
+        ...(access.empty ? {} : { access: access.describe() }),
+      },
+      'serving',
+    );
     let stopping: Promise<void> | undefined;
     return {
       server,

@@ -125,13 +125,17 @@ export class Service {
       throw err;
     }
     cow.on('usage', (e) => {
-      log.warn({ snapshot: e.name, origin: e.origin, percent: e.percent, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
-        `snapshot ${e.name} is now ${e.percent.toFixed(2)}% full`);
+      log.warn(
+        { snapshot: e.name, origin: e.origin, percent: e.percent, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
+        `snapshot ${e.name} is now ${e.percent.toFixed(2)}% full`,
+      );
       void svc.autoExtend(e.name);
     });
     cow.on('invalidated', (e) => {
-      log.error({ snapshot: e.name, origin: e.origin, reason: e.reason, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
-        `snapshot ${e.name} invalidated`);
+      log.error(
+        { snapshot: e.name, origin: e.origin, reason: e.reason, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
+        `snapshot ${e.name} invalidated`,
+      );
     });
     if (opts.autoExtend.threshold < 100) {
       // Events can be missed across restarts; a slow sweep catches any snapshot above the threshold.
@@ -155,9 +159,11 @@ export class Service {
   private describeSnapshot(s: Snapshot): string {
     const u = s.usage();
     const pct = u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(1) : '0.0';
-    return `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}, ` +
+    return (
+      `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}, ` +
       `${pct}% used (${u.usedChunks}/${u.capacityChunks} chunks of ${formatSize(u.chunkSize)})` +
-      `${u.transient ? ', transient' : ''}${u.readOnly || this.readOnlyExport(s.name) ? ', read-only' : ''}`;
+      `${u.transient ? ', transient' : ''}${u.readOnly || this.readOnlyExport(s.name) ? ', read-only' : ''}`
+    );
   }
 
   private exportOrigin(o: Origin): void {
@@ -176,7 +182,14 @@ export class Service {
     return this.registry
       .list()
       .filter((e) => this.cow.origin(e.name))
-      .map((e) => ({ name: e.name, size: e.size, snapshots: this.cow.snapshotsOf(e.name).map((s) => s.name).sort() }));
+      .map((e) => ({
+        name: e.name,
+        size: e.size,
+        snapshots: this.cow
+          .snapshotsOf(e.name)
+          .map((s) => s.name)
+          .sort(),
+      }));
   }
 
   async createVolume(name: string, size: number): Promise<VolumeView> {
@@ -262,7 +275,16 @@ export class Service {
   status(): StatusRow[] {
     const rows: StatusRow[] = [];
     for (const v of this.volumes()) {
-      rows.push({ name: v.name, kind: 'origin', size: v.size, origin: null, chunkSize: null, usedPercent: null, state: 'active', storeSize: null });
+      rows.push({
+        name: v.name,
+        kind: 'origin',
+        size: v.size,
+        origin: null,
+        chunkSize: null,
+        usedPercent: null,
+        state: 'active',
+        storeSize: null,
+      });
     }
     for (const u of this.snapshots()) {
       const origin = this.cow.origin(u.origin);
@@ -298,13 +320,24 @@ export class Service {
       const free = Number(fs.bavail) * Number(fs.bsize) - FREE_DISK_RESERVE;
       grow = Math.min(grow, Math.floor(free / u.chunkSize) * u.chunkSize);
       if (grow < u.chunkSize) {
-        this.log.warn({ snapshot: name, usedPercent: pct, capacityBytes: u.capacityBytes, maxBytes: p.maxBytes, freeBytes: free },
-          `snapshot ${name} cannot be auto-extended: at its maximum or out of disk`);
+        this.log.warn(
+          { snapshot: name, usedPercent: pct, capacityBytes: u.capacityBytes, maxBytes: p.maxBytes, freeBytes: free },
+          `snapshot ${name} cannot be auto-extended: at its maximum or out of disk`,
+        );
         return;
       }
       const after = await this.cow.extendSnapshot(name, u.capacityBytes + grow);
-      this.log.info({ snapshot: name, usedPercent: pct, fromBytes: u.capacityBytes, toBytes: after.capacityBytes, usedChunks: after.usedChunks, capacityChunks: after.capacityChunks },
-        `snapshot ${name} auto-extended`);
+      this.log.info(
+        {
+          snapshot: name,
+          usedPercent: pct,
+          fromBytes: u.capacityBytes,
+          toBytes: after.capacityBytes,
+          usedChunks: after.usedChunks,
+          capacityChunks: after.capacityChunks,
+        },
+        `snapshot ${name} auto-extended`,
+      );
     } catch (err) {
       this.log.error({ err, snapshot: name }, 'auto-extend failed');
     } finally {

@@ -69,10 +69,15 @@ export async function loadTls(s: TlsSettings, log: Logger): Promise<TlsPolicy> {
   checkValidity(cert, join(dir, 'server-cert.pem'), log);
   const keyMode = (await stat(join(dir, 'server-key.pem'))).mode & 0o777;
   if (keyMode & 0o077) {
-    log.warn({ path: join(dir, 'server-key.pem'), mode: keyMode.toString(8) }, 'the TLS server key is readable by other users; chmod 600 it');
+    log.warn(
+      { path: join(dir, 'server-key.pem'), mode: keyMode.toString(8) },
+      'the TLS server key is readable by other users; chmod 600 it',
+    );
   }
   const options: TlsOptions = {
-    cert, key, ca,
+    cert,
+    key,
+    ca,
     requestCert: s.verifyPeer,
     rejectUnauthorized: s.verifyPeer,
     minVersion: 'TLSv1.2',

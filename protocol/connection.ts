@@ -229,7 +229,10 @@ export class Connection extends EventEmitter {
         this.socket = s;
         this.replies.out = s;
         this.attach(s);
-        this.log.info({ protocol: s.getProtocol(), cipher: s.getCipher()?.name, clientCertificate: this.client.certificateSubject ?? null }, 'TLS established');
+        this.log.info(
+          { protocol: s.getProtocol(), cipher: s.getCipher()?.name, clientCertificate: this.client.certificateSubject ?? null },
+          'TLS established',
+        );
       },
       failed: (err, authorizationError) => {
         this.log.warn({ err: err.message, code: (err as NodeJS.ErrnoException).code, authorizationError }, 'TLS handshake failed; closing');
@@ -261,8 +264,11 @@ export class Connection extends EventEmitter {
   }
 
   private overloaded(): boolean {
-    return this.inFlight >= this.limits.maxInFlight || this.bytesInFlight >= this.limits.maxBytesInFlight ||
-      this.limits.budget?.exhausted === true;
+    return (
+      this.inFlight >= this.limits.maxInFlight ||
+      this.bytesInFlight >= this.limits.maxBytesInFlight ||
+      this.limits.budget?.exhausted === true
+    );
   }
 
   private holdBytes(n: number): void {

@@ -1,8 +1,6 @@
 // The protocol layer's errors: its own table (ProtocolErrors), and the one place
 // where errors from storage become NBD error values.
-import {
-  NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN,
-} from './constants.js';
+import { NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN } from './constants.js';
 import type { Logger } from './logger.js';
 
 const BY_CODE: Record<string, number> = {
@@ -22,13 +20,22 @@ const BY_CODE: Record<string, number> = {
 };
 
 export const NBD_ERROR_NAMES: Record<number, string> = {
-  [NBD_EPERM]: 'EPERM', [NBD_EIO]: 'EIO', [NBD_ENOMEM]: 'ENOMEM', [NBD_EINVAL]: 'EINVAL',
-  [NBD_ENOSPC]: 'ENOSPC', [NBD_EOVERFLOW]: 'EOVERFLOW', [NBD_ENOTSUP]: 'ENOTSUP', [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+  [NBD_EPERM]: 'EPERM',
+  [NBD_EIO]: 'EIO',
+  [NBD_ENOMEM]: 'ENOMEM',
+  [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC',
+  [NBD_EOVERFLOW]: 'EOVERFLOW',
+  [NBD_ENOTSUP]: 'ENOTSUP',
+  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
 };
 
 /** An error a request handler raises on purpose, with its NBD value already chosen. */
 export class NbdRequestError extends Error {
-  constructor(readonly nbdError: number, message: string) {
+  constructor(
+    readonly nbdError: number,
+    message: string,
+  ) {
     super(message);
     this.name = 'NbdRequestError';
   }

@@ -57,7 +57,13 @@ export function greeting(): Buffer {
   return b;
 }
 
-enum State { ClientFlags, OptionHeader, OptionData, DrainOption, Done }
+enum State {
+  ClientFlags,
+  OptionHeader,
+  OptionData,
+  DrainOption,
+  Done,
+}
 
 /** Reads length-prefixed fields out of one option's payload, failing softly. */
 class OptionCursor {
@@ -197,7 +203,10 @@ export class Handshake {
   private allowed(info: ExportInfo, quiet = false): boolean {
     const ok = this.registry.authorize?.(info.name, this.client) ?? true;
     if (!ok && !quiet) {
-      this.log.warn({ export: info.name, option: this.option, address: this.client.address ?? 'unix', tls: this.client.tls }, 'export access denied');
+      this.log.warn(
+        { export: info.name, option: this.option, address: this.client.address ?? 'unix', tls: this.client.tls },
+        'export access denied',
+      );
     }
     return ok;
   }
@@ -219,7 +228,8 @@ export class Handshake {
     this.log.trace({ option, length: data.length }, 'option');
     if (this.tlsRequired && option !== C.NBD_OPT_STARTTLS && option !== C.NBD_OPT_ABORT) {
       // NBD_OPT_EXPORT_NAME cannot be answered with an error: the spec says hang up.
-      if (option === C.NBD_OPT_EXPORT_NAME) return { kind: 'close', reason: 'NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required', level: 'warn' };
+      if (option === C.NBD_OPT_EXPORT_NAME)
+        return { kind: 'close', reason: 'NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required', level: 'warn' };
       return this.refuseWithoutTls();
     }
     switch (option) {

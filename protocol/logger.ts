@@ -14,6 +14,10 @@ export interface Logger {
 
 const noop: LogFn = () => {};
 export const silentLogger: Logger = {
-  error: noop, warn: noop, info: noop, debug: noop, trace: noop,
+  error: noop,
+  warn: noop,
+  info: noop,
+  debug: noop,
+  trace: noop,
   child: () => silentLogger,
 };

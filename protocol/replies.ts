@@ -2,8 +2,13 @@
 import { NBD_CMD_READ, NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_DF, BASE_ALLOCATION_ID } from './constants.js';
 import type { Outcome } from './requests.js';
 import {
-  encodeBlockStatus, encodeOffsetDataHeader, encodeOffsetHole, encodeSimpleReply, encodeStructuredError,
-  encodeStructuredNone, type Request,
+  encodeBlockStatus,
+  encodeOffsetDataHeader,
+  encodeOffsetHole,
+  encodeSimpleReply,
+  encodeStructuredError,
+  encodeStructuredNone,
+  type Request,
 } from './wire.js';
 
 /** Zero runs shorter than this stay inside OFFSET_DATA: a hole chunk is not worth its header. */

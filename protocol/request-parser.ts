@@ -37,8 +37,14 @@ export const DISCONNECT = 6;
 /** The header's magic is not NBD_REQUEST_MAGIC. */
 export const BAD_MAGIC = 7;
 export type ParseResult =
-  | typeof NEED_INPUT | typeof HELD | typeof REQUEST | typeof WRITE_STARTED
-  | typeof OVERSIZED | typeof DRAINED | typeof DISCONNECT | typeof BAD_MAGIC;
+  | typeof NEED_INPUT
+  | typeof HELD
+  | typeof REQUEST
+  | typeof WRITE_STARTED
+  | typeof OVERSIZED
+  | typeof DRAINED
+  | typeof DISCONNECT
+  | typeof BAD_MAGIC;
 
 /** Writes at least this large switch direct reads to header-sized reads between payloads (docs/tuning.md, HEADER_READS_FROM). */
 const HEADER_READS_FROM = 128 * 1024;

@@ -82,10 +82,19 @@ export function validate(req: Request, ctx: RequestContext): Outcome | undefined
  * out before later requests are parsed), else when the backend is done. A pooled
  * payload goes back to the pool then, or later from a backend that kept it.
  */
-export function serve(req: Request, payload: Buffer | undefined, pooled: boolean, ctx: RequestContext, done: (outcome: Outcome) => void): void {
+export function serve(
+  req: Request,
+  payload: Buffer | undefined,
+  pooled: boolean,
+  ctx: RequestContext,
+  done: (outcome: Outcome) => void,
+): void {
   const refused = validate(req, ctx);
   if (refused) {
-    ctx.log.debug({ command: C.COMMAND_NAMES[req.type] ?? 'unknown', offset: String(req.offset), length: req.length, reason: refused.message }, 'request refused');
+    ctx.log.debug(
+      { command: C.COMMAND_NAMES[req.type] ?? 'unknown', offset: String(req.offset), length: req.length, reason: refused.message },
+      'request refused',
+    );
     if (pooled) ctx.pool.put(payload!);
     done(refused);
     return;
@@ -140,13 +149,21 @@ export async function execute(req: Request, payload: Buffer | undefined, ctx: Re
         await b.cache(offset, req.length);
         return { error: 0 };
       case C.NBD_CMD_BLOCK_STATUS:
-        return { error: 0, extents: clampExtents(await b.extents(offset, req.length), req.length, (req.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0) };
+        return {
+          error: 0,
+          extents: clampExtents(await b.extents(offset, req.length), req.length, (req.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0),
+        };
       default:
         throw new NbdRequestError(C.NBD_EINVAL, `unknown command ${req.type}`);
     }
   } catch (err) {
     if (data) ctx.pool.put(data);
-    const error = toNbdError(err, ctx.log, { export: b.info.name, command: C.COMMAND_NAMES[req.type] ?? req.type, offset, length: req.length });
+    const error = toNbdError(err, ctx.log, {
+      export: b.info.name,
+      command: C.COMMAND_NAMES[req.type] ?? req.type,
+      offset,
+      length: req.length,
+    });
     const at = (err as { offset?: unknown } | null)?.offset;
     return {
       error,

@@ -50,7 +50,13 @@ export class NbdServer {
     private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
     this.directReads = tls.mode === 'off' && process.env.COWBD_DIRECT_READS !== '0';
-    this.limits = { ...DEFAULT_LIMITS, maxConnections: 1024, maxConnectionsPerExport: 0, maxTotalBytesInFlight: DEFAULT_TOTAL_BYTES_IN_FLIGHT, ...limits };
+    this.limits = {
+      ...DEFAULT_LIMITS,
+      maxConnections: 1024,
+      maxConnectionsPerExport: 0,
+      maxTotalBytesInFlight: DEFAULT_TOTAL_BYTES_IN_FLIGHT,
+      ...limits,
+    };
     // Without a limit the budget still counts, for the bytes-in-flight gauge.
     this.limits.budget ??= new ByteBudget(this.limits.maxTotalBytesInFlight > 0 ? this.limits.maxTotalBytesInFlight : Infinity, log);
     if (this.limits.maxConnectionsPerExport > 0) {

@@ -60,7 +60,9 @@ try {
     log(message ? `replay FAILED: ${message}` : 'replay passed');
     failed = !!message;
   } else {
-    log(`seed ${seed}, ${cases} cases, concurrency ${values.concurrency}, target ${values['in-process'] ? 'in-process' : `daemon pid ${target.pid}`}`);
+    log(
+      `seed ${seed}, ${cases} cases, concurrency ${values.concurrency}, target ${values['in-process'] ? 'in-process' : `daemon pid ${target.pid}`}`,
+    );
     const r = await campaign(target, {
       seed,
       cases,
@@ -78,8 +80,13 @@ try {
     if (r.end.fds > r.warm.fds) log(`FD LEAK: ${r.end.fds - r.warm.fds} more fds than after warm-up`);
     if (rssGrowthMiB > Number(values['rss-bound'])) log(`RSS grew by ${rssGrowthMiB.toFixed(1)} MiB (bound ${values['rss-bound']})`);
     if (errorLines) log(`daemon logged ${errorLines} error line(s), e.g. ${firstErrors[0]}`);
-    failed = r.failures.length > 0 || !!r.aborted || r.canaryFailures.length > 0 || r.end.fds > r.warm.fds ||
-      rssGrowthMiB > Number(values['rss-bound']) || errorLines > 0;
+    failed =
+      r.failures.length > 0 ||
+      !!r.aborted ||
+      r.canaryFailures.length > 0 ||
+      r.end.fds > r.warm.fds ||
+      rssGrowthMiB > Number(values['rss-bound']) ||
+      errorLines > 0;
   }
 } finally {
   const dead = target.dead();

@@ -41,13 +41,24 @@ const d = await startDaemon({
 let failed = false;
 try {
   const o = {
-    host: d.host, port: d.port, dataDir: d.dataDir, pid: d.proc.pid!, origin: 'load', originSize: size,
-    seconds: Number(values.seconds), connections: Number(values.connections), depth: Number(values.depth),
-    snapshotConnections: Number(values['snapshot-connections']), snapshotEveryMs: Number(values['snapshot-every']) * 1000,
-    seed: Number(values.seed), log,
+    host: d.host,
+    port: d.port,
+    dataDir: d.dataDir,
+    pid: d.proc.pid!,
+    origin: 'load',
+    originSize: size,
+    seconds: Number(values.seconds),
+    connections: Number(values.connections),
+    depth: Number(values.depth),
+    snapshotConnections: Number(values['snapshot-connections']),
+    snapshotEveryMs: Number(values['snapshot-every']) * 1000,
+    seed: Number(values.seed),
+    log,
   };
-  log(`daemon pid ${o.pid}: ${o.connections} connections (${o.snapshotConnections} on snapshots) x ${o.depth} in flight, ` +
-    `origin ${values.size}, a snapshot every ${values['snapshot-every']} s, ${o.seconds} s`);
+  log(
+    `daemon pid ${o.pid}: ${o.connections} connections (${o.snapshotConnections} on snapshots) x ${o.depth} in flight, ` +
+      `origin ${values.size}, a snapshot every ${values['snapshot-every']} s, ${o.seconds} s`,
+  );
   const r = await runLoad(o);
   for (const line of describeLoad(r)) log(line);
   for (const e of [...r.verifyFailures, ...r.errors].slice(0, 20)) log(`FAILED: ${e}`);

@@ -39,14 +39,24 @@ const [lo, hi] = values['load-ms'].split('-').map(Number) as [number, number];
 const size = parseSizeNumber(values.size, 1 << 20);
 const dataDir = values['data-dir'] ?? (await mkdtemp(join(tmpdir(), 'cowbd-soak-')));
 const log = (s: string) => console.log(`[soak] ${s}`);
-log(`seed ${seed}, ${values.cycles} cycles, origin ${values.size}, ${values.clients} clients x ${values.depth} in flight, data dir ${dataDir}`);
+log(
+  `seed ${seed}, ${values.cycles} cycles, origin ${values.size}, ${values.clients} clients x ${values.depth} in flight, data dir ${dataDir}`,
+);
 
 const daemonLog = values['daemon-log'] ? createWriteStream(values['daemon-log']) : undefined;
 const t0 = Date.now();
 const r = await runSoak({
-  stopOnFailure: values['stop-on-failure'], daemonLog: daemonLog ? (rec) => daemonLog.write(`${JSON.stringify(rec)}\n`) : undefined,
-  dataDir, seed, size, cycles: Number(values.cycles), clients: Number(values.clients), depth: Number(values.depth),
-  loadMs: [lo, hi ?? lo], maxSnapshots: Number(values['max-snapshots']), log,
+  stopOnFailure: values['stop-on-failure'],
+  daemonLog: daemonLog ? (rec) => daemonLog.write(`${JSON.stringify(rec)}\n`) : undefined,
+  dataDir,
+  seed,
+  size,
+  cycles: Number(values.cycles),
+  clients: Number(values.clients),
+  depth: Number(values.depth),
+  loadMs: [lo, hi ?? lo],
+  maxSnapshots: Number(values['max-snapshots']),
+  log,
 });
 for (const line of describeSoak(r)) log(line);
 log(`${((Date.now() - t0) / 1000).toFixed(1)} s in all`);

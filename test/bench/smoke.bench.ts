@@ -16,10 +16,23 @@ const NUMBER = /^[\d.]+ (MiB\/s|IOPS)$/;
 const RATIO = /^\d+\.\d\d$/;
 
 t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }, async (t) => {
-  const r = await bench({ ROUNDS: '1', RUNTIME: '1', SIZE: '64M', CREATE_SIZES: '64M 1T', CREATE_N: '2', MEM_SIZE: '64M', RESTARTS: '1', ENGINE_SIZE: '32M' });
+  const r = await bench({
+    ROUNDS: '1',
+    RUNTIME: '1',
+    SIZE: '64M',
+    CREATE_SIZES: '64M 1T',
+    CREATE_N: '2',
+    MEM_SIZE: '64M',
+    RESTARTS: '1',
+    ENGINE_SIZE: '32M',
+  });
   t.equal(r.code, 0, `run.sh exit code (stderr tail: ${r.stderr.slice(-2000)})`);
   const rows = r.stdout.split('\n').filter((l) => l.startsWith('| '));
-  const cells = (l: string) => l.split('|').slice(1, -1).map((c) => c.trim());
+  const cells = (l: string) =>
+    l
+      .split('|')
+      .slice(1, -1)
+      .map((c) => c.trim());
 
   // Sections 1-5: 4 base rows, 2 first-write rows, 2 rewrite rows, 2 four-snapshot rows, 4 snapshot-read rows.
   const targets = rows.map(cells).filter((c) => /^[1-5]$/.test(c[0]!));
@@ -47,10 +60,16 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
   // The engine in process: the first-write figure, two ratios against their targets, the read ratio.
   t.match(r.stdout, /### Engine in process \(32 MiB/, 'engine table');
   const engine = rows.map(cells).filter((c) => /^(first writes|snapshot read \/ origin read)/.test(c[0]!));
-  t.same(engine.map((c) => c[0]), [
-    'first writes, no snapshot', 'first writes, 1 snapshot / no snapshot', 'first writes, 4 snapshots / 1 snapshot',
-    'snapshot read / origin read throughput',
-  ], 'engine rows');
+  t.same(
+    engine.map((c) => c[0]),
+    [
+      'first writes, no snapshot',
+      'first writes, 1 snapshot / no snapshot',
+      'first writes, 4 snapshots / 1 snapshot',
+      'snapshot read / origin read throughput',
+    ],
+    'engine rows',
+  );
   t.match(engine[0]?.[1], /^\d+ MiB\/s$/, 'first-write figure');
   for (const c of engine.slice(1)) t.match(c[1], RATIO, `ratio of "${c[0]}"`);
   for (const c of engine.slice(1, 3)) t.ok(c[3] === 'yes' || c[3] === 'no', `met column of "${c[0]}"`);

@@ -8,7 +8,9 @@ import { copyBuffers } from '../../cow/buffer-pool.js';
 import { makeRig, originOf, sectorId, type Rig } from './helpers.js';
 
 async function snap(rig: Rig, name: string): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }));
+  const rec = await rig.origin.quiesced(() =>
+    rig.pool.createSnapshot({ name, capacityChunks: 10000, policy: 'invalidate', readOnly: false }),
+  );
   return new Snapshot(rig.origin, rig.pool, rec);
 }
 

@@ -88,7 +88,17 @@ for (const seed of seeds(RUNS)) {
     const rig = await makeRig(256, chunkSize);
     rig.originDev.yieldTurns = seed % 3;
     rig.storeDev.yieldTurns = (seed >> 2) % 2;
-    const w = new Workload(rig, { seed, ops: 160, chunkSize, concurrency: 5, maxSnaps: 3, capacity: [400, 400], checkLive: true, crashProb: 0.2, maxCrashPoints: 50 });
+    const w = new Workload(rig, {
+      seed,
+      ops: 160,
+      chunkSize,
+      concurrency: 5,
+      maxSnaps: 3,
+      capacity: [400, 400],
+      checkLive: true,
+      crashProb: 0.2,
+      maxCrashPoints: 50,
+    });
     await w.run();
     w.capture(); // and one at the very end
     t.same(w.errors, [], `seed ${seed}: live reads match model (COWBD_SEED=${seed})`);

@@ -118,5 +118,9 @@ t.test('a store created for its first snapshot makes header and slot durable wit
   t.equal(unfinished + opened, crashes.length, `all ${crashes.length} crash images are unfinished stores or open`);
   // A second snapshot in the same store takes the O_DSYNC path again.
   await store.createSnapshot({ name: 't', capacityChunks: 32, policy: 'invalidate', readOnly: false });
-  t.equal(durableWrites > 0 ? 'durable write' : syncs > 1 ? 'sync' : 'none', 'durable write', 'the next slot is written durably on its own');
+  t.equal(
+    durableWrites > 0 ? 'durable write' : syncs > 1 ? 'sync' : 'none',
+    'durable write',
+    'the next slot is written durably on its own',
+  );
 });

@@ -181,7 +181,13 @@ export function seeds(n: number): number[] {
 }
 
 /** Creates a snapshot in the rig's store, as the manager does (origin quiesced). */
-export async function snap(rig: Rig, name: string, capacityChunks: number, policy: 'invalidate' | 'overflow' = 'invalidate', readOnly = false): Promise<Snapshot> {
+export async function snap(
+  rig: Rig,
+  name: string,
+  capacityChunks: number,
+  policy: 'invalidate' | 'overflow' = 'invalidate',
+  readOnly = false,
+): Promise<Snapshot> {
   const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly }));
   return new Snapshot(rig.origin, rig.pool, rec);
 }

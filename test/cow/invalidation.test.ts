@@ -33,12 +33,17 @@ async function violations(seen: Array<{ chunk: number; store: Buffer; origin: Bu
   for (const s of seen) {
     const re = await reopenRig(s.origin, s.store);
     const rec = re.pool.records.find((r) => r?.name === name);
-    if (rec && rec.state === 'valid' && rec.map.get(s.chunk) === ABSENT) bad.push(`origin write to chunk ${s.chunk} issued while ${name} reads valid without a copy of it`);
+    if (rec && rec.state === 'valid' && rec.map.get(s.chunk) === ABSENT)
+      bad.push(`origin write to chunk ${s.chunk} issued while ${name} reads valid without a copy of it`);
   }
   return bad;
 }
 
-const codeOf = (p: Promise<unknown>) => p.then(() => 'ok', (e: { code?: string }) => e.code ?? String(e));
+const codeOf = (p: Promise<unknown>) =>
+  p.then(
+    () => 'ok',
+    (e: { code?: string }) => e.code ?? String(e),
+  );
 
 t.test('a write racing the invalidation of a full snapshot waits for its mark', async (t) => {
   const rig = await makeRig(64 * SPC, CS);
@@ -99,7 +104,11 @@ t.test('a store that takes no writes at all: origin writes needing the mark fail
   t.equal(s.state, 'invalid');
   t.equal(await codeOf(rig.origin.write(pattern(9 * SPC, SPC, 41), 9 * CS, false)), 'EIO', 'and every write to a chunk it lacks');
   rig.storeDev.failWrites = false;
-  t.equal(await codeOf(rig.origin.write(pattern(9 * SPC, SPC, 42), 9 * CS, false)), 'ok', 'the store recovers: the mark goes in, the write lands');
+  t.equal(
+    await codeOf(rig.origin.write(pattern(9 * SPC, SPC, 42), 9 * CS, false)),
+    'ok',
+    'the store recovers: the mark goes in, the write lands',
+  );
   t.equal(await codeOf(rig.origin.write(pattern(10 * SPC, SPC, 43), 10 * CS, false)), 'ok', 'later writes no longer wait for it');
   t.equal(await codeOf(rig.origin.flush()), 'ok', 'the flush after the recovery is clean');
   t.same(await violations(seen, 'a'), []);

@@ -64,7 +64,13 @@ t.test('costly small writes (median of 16) take the threadpool for a while; larg
 
 t.test('errors from the synchronous path still reject', async (t) => {
   const p = new IoPolicy(true);
-  t.throws(() => p.timed(() => { throw new Error('EIO'); }), /EIO/);
+  t.throws(
+    () =>
+      p.timed(() => {
+        throw new Error('EIO');
+      }),
+    /EIO/,
+  );
   t.ok(p.useSync(1), 'a fast failure does not switch paths');
   t.notOk(new IoPolicy(false).useSync(1), 'COWBD_SYNC_IO=0 disables the fast path');
 });
@@ -86,7 +92,11 @@ t.test('FileDevice reads and writes the same bytes on both paths, zero-filling p
   t.equal(tail[4096], 0, 'bytes past the end read as zeros');
   const past = Buffer.alloc(4096, 9);
   await dev.read(past, dev.size + 4096);
-  t.equal(past.every((b) => b === 0), true, 'a read wholly past the end is zeros');
+  t.equal(
+    past.every((b) => b === 0),
+    true,
+    'a read wholly past the end is zeros',
+  );
   t.ok(dev.io.syncCalls >= 3 && dev.io.asyncCalls >= 1, `sync ${dev.io.syncCalls}, async ${dev.io.asyncCalls}`);
 });
 

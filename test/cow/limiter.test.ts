@@ -5,7 +5,15 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Limiter } from '../../cow/chunk-locks.js';
-import { BACKGROUND_CALL_MIN_BYTES, BACKGROUND_QUEUE_BYTES, FileDevice, backgroundGate, gated, syncGate, threadpoolSize } from '../../cow/device.js';
+import {
+  BACKGROUND_CALL_MIN_BYTES,
+  BACKGROUND_QUEUE_BYTES,
+  FileDevice,
+  backgroundGate,
+  gated,
+  syncGate,
+  threadpoolSize,
+} from '../../cow/device.js';
 
 const tick = () => new Promise<void>((r) => setImmediate(r));
 

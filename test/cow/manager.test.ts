@@ -4,7 +4,15 @@ import t from 'tap';
 import { mkdtemp, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CowManager, FileDevice, syncDirectory, syncMadeDirectories, validName, type InvalidatedEvent, type UsageEvent } from '../../cow/index.js';
+import {
+  CowManager,
+  FileDevice,
+  syncDirectory,
+  syncMadeDirectories,
+  validName,
+  type InvalidatedEvent,
+  type UsageEvent,
+} from '../../cow/index.js';
 
 const MiB = 1 << 20;
 
@@ -95,12 +103,24 @@ t.test('transient snapshots vanish on restart; persistent stay', async (t) => {
   const b = Buffer.alloc(65536);
   await tr.read(b, 0);
   t.ok(b.equals(Buffer.alloc(65536)), 'transient snapshot serves old data');
-  t.same(m.list().map((u) => [u.name, u.transient, u.chunkSize]).sort(), [['pe', false, 4096], ['tr', true, 65536]]);
+  t.same(
+    m
+      .list()
+      .map((u) => [u.name, u.transient, u.chunkSize])
+      .sort(),
+    [
+      ['pe', false, 4096],
+      ['tr', true, 65536],
+    ],
+  );
   // No close: a crash leaves the transient file behind.
   m = await CowManager.open(dir);
   t.same((await readdir(join(dir, 'cow'))).sort(), ['v.4k.cows']);
   await m.attachOrigin('v');
-  t.same(m.list().map((u) => u.name), ['pe']);
+  t.same(
+    m.list().map((u) => u.name),
+    ['pe'],
+  );
   await m.close();
 });
 
@@ -178,13 +198,24 @@ t.test('new names are made durable: the cow directory, and a store before its fi
   const store = join(dir, 'cow', 'vol.64k.cows');
   const created = m.createSnapshot({ name: 'a', origin: 'vol', size: 4 * MiB }).then(() => log.push('acknowledged'));
   await created;
-  t.same(log, [`dir ${join(dir, 'cow')}`, `sync ${store}`, 'acknowledged'], "the store's name, its one sync (header and first slot), then the reply");
+  t.same(
+    log,
+    [`dir ${join(dir, 'cow')}`, `sync ${store}`, 'acknowledged'],
+    "the store's name, its one sync (header and first slot), then the reply",
+  );
   log.length = 0;
   await m.createSnapshot({ name: 'b', origin: 'vol', size: 4 * MiB });
-  t.notOk(log.some((l) => l.startsWith('dir')), 'a second snapshot in the same store makes no new name');
+  t.notOk(
+    log.some((l) => l.startsWith('dir')),
+    'a second snapshot in the same store makes no new name',
+  );
   const again = await CowManager.open(dir, { syncDirectory });
   t.teardown(() => again.close());
-  t.same(log.filter((l) => l.startsWith('dir')), [], 'an existing cow directory is not synced again');
+  t.same(
+    log.filter((l) => l.startsWith('dir')),
+    [],
+    'an existing cow directory is not synced again',
+  );
 });
 
 t.test('a failed directory sync fails the creation and leaves no store behind', async (t) => {

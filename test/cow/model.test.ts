@@ -10,7 +10,11 @@ import { Workload } from './workload.js';
 
 const RUNS = Number(process.env.COWBD_MODEL_RUNS ?? 24);
 
-async function verifyAll(w: Workload, origin: { read(b: Buffer, o: number): Promise<void>; size: number }, snaps: Map<string, Snapshot>): Promise<string | undefined> {
+async function verifyAll(
+  w: Workload,
+  origin: { read(b: Buffer, o: number): Promise<void>; size: number },
+  snaps: Map<string, Snapshot>,
+): Promise<string | undefined> {
   const buf = Buffer.alloc(origin.size);
   await origin.read(buf, 0);
   let err = checkSectors(buf, 0, (s) => w.origin.liveAllowed(s));
@@ -24,7 +28,10 @@ async function verifyAll(w: Workload, origin: { read(b: Buffer, o: number): Prom
       // chunks), and then it must refuse to read.
       const u = v.usage();
       if (u.capacityChunks > 24) return `${info.name} invalid with ${u.usedChunks}/${u.capacityChunks} used`;
-      const err = await v.read(buf.subarray(0, SECTOR), 0).then(() => 'read ok', (e: { code?: string }) => e.code);
+      const err = await v.read(buf.subarray(0, SECTOR), 0).then(
+        () => 'read ok',
+        (e: { code?: string }) => e.code,
+      );
       if (err !== 'EIO') return `${info.name} invalid but read gave ${err}`;
       continue;
     }
@@ -44,7 +51,15 @@ for (const seed of seeds(RUNS)) {
     rig.storeDev.yieldTurns = (seed >> 1) % 3;
     // A third of the runs use tight snapshots so invalidation and overflow happen.
     const tight = seed % 3 === 0;
-    const w = new Workload(rig, { seed, ops: 400, chunkSize, concurrency: 6, maxSnaps: 4, capacity: tight ? [3, 24] : [200, 400], checkLive: true });
+    const w = new Workload(rig, {
+      seed,
+      ops: 400,
+      chunkSize,
+      concurrency: 6,
+      maxSnaps: 4,
+      capacity: tight ? [3, 24] : [200, 400],
+      checkLive: true,
+    });
     await w.run();
     t.same(w.errors, [], `seed ${seed}: no model violations (reproduce with COWBD_SEED=${seed})`);
     const live = new Map<string, Snapshot>();
@@ -66,7 +81,11 @@ for (const seed of seeds(RUNS)) {
     for (const [name, s] of live) {
       const r2 = reSnaps.get(name)!;
       t.equal(r2.state, s.state, `${name} state survives restart`);
-      t.same({ used: r2.usage().usedChunks, exc: r2.usage().exceptions }, { used: s.usage().usedChunks, exc: s.usage().exceptions }, `${name} usage survives restart`);
+      t.same(
+        { used: r2.usage().usedChunks, exc: r2.usage().exceptions },
+        { used: s.usage().usedChunks, exc: s.usage().exceptions },
+        `${name} usage survives restart`,
+      );
     }
     t.equal(await verifyAll(w, re.origin, reSnaps), undefined, `seed ${seed}: content survives restart`);
     t.comment(`seed ${seed}: ${JSON.stringify(w.stats)} copies=${rig.pool.stats.copies} commits=${rig.pool.stats.commits}`);

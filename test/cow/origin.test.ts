@@ -65,7 +65,10 @@ t.test('no snapshot: a write goes straight to the file, the store is untouched',
   t.equal(durableId(rig, 3 * SPC), 5, 'durable after FLUSH');
   await rig.origin.write(pattern(4 * SPC, SPC, 6), 4 * CS, true);
   t.equal(durableId(rig, 4 * SPC), 6, 'a FUA write is durable when acknowledged');
-  t.notOk(ev.some((e) => e.startsWith('store')), 'never any store I/O');
+  t.notOk(
+    ev.some((e) => e.startsWith('store')),
+    'never any store I/O',
+  );
   t.equal(await idAt(rig.origin, 4 * SPC), 6);
   t.equal(await idAt(rig.origin, 5 * SPC), 1, 'untouched sectors read as before');
 
@@ -144,7 +147,10 @@ t.test('a held write that cannot land fails the next FLUSH, once', async (t) => 
   t.ok(await settles(rig.origin.write(pattern(3 * SPC, SPC, 7), 3 * CS, false)), 'acknowledged');
   rig.originDev.failWrites = true;
   syncs.open();
-  const err = await rig.origin.flush().then(() => undefined, (e: { code?: string; id?: string; message?: string }) => e);
+  const err = await rig.origin.flush().then(
+    () => undefined,
+    (e: { code?: string; id?: string; message?: string }) => e,
+  );
   t.equal(err?.code, 'EIO', 'FLUSH fails with EIO');
   t.equal(err?.id, 'COW_WRITE_LOST');
   t.match(err?.message, /acknowledged write could not be written/);
@@ -208,7 +214,7 @@ t.test('discard waits for a held write of its range, so the write does not land 
 });
 
 t.test('writeZeroes copies first, as a write does, and covers more than one zero buffer', async (t) => {
-  const rig = await makeRigWith({ writeBehindBytes: 0 }, 4 * 1024 * 1024 / SECTOR, CS);
+  const rig = await makeRigWith({ writeBehindBytes: 0 }, (4 * 1024 * 1024) / SECTOR, CS);
   const s = await snap(rig, 'a', 1000);
   const ev = trace(rig);
   await rig.origin.writeZeroes(2 * CS, 2 * CS, false);
@@ -295,7 +301,11 @@ t.test('quiesced: runs after writes in flight, and writes issued meanwhile wait 
   });
   await Promise.all([one, two]);
   t.same(runs, ['1 start', '1 end', '2 start']);
-  await t.rejects(rig.origin.quiesced(async () => Promise.reject(new Error('fn failed'))), /fn failed/, 'fn failure passes through');
+  await t.rejects(
+    rig.origin.quiesced(async () => Promise.reject(new Error('fn failed'))),
+    /fn failed/,
+    'fn failure passes through',
+  );
   await rig.origin.write(pattern(2 * SPC, SPC, 4), 2 * CS, false);
   t.equal(await fileId(rig, 2 * SPC), 4, 'writes flow again after a failed fn');
 });

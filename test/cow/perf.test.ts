@@ -35,7 +35,14 @@ async function synthesize(dir: string, n: number, cs: number): Promise<{ store: 
   await dev.write(encodePoolHeader({ chunkSize: cs, poolId, originSize, originName: 'o' }), 0);
   let nextMeta = 4;
   const areas: number[] = [];
-  const log = new AreaLog(cs, poolId, snapId, () => nextMeta++, (a) => areas.push(a), { area: 2, seq: 0, nonce: 0, count: 0, next: 3 });
+  const log = new AreaLog(
+    cs,
+    poolId,
+    snapId,
+    () => nextMeta++,
+    (a) => areas.push(a),
+    { area: 2, seq: 0, nonce: 0, count: 0, next: 3 },
+  );
   const firstData = 1 + Math.ceil(n / ((cs - 32) / 16)) + 8;
   let out: MetaWrite[] = [];
   for (let i = 0; i < n; i++) {
@@ -47,7 +54,21 @@ async function synthesize(dir: string, n: number, cs: number): Promise<{ store: 
   }
   log.finish(out);
   for (const w of out) await dev.write(Buffer.from(w.buf), w.offset);
-  await dev.write(encodeSlot({ seq: 1, snapId, inUse: true, state: 'valid', policy: 'invalidate', readOnly: false, capacityChunks: 2 * n + 1000, firstArea: 2, createdAt: Date.now(), name: 'big' }), slotOffset(0, 1));
+  await dev.write(
+    encodeSlot({
+      seq: 1,
+      snapId,
+      inUse: true,
+      state: 'valid',
+      policy: 'invalidate',
+      readOnly: false,
+      capacityChunks: 2 * n + 1000,
+      firstArea: 2,
+      createdAt: Date.now(),
+      name: 'big',
+    }),
+    slotOffset(0, 1),
+  );
   await dev.sync();
   await dev.close();
   return { store: path, origin, originSize };
@@ -70,7 +91,9 @@ t.test('restart with many exceptions: time and memory per exception', async (t) 
   const rssPer = (process.memoryUsage().rss - rss0) / n;
   t.ok(perException <= 16, `exception map + allocator: ${perException.toFixed(2)} bytes per exception`);
   t.ok(ms < 2000, `opened ${n} exceptions in ${ms.toFixed(0)} ms`);
-  t.comment(`open ${n} exceptions: ${ms.toFixed(0)} ms; tables ${perException.toFixed(2)} B/exception; RSS delta ${rssPer.toFixed(2)} B/exception`);
+  t.comment(
+    `open ${n} exceptions: ${ms.toFixed(0)} ms; tables ${perException.toFixed(2)} B/exception; RSS delta ${rssPer.toFixed(2)} B/exception`,
+  );
   const b = Buffer.alloc(65536);
   await new Snapshot(origin, store, rec).read(b, 12345 * 65536);
   await store.close();

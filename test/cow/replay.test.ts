@@ -35,12 +35,25 @@ t.test('a reopened store keeps every chunk its snapshots map, past chunk 1024', 
     const s = await FileDevice.open(storePath, { create });
     const pools = new OriginPools();
     const origin = new Origin('o', o, pools);
-    const pool = create ? await SnapshotPool.create(s, origin, { chunkSize: CS, originSize: o.size, originName: 'o' }) : await SnapshotPool.open(s, origin);
+    const pool = create
+      ? await SnapshotPool.create(s, origin, { chunkSize: CS, originSize: o.size, originName: 'o' })
+      : await SnapshotPool.open(s, origin);
     pools.add(pool);
-    return { origin, pool, close: async () => { await pool.close(); await origin.close(); } };
+    return {
+      origin,
+      pool,
+      close: async () => {
+        await pool.close();
+        await origin.close();
+      },
+    };
   };
   const snap = async (r: Awaited<ReturnType<typeof open>>, name: string) =>
-    new Snapshot(r.origin, r.pool, await r.origin.quiesced(() => r.pool.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false })));
+    new Snapshot(
+      r.origin,
+      r.pool,
+      await r.origin.quiesced(() => r.pool.createSnapshot({ name, capacityChunks: 2 * CHUNKS, policy: 'invalidate', readOnly: false })),
+    );
 
   const first = await open(true);
   await snap(first, 'a');

@@ -43,7 +43,18 @@ t.test('format round trips and rejects damage', async (t) => {
   const bad = Buffer.from(h);
   bad[40] = bad[40]! ^ 1;
   t.equal(decodePoolHeader(bad), 'bad header checksum');
-  const slot = { seq: 3, snapId: 9, inUse: true, state: 'overflow' as const, policy: 'overflow' as const, readOnly: true, capacityChunks: 256, firstArea: 5, createdAt: 1700000000000, name: 'snap-1' };
+  const slot = {
+    seq: 3,
+    snapId: 9,
+    inUse: true,
+    state: 'overflow' as const,
+    policy: 'overflow' as const,
+    readOnly: true,
+    capacityChunks: 256,
+    firstArea: 5,
+    createdAt: 1700000000000,
+    name: 'snap-1',
+  };
   t.same(decodeSlot(encodeSlot(slot)), slot);
   const torn = encodeSlot(slot);
   torn.fill(0, 256);
@@ -132,7 +143,8 @@ t.test('full-chunk snapshot write does not read the origin', async (t) => {
 t.test('invalidate policy: origin write that does not fit invalidates, persists', async (t) => {
   const rig = await makeRig(256, 4096);
   const invalidated: string[] = [];
-  (rig.pool as unknown as { events: { onInvalidated: (r: { name: string }) => void } }).events.onInvalidated = (r) => invalidated.push(r.name);
+  (rig.pool as unknown as { events: { onInvalidated: (r: { name: string }) => void } }).events.onInvalidated = (r) =>
+    invalidated.push(r.name);
   const s = await snap(rig, 'small', 4); // 2 metadata + 2 data chunks
   await rig.origin.write(pattern(0, 16, 80), 0, false);
   t.equal(s.state, 'valid');

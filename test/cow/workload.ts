@@ -57,7 +57,10 @@ export class Workload {
   ) {
     this.r = rng32(o.seed);
     this.crashR = rng32(o.seed ^ 0x5eed);
-    this.origin = new VolumeModel('origin', Array.from({ length: rig.origin.size / SECTOR }, () => 1));
+    this.origin = new VolumeModel(
+      'origin',
+      Array.from({ length: rig.origin.size / SECTOR }, () => 1),
+    );
     if (o.crashProb) {
       const hook = (): void => {
         if (this.crashes.length < (o.maxCrashPoints ?? Infinity) && this.crashR() < o.crashProb!) this.capture();
@@ -68,7 +71,11 @@ export class Workload {
   }
 
   capture(): void {
-    this.crashes.push({ t: ++this.clock, originImg: this.rig.originDev.crashImage(this.crashR), storeImg: this.rig.storeDev.crashImage(this.crashR) });
+    this.crashes.push({
+      t: ++this.clock,
+      originImg: this.rig.originDev.crashImage(this.crashR),
+      storeImg: this.rig.storeDev.crashImage(this.crashR),
+    });
   }
 
   private fail(msg: string): void {
@@ -149,7 +156,17 @@ export class Workload {
     // the origin itself may hold of the writes issued before the creation.
     const origin = this.origin;
     const model = new VolumeModel(name, base, (s, t) => origin.crashAllowed(s, t, at));
-    const info: SnapInfo = { name, model, createIssue: at, createAck: Infinity, removeIssue: Infinity, removeAck: Infinity, vol: undefined, invalid: false, policy };
+    const info: SnapInfo = {
+      name,
+      model,
+      createIssue: at,
+      createAck: Infinity,
+      removeIssue: Infinity,
+      removeAck: Infinity,
+      vol: undefined,
+      invalid: false,
+      policy,
+    };
     this.snaps.push(info);
     const rec = await this.rig.origin.quiesced(() => this.rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly: false }));
     info.createAck = ++this.clock;
@@ -207,7 +224,7 @@ export class Workload {
         if (target && this.explain(target, e)) return;
         throw e;
       }
-      if (this.o.checkLive && !(target?.invalid)) {
+      if (this.o.checkLive && !target?.invalid) {
         const err = checkSectors(buf, first, (s) => model.liveAllowed(s));
         if (err) this.fail(`${model.name} read [${first}, +${count}): ${err}`);
       }

@@ -121,39 +121,42 @@ t.test('zeroing and discarding after held writes keep their order', async (t) =>
   t.ok(b.equals(Buffer.alloc(CS)), 'zeros, not the earlier write');
 });
 
-t.test("a write handed over with keep is held in the caller's buffer and given back once, after landing and the reads it pinned", async (t) => {
-  const rig = await makeRig(64 * SPC, CS);
-  await snap(rig, 'a');
-  let gaveBack = 0;
-  let keeps = 0;
-  const keep = () => {
-    keeps++;
-    return () => gaveBack++;
-  };
-  const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
-  const buf = pattern(3 * SPC, SPC, 7);
-  t.ok(await settled(rig.origin.write(buf, 3 * CS, false, keep)), 'acknowledged while the copy waits');
-  t.equal(keeps, 1, 'the buffer was taken over');
-  const [h] = rig.origin.behind.overlapping(3 * CS, 4 * CS);
-  t.equal(h!.data, buf, 'held without a copy');
-  t.equal(rig.origin.behind.heldBytes, CS, 'and counted against the bound like a copy');
-  // A read that pins the held write across its file read keeps the buffer out.
-  const fileReads = gate(rig.originDev as unknown as { [k: string]: unknown }, 'read');
-  const read = idAt(rig.origin, 3 * SPC);
-  syncs.open();
-  await rig.origin.settle();
-  t.equal(gaveBack, 0, 'landed, but a read still copies from it');
-  fileReads.open();
-  t.equal(await read, 7, 'the read saw the held write');
-  t.equal(gaveBack, 1, 'given back once the read is done');
-  await rig.origin.flush();
-  t.equal(sectorId(rig.originDev.durableImage(), 3 * CS, 3 * SPC), 7, 'durable after FLUSH');
-  t.equal(gaveBack, 1, 'exactly once');
+t.test(
+  "a write handed over with keep is held in the caller's buffer and given back once, after landing and the reads it pinned",
+  async (t) => {
+    const rig = await makeRig(64 * SPC, CS);
+    await snap(rig, 'a');
+    let gaveBack = 0;
+    let keeps = 0;
+    const keep = () => {
+      keeps++;
+      return () => gaveBack++;
+    };
+    const syncs = gate(rig.storeDev as unknown as { [k: string]: unknown }, 'sync');
+    const buf = pattern(3 * SPC, SPC, 7);
+    t.ok(await settled(rig.origin.write(buf, 3 * CS, false, keep)), 'acknowledged while the copy waits');
+    t.equal(keeps, 1, 'the buffer was taken over');
+    const [h] = rig.origin.behind.overlapping(3 * CS, 4 * CS);
+    t.equal(h!.data, buf, 'held without a copy');
+    t.equal(rig.origin.behind.heldBytes, CS, 'and counted against the bound like a copy');
+    // A read that pins the held write across its file read keeps the buffer out.
+    const fileReads = gate(rig.originDev as unknown as { [k: string]: unknown }, 'read');
+    const read = idAt(rig.origin, 3 * SPC);
+    syncs.open();
+    await rig.origin.settle();
+    t.equal(gaveBack, 0, 'landed, but a read still copies from it');
+    fileReads.open();
+    t.equal(await read, 7, 'the read saw the held write');
+    t.equal(gaveBack, 1, 'given back once the read is done');
+    await rig.origin.flush();
+    t.equal(sectorId(rig.originDev.durableImage(), 3 * CS, 3 * SPC), 7, 'durable after FLUSH');
+    t.equal(gaveBack, 1, 'exactly once');
 
-  const fua = pattern(9 * SPC, SPC, 8);
-  await rig.origin.write(fua, 9 * CS, true, keep);
-  t.equal(keeps, 1, 'a FUA write waits for its landing: the caller keeps its buffer');
-});
+    const fua = pattern(9 * SPC, SPC, 8);
+    await rig.origin.write(fua, 9 * CS, true, keep);
+    t.equal(keeps, 1, 'a FUA write waits for its landing: the caller keeps its buffer');
+  },
+);
 
 t.test('the table is bounded by the number of writes too, so its backlog is bounded in time', async (t) => {
   const wb = new WriteBehind(1 << 30, 2);

@@ -82,8 +82,10 @@ async function list(port: number, localAddress?: string): Promise<string[] | 'cl
     await c.read(18);
     c.send(Buffer.concat([clientFlags(), option(C.NBD_OPT_LIST), option(C.NBD_OPT_ABORT)]));
     const all = await c.readAll(5000);
-    return parseOptionReplies(all).replies.filter((r) => r.type === C.NBD_REP_SERVER)
-      .map((r) => r.data.toString('utf8', 4, 4 + r.data.readUInt32BE(0))).sort();
+    return parseOptionReplies(all)
+      .replies.filter((r) => r.type === C.NBD_REP_SERVER)
+      .map((r) => r.data.toString('utf8', 4, 4 + r.data.readUInt32BE(0)))
+      .sort();
   } finally {
     c.close();
   }
@@ -109,21 +111,24 @@ t.test('a daemon enforces allow-lists and read-only exports', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'cowbd-access-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const cfg = join(dir, 'cowbd.yaml');
-  await writeFile(cfg, [
-    'exports:',
-    '  lan:',
-    '    allow: [10.0.0.0/8]',
-    '  second:',
-    '    allow: [127.0.0.2]',
-    '  ro:',
-    '    readOnly: true',
-    '  nounix:',
-    '    allow: [127.0.0.1/32]',
-    '    allowUnix: false',
-    '  v6:',
-    '    allow: ["::1/128"]',
-    '',
-  ].join('\n'));
+  await writeFile(
+    cfg,
+    [
+      'exports:',
+      '  lan:',
+      '    allow: [10.0.0.0/8]',
+      '  second:',
+      '    allow: [127.0.0.2]',
+      '  ro:',
+      '    readOnly: true',
+      '  nounix:',
+      '    allow: [127.0.0.1/32]',
+      '    allowUnix: false',
+      '  v6:',
+      '    allow: ["::1/128"]',
+      '',
+    ].join('\n'),
+  );
   const sock = join(dir, 'nbd.sock');
   const d = await startDaemon({
     dataDir: join(dir, 'data'),

@@ -41,7 +41,10 @@ t.test('volume create makes a sparse file, refuses bad names and taken names', a
   t.not(badSize.code, 0);
   t.match(badSize.stderr, /invalid size/);
   const list = await run(['volume', 'list', '--json', '--data-dir', dir]);
-  t.same(JSON.parse(list.stdout).map((v: { name: string }) => v.name), ['vol0']);
+  t.same(
+    JSON.parse(list.stdout).map((v: { name: string }) => v.name),
+    ['vol0'],
+  );
 });
 
 t.test('serve creates a default volume, locks the data dir, serves a unix socket, stops on SIGTERM', async (t) => {
@@ -79,7 +82,10 @@ t.test('the daemon runs on a threadpool of 4 unless UV_THREADPOOL_SIZE says othe
   // shows the size: main thread, V8's workers, the pool. Started through env(1) without tap's
   // NODE_OPTIONS, whose --import hooks load as ES modules and would start the pool first.
   const threads = async (...vars: string[]) => {
-    const d = await startDaemon({ volumes: [{ name: 'v', size: '1M' }], launcher: ['env', '-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars] });
+    const d = await startDaemon({
+      volumes: [{ name: 'v', size: '1M' }],
+      launcher: ['env', '-u', 'NODE_OPTIONS', '-u', 'UV_THREADPOOL_SIZE', ...vars],
+    });
     try {
       return (await readdir(`/proc/${d.proc.pid}/task`)).length;
     } finally {

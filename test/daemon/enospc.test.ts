@@ -42,7 +42,6 @@ async function tmpfs(dir: string, size: string): Promise<string | undefined> {
   return undefined;
 }
 
-
 const state = async (d: Daemon, name: string) => (await call<{ state: string }>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
 
 async function usedKiB(dir: string): Promise<number> {
@@ -76,15 +75,20 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   for (let off = 0; off < SIZE; off += MiB) same &&= (await c.read(off, MiB)).equals(fill(MiB, 2 + off / MiB));
   t.ok(same, 'and every one reads back');
   t.equal(await state(d, 'snap'), 'invalid', 'the snapshot was invalidated');
-  t.ok(await logged(d, (l) => l.snapshot === 'snap' && l.level === 50 && /invalidated/.test(String(l.msg)) && /ENOSPC/.test(String(l.reason))),
-    'the invalidation is logged with ENOSPC as the reason');
+  t.ok(
+    await logged(d, (l) => l.snapshot === 'snap' && l.level === 50 && /invalidated/.test(String(l.msg)) && /ENOSPC/.test(String(l.reason))),
+    'the invalidation is logged with ENOSPC as the reason',
+  );
   const s = await NbdClient.connect({ port: d.port, exportName: 'snap' });
   t.equal(await nbdErrno(s.read(0, 4 * KiB)), C.NBD_EIO, 'its reads fail with EIO');
   await s.disconnect();
   await c.disconnect();
 
   t.equal(await d.stop(), 0, 'the daemon stayed up and stops cleanly');
-  t.notOk(d.logs.some((l) => l.msg === 'flush failed'), 'without trying to flush the invalid snapshot');
+  t.notOk(
+    d.logs.some((l) => l.msg === 'flush failed'),
+    'without trying to flush the invalid snapshot',
+  );
   d = await startDaemon({ dataDir, logLevel: 'info' });
   t.equal(await state(d, 'snap'), 'invalid', 'still invalid after a restart');
 
@@ -103,9 +107,16 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   // No room even for a store's header: creation fails, leaves no file, and the next one works.
   const filler = join(cowDir, 'filler');
   await execFileP('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k', 'count=64']).catch(() => undefined); // fills it: dd stops at ENOSPC
-  const refused = await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'nospace', origin: 'vol0', size: '4M' }).then(() => 'created', (e: Error) => e.message);
+  const refused = await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'nospace', origin: 'vol0', size: '4M' }).then(
+    () => 'created',
+    (e: Error) => e.message,
+  );
   t.match(refused, /ENOSPC|no space/i, 'creating a snapshot on a full file system fails with ENOSPC');
-  t.same((await readdir(cowDir)).filter((f) => f !== 'filler'), [], 'and leaves no half-made store behind');
+  t.same(
+    (await readdir(cowDir)).filter((f) => f !== 'filler'),
+    [],
+    'and leaves no half-made store behind',
+  );
   await unlink(filler);
   await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'later', origin: 'vol0', size: '512K' });
   t.equal(await state(d, 'later'), 'valid', 'once there is room, the same creation succeeds');
@@ -113,9 +124,16 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   t.equal(d.proc.exitCode, null, 'the daemon is still up');
 });
 
-t.test('the origin\'s file system fills up', { skip: skipB ?? false }, async (t) => {
+t.test("the origin's file system fills up", { skip: skipB ?? false }, async (t) => {
   const dataDir = dirB;
-  const d = await startDaemon({ dataDir, volumes: [{ name: 'vol0', size: '16M' }, { name: 'vol1', size: '1M' }], logLevel: 'info' });
+  const d = await startDaemon({
+    dataDir,
+    volumes: [
+      { name: 'vol0', size: '16M' },
+      { name: 'vol1', size: '1M' },
+    ],
+    logLevel: 'info',
+  });
   t.teardown(() => d.stop());
   const c = await NbdClient.connect({ port: d.port, exportName: 'vol0' });
   const other = await NbdClient.connect({ port: d.port, exportName: 'vol1' });
@@ -131,8 +149,13 @@ t.test('the origin\'s file system fills up', { skip: skipB ?? false }, async (t)
   }
   t.comment(`${ok.length} writes of 512 KiB fit, ${enospc.length} got ENOSPC`);
   t.ok(ok.length > 0 && enospc.length > 0, 'writes succeed until the file system is full, then get NBD_ENOSPC');
-  t.ok(await logged(d, (l) => l.msg === 'request failed' && l.export === 'vol0' && l.level === 40 && (l.err as { code?: string })?.code === 'ENOSPC'),
-    'each is logged at warn with the export name and the real error');
+  t.ok(
+    await logged(
+      d,
+      (l) => l.msg === 'request failed' && l.export === 'vol0' && l.level === 40 && (l.err as { code?: string })?.code === 'ENOSPC',
+    ),
+    'each is logged at warn with the export name and the real error',
+  );
 
   let intact = true;
   for (const off of ok) intact &&= (await c.read(off, 512 * KiB)).equals(fill(512 * KiB, off / KiB));

@@ -37,14 +37,21 @@ async function faults(rules: FaultRule[]): Promise<void> {
   await rename(`${rulesFile}.tmp`, rulesFile);
 }
 
-
-interface SnapView { name: string; state: string }
+interface SnapView {
+  name: string;
+  state: string;
+}
 const state = async (d: Daemon, name: string) => (await call<SnapView>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
 
 /** A 'request failed' line carrying the real error (code) and the export's name. */
-const failure = (exportName: string, command: string, code: string, level = 50) => (l: Record<string, unknown>) =>
-  l.msg === 'request failed' && l.export === exportName && l.command === command && l.level === level &&
-  (l.err as { code?: string } | undefined)?.code === code;
+const failure =
+  (exportName: string, command: string, code: string, level = 50) =>
+  (l: Record<string, unknown>) =>
+    l.msg === 'request failed' &&
+    l.export === exportName &&
+    l.command === command &&
+    l.level === level &&
+    (l.err as { code?: string } | undefined)?.code === code;
 
 await faults([]);
 process.env.COWBD_TEST_FAULTS = rulesFile; // inherited by the daemons this file starts
@@ -54,7 +61,10 @@ let d = await start([{ name: 'vol0', size: '16M' }]);
 t.teardown(() => d.stop());
 
 t.test('fault injection is announced and off until armed', async (t) => {
-  t.ok(d.logs.some((l) => l.level === 40 && String(l.msg).includes('TEST-ONLY fault injection')), 'the daemon warns that faults are on');
+  t.ok(
+    d.logs.some((l) => l.level === 40 && String(l.msg).includes('TEST-ONLY fault injection')),
+    'the daemon warns that faults are on',
+  );
   const c = await NbdClient.connect({ port: d.port, exportName: 'vol0' });
   await c.write(0, fill(4 * MiB, 1));
   t.same(await c.read(0, 4 * MiB), fill(4 * MiB, 1));
@@ -122,8 +132,13 @@ t.test('EIO copying into a snapshot store invalidates that snapshot; the origin 
   const o = await NbdClient.connect({ port: d.port, exportName: 'other' });
   t.same(await o.read(8 * MiB, 2 * MiB), fill(2 * MiB, 20), 'the other snapshot still reads its point in time');
   await o.disconnect();
-  t.ok(await logged(d, (l) => l.snapshot === 'wfail' && l.level === 50 && String(l.msg).includes('invalidated') && String(l.reason).includes('EIO')),
-    'the invalidation is logged with the real error');
+  t.ok(
+    await logged(
+      d,
+      (l) => l.snapshot === 'wfail' && l.level === 50 && String(l.msg).includes('invalidated') && String(l.reason).includes('EIO'),
+    ),
+    'the invalidation is logged with the real error',
+  );
   await c.disconnect();
 });
 
@@ -153,7 +168,11 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
   // The log line travels through the daemon's stdout: it may trail the FLUSH reply.
   t.ok(await logged(d, (l) => l.msg === 'acknowledged origin write lost'), 'and the loss is logged');
   t.equal(await state(d, 'dead'), 'invalid', 'the snapshot is invalid in memory');
-  t.equal(await nbdErrno(c.write(10 * MiB + 16 * KiB, fill(16 * KiB, 24))), C.NBD_EIO, 'every write it would have needed a copy for fails alike');
+  t.equal(
+    await nbdErrno(c.write(10 * MiB + 16 * KiB, fill(16 * KiB, 24))),
+    C.NBD_EIO,
+    'every write it would have needed a copy for fails alike',
+  );
   t.same(await c.read(8 * MiB, 64 * KiB), fill(64 * KiB, 21), 'reads of the origin still work');
   const o = await NbdClient.connect({ port: d.port, exportName: 'other' });
   t.same(await o.read(8 * MiB, 2 * MiB), fill(2 * MiB, 20), 'and so do the other exports');
@@ -168,7 +187,10 @@ t.test('a store that cannot even take the invalid mark: the origin write that ne
 t.test('a store whose sync failed still removes its snapshots; a new store then works', async (t) => {
   // The 32 KiB store's committer gave up when its sync failed: the removal goes in directly.
   await call(d.dataDir, 'DELETE', '/v1/snapshots/sfail');
-  t.notOk((await call<SnapView[]>(d.dataDir, 'GET', '/v1/snapshots')).some((s) => s.name === 'sfail'), 'removed');
+  t.notOk(
+    (await call<SnapView[]>(d.dataDir, 'GET', '/v1/snapshots')).some((s) => s.name === 'sfail'),
+    'removed',
+  );
   await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'fresh', origin: 'vol0', size: '4M', chunkSize: '32K' });
   const c = await NbdClient.connect({ port: d.port, exportName: 'vol0' });
   const before = await c.read(11 * MiB, 32 * KiB);
@@ -183,7 +205,10 @@ t.test('a store whose sync failed still removes its snapshots; a new store then 
 t.test('after a restart: invalid stays invalid, the rest reads as before', async (t) => {
   t.equal(d.proc.exitCode, null, 'the daemon stayed up through every fault');
   t.equal(await d.stop(), 0, 'and stops cleanly');
-  t.notOk(d.logs.some((l) => l.msg === 'flush failed'), 'without trying to flush the invalid snapshots');
+  t.notOk(
+    d.logs.some((l) => l.msg === 'flush failed'),
+    'without trying to flush the invalid snapshots',
+  );
   d = await start();
   for (const name of ['wfail', 'dead']) t.equal(await state(d, name), 'invalid', `${name} is still invalid`);
   t.equal(await state(d, 'other'), 'valid');

@@ -71,7 +71,10 @@ t.test('--max-connections: the extra client is refused and logged, the others ke
 
 t.test('--max-connections-per-export: GO is refused with POLICY, EXPORT_NAME hangs up, other exports serve', async (t) => {
   const d = await startDaemon({
-    volumes: [{ name: 'a', size: '4M' }, { name: 'b', size: '4M' }],
+    volumes: [
+      { name: 'a', size: '4M' },
+      { name: 'b', size: '4M' },
+    ],
     logLevel: 'info',
     args: ['--max-connections-per-export', '2'],
   });
@@ -106,10 +109,17 @@ t.test('--max-connections-per-export: GO is refused with POLICY, EXPORT_NAME han
   await a1.write(0, Buffer.alloc(512, 1));
   t.ok((await a2.read(0, 512)).equals(Buffer.alloc(512, 1)), 'the admitted clients are served');
   await a1.disconnect();
-  await waitFor('the slot to free', async () => (await NbdClient.connect({ port: d.port, exportName: 'a' }).then((x) => {
-    x.destroy();
-    return true;
-  }, () => false)));
+  await waitFor(
+    'the slot to free',
+    async () =>
+      await NbdClient.connect({ port: d.port, exportName: 'a' }).then(
+        (x) => {
+          x.destroy();
+          return true;
+        },
+        () => false,
+      ),
+  );
   await a2.disconnect();
   c.close();
 });
@@ -148,7 +158,10 @@ t.test('--max-bytes-in-flight: many clients blasting writes are paused, the daem
   const DEPTH = 16; // per client: 16 MiB wanted in flight each, 256 MiB in all
   const PER_CLIENT = 48;
   const d = await startDaemon({
-    volumes: [{ name: 'big', size: `${CLIENTS * 4}M` }, { name: 'probe', size: '4M' }],
+    volumes: [
+      { name: 'big', size: `${CLIENTS * 4}M` },
+      { name: 'probe', size: '4M' },
+    ],
     logLevel: 'info',
     args: ['--max-bytes-in-flight', `${LIMIT / MiB}M`],
   });
@@ -183,18 +196,20 @@ t.test('--max-bytes-in-flight: many clients blasting writes are paused, the daem
   const clients = await Promise.all(Array.from({ length: CLIENTS }, () => NbdClient.connect({ port: d.port, exportName: 'big' })));
   const t0 = now();
   let errors = 0;
-  await Promise.all(clients.map(async (c, i) => {
-    const region = i * 4 * MiB;
-    let next = 0;
-    const lane = async () => {
-      while (next < PER_CLIENT) {
-        const k = next++;
-        const data = Buffer.alloc(WRITE, (i * 7 + k) & 0xff);
-        await c.write(region + (k % 4) * WRITE, data).catch(() => errors++);
-      }
-    };
-    await Promise.all(Array.from({ length: DEPTH }, lane));
-  }));
+  await Promise.all(
+    clients.map(async (c, i) => {
+      const region = i * 4 * MiB;
+      let next = 0;
+      const lane = async () => {
+        while (next < PER_CLIENT) {
+          const k = next++;
+          const data = Buffer.alloc(WRITE, (i * 7 + k) & 0xff);
+          await c.write(region + (k % 4) * WRITE, data).catch(() => errors++);
+        }
+      };
+      await Promise.all(Array.from({ length: DEPTH }, lane));
+    }),
+  );
   const blastMs = now() - t0;
   blasting = false;
   await Promise.all([sampler, prober]);
@@ -208,7 +223,10 @@ t.test('--max-bytes-in-flight: many clients blasting writes are paused, the daem
     if (!got.equals(Buffer.alloc(4096, (i * 7 + k) & 0xff))) t.fail(`client ${i}: slot 0 holds the wrong data`);
   }
   const overshoot = CLIENTS * WRITE + 4096; // one request per connection may be admitted past the limit
-  t.ok(maxGauge <= LIMIT + overshoot, `bytes in flight peaked at ${mib(maxGauge / 1024)} MiB (limit ${LIMIT / MiB} MiB + one request per connection)`);
+  t.ok(
+    maxGauge <= LIMIT + overshoot,
+    `bytes in flight peaked at ${mib(maxGauge / 1024)} MiB (limit ${LIMIT / MiB} MiB + one request per connection)`,
+  );
   t.ok(maxGauge > 0, 'the gauge saw the traffic');
   const warned = logged(d, 'total bytes in flight across connections reached the limit; pausing reads until requests finish');
   t.ok(warned.length >= 1, 'hitting the limit is logged');

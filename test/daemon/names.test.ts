@@ -25,11 +25,14 @@ async function tree(dir: string): Promise<string[]> {
 function control(dataDir: string, method: string, path: string, body?: unknown): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = request({ socketPath: join(dataDir, 'control.sock'), method, path, headers: payload ? { 'content-type': 'application/json' } : {} }, (res) => {
-      let text = '';
-      res.on('data', (c: Buffer) => (text += c.toString()));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
-    });
+    const req = request(
+      { socketPath: join(dataDir, 'control.sock'), method, path, headers: payload ? { 'content-type': 'application/json' } : {} },
+      (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c.toString()));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      },
+    );
     req.on('error', reject);
     req.end(payload);
   });
@@ -82,15 +85,33 @@ t.test('hostile names reach nothing outside the data directory', async (t) => {
   const insideBefore = await tree(dataDir);
 
   const names = [
-    '../victim', '../../victim', '..', '.', '/', '/etc/passwd', join(root, 'victim'), `${root}/victim.vol`, 'victim',
-    'vol/../../victim', 'vol\0../victim', '\0', '..\\victim', '%2e%2e/victim', 'vol.vol', 'cow', 'control.sock',
-    'a'.repeat(4096), 'é'.repeat(300),
+    '../victim',
+    '../../victim',
+    '..',
+    '.',
+    '/',
+    '/etc/passwd',
+    join(root, 'victim'),
+    `${root}/victim.vol`,
+    'victim',
+    'vol/../../victim',
+    'vol\0../victim',
+    '\0',
+    '..\\victim',
+    '%2e%2e/victim',
+    'vol.vol',
+    'cow',
+    'control.sock',
+    'a'.repeat(4096),
+    'é'.repeat(300),
   ];
   for (const name of names) {
     for (const opt of [C.NBD_OPT_INFO, C.NBD_OPT_GO, C.NBD_OPT_LIST_META_CONTEXT]) {
       const r = await optionReply(d.port, opt, name);
-      t.ok(r === C.NBD_REP_ERR_UNKNOWN || r === C.NBD_REP_ERR_INVALID,
-        `option ${opt} on ${JSON.stringify(name.length > 40 ? `${name.slice(0, 40)}…` : name)}: 0x${typeof r === 'number' ? r.toString(16) : r}`);
+      t.ok(
+        r === C.NBD_REP_ERR_UNKNOWN || r === C.NBD_REP_ERR_INVALID,
+        `option ${opt} on ${JSON.stringify(name.length > 40 ? `${name.slice(0, 40)}…` : name)}: 0x${typeof r === 'number' ? r.toString(16) : r}`,
+      );
     }
     t.equal(await exportName(d.port, Buffer.from(name)), 0, `EXPORT_NAME ${JSON.stringify(name.slice(0, 40))} hangs up`);
   }
@@ -123,7 +144,10 @@ t.test('hostile names reach nothing outside the data directory', async (t) => {
   ];
   for (const [method, path, body] of api) {
     const r = await control(dataDir, method, path, body);
-    t.ok(r.status >= 400 && r.status < 500, `${method} ${path.slice(0, 60)} ${body ? JSON.stringify(body).slice(0, 60) : ''}: ${r.status} ${r.body.slice(0, 120)}`);
+    t.ok(
+      r.status >= 400 && r.status < 500,
+      `${method} ${path.slice(0, 60)} ${body ? JSON.stringify(body).slice(0, 60) : ''}: ${r.status} ${r.body.slice(0, 120)}`,
+    );
   }
 
   t.same(await tree(root).then((l) => l.filter((p) => !p.startsWith('data'))), outsideBefore, 'nothing outside the data directory changed');
@@ -131,7 +155,11 @@ t.test('hostile names reach nothing outside the data directory', async (t) => {
   t.same(await tree(dataDir), insideBefore, 'nothing inside the data directory changed either');
   const still = await run('nbdinfo', ['--json', d.uri('vol')]);
   t.equal(still.code, 0, 'the daemon still serves');
-  t.same(d.logs.filter((l) => Number(l.level) >= 50), [], 'no errors logged (no 500s)');
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 50),
+    [],
+    'no errors logged (no 500s)',
+  );
 });
 
 t.test('the control socket is 0600 and a new data directory 0700', async (t) => {
@@ -145,7 +173,10 @@ t.test('the control socket is 0600 and a new data directory 0700', async (t) => 
   t.ok(sock.isSocket(), 'control.sock is a socket');
   t.equal(sock.mode & 0o777, 0o600, 'control socket is 0600');
   t.equal((await stat(join(dataDir, 'vol.vol'))).mode & 0o777, 0o600, 'volume files are 0600');
-  t.notOk(d.logs.some((l) => String(l.msg).includes('accessible to other users')), 'no warning for a private data directory');
+  t.notOk(
+    d.logs.some((l) => String(l.msg).includes('accessible to other users')),
+    'no warning for a private data directory',
+  );
   await d.stop();
 
   const open = join(root, 'open');

@@ -40,7 +40,10 @@ async function metrics(d: Daemon): Promise<string> {
 
 async function listExports(d: Daemon): Promise<{ name: string; description: string }[]> {
   const { stdout } = await execFileP('nbdinfo', ['--list', '--json', d.uri()]);
-  return (JSON.parse(stdout).exports as { 'export-name': string; description: string }[]).map((e) => ({ name: e['export-name'], description: e.description }));
+  return (JSON.parse(stdout).exports as { 'export-name': string; description: string }[]).map((e) => ({
+    name: e['export-name'],
+    description: e.description,
+  }));
 }
 
 const MiB = 1 << 20;
@@ -76,7 +79,13 @@ t.test('snapshots appear, freeze their point in time, and go away live', async (
   t.ok(o2.data!.equals(Buffer.alloc(4096, 0xbb)), 'snapshot write does not reach the origin');
 
   const status = await json<{ name: string; kind: string; state: string; usedPercent: number | null }[]>(d, 'status');
-  t.same(status.map((s) => [s.name, s.kind, s.state]), [['vol0', 'origin', 'active'], ['snap1', 'snapshot', 'valid']]);
+  t.same(
+    status.map((s) => [s.name, s.kind, s.state]),
+    [
+      ['vol0', 'origin', 'active'],
+      ['snap1', 'snapshot', 'valid'],
+    ],
+  );
   t.ok(status[1]!.usedPercent! > 0);
 
   const m = await metrics(d);
@@ -95,7 +104,10 @@ t.test('snapshots appear, freeze their point in time, and go away live', async (
   await snap.closed;
   t.ok(snap.ended, 'snapshot client disconnected');
   t.equal((await read(origin, 0, 4096)).error, 0, 'origin client unaffected');
-  t.same((await listExports(d)).map((e) => e.name), ['vol0']);
+  t.same(
+    (await listExports(d)).map((e) => e.name),
+    ['vol0'],
+  );
   origin.close();
 });
 
@@ -125,7 +137,11 @@ t.test('a full store invalidates the snapshot, never the origin, and stays inval
   d = await startDaemon({ dataDir });
   t.teardown(() => d.stop());
   const list = await json<{ name: string; state: string }[]>(d, 'snapshot', 'list');
-  t.same(list.map((x) => [x.name, x.state]), [['small', 'invalid']], 'still invalid after restart');
+  t.same(
+    list.map((x) => [x.name, x.state]),
+    [['small', 'invalid']],
+    'still invalid after restart',
+  );
   const c2 = await RawClient.connect(d.port);
   await c2.go('vol0');
   t.ok((await read(c2, 0, MiB)).data!.equals(Buffer.alloc(MiB, 0x22)), 'origin data survived the restart');
@@ -162,7 +178,8 @@ t.test('auto-extend grows a filling snapshot and logs it', async (t) => {
   t.equal(await write(c, 0, Buffer.alloc(640 * 1024, 0x55)), 0);
   let cap = 0;
   for (let i = 0; i < 50 && cap <= MiB; i++) {
-    cap = (await json<{ capacityBytes: number }>(d, 'snapshot', 'list').then((l) => (l as unknown as { capacityBytes: number }[])[0]!)).capacityBytes;
+    cap = (await json<{ capacityBytes: number }>(d, 'snapshot', 'list').then((l) => (l as unknown as { capacityBytes: number }[])[0]!))
+      .capacityBytes;
     if (cap <= MiB) await new Promise((r) => setTimeout(r, 100));
   }
   t.ok(cap >= 2 * MiB, `capacity grew to ${cap}`);
@@ -201,7 +218,10 @@ t.test('CLI errors say what is wrong and exit non-zero', async (t) => {
   c.close();
   t.equal((await cli(d, 'volume', 'remove', 'vol1')).code, 0);
   const vols = await json<{ name: string }[]>(d, 'volume', 'list');
-  t.same(vols.map((v) => v.name), ['vol0']);
+  t.same(
+    vols.map((v) => v.name),
+    ['vol0'],
+  );
   const help = await cowbdResult(['snapshot', 'create', '--help']);
   t.equal(help.code, 0);
   t.match(help.stdout, /--chunk-size/);
@@ -220,5 +240,8 @@ t.test('config file: YAML options, flags win', async (t) => {
   const c = await RawClient.connect(d.port);
   t.equal((await c.go('fromconfig')).size, 2 * MiB, 'config file options applied');
   c.close();
-  t.ok(d.logs.some((l) => l.level === 20), 'the --log-level flag beat the config file');
+  t.ok(
+    d.logs.some((l) => l.level === 20),
+    'the --log-level flag beat the config file',
+  );
 });

@@ -33,7 +33,14 @@ t.test(`kill -9 under load, ${CYCLES} cycles (seed ${SEED})`, async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'cowbd-soak-'));
   t.teardown(() => rm(dataDir, { recursive: true, force: true }));
   const r = await runSoak({
-    dataDir, cycles: CYCLES, seed: SEED, size: 8 << 20, clients: 3, depth: 4, loadMs: [300, 1500], maxSnapshots: 5,
+    dataDir,
+    cycles: CYCLES,
+    seed: SEED,
+    size: 8 << 20,
+    clients: 3,
+    depth: 4,
+    loadMs: [300, 1500],
+    maxSnapshots: 5,
     log: (line) => t.comment(line),
   });
   for (const line of describeSoak(r)) t.comment(line);

@@ -114,7 +114,11 @@ t.test('vanishing clients leave no fds, connections or bytes behind', async (t) 
   t.equal(g.requests, 0, 'no requests left in flight');
   t.equal(g.bytes, 0, 'no bytes left held (cut-short write payloads are released)');
   t.ok(s.fds <= base.fds, `fd count back to the baseline (${base.fds} -> ${s.fds})`);
-  t.same(d.logs.filter((l) => Number(l.level) >= 50).map((l) => l.msg), [], 'no error lines in the log');
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 50).map((l) => l.msg),
+    [],
+    'no error lines in the log',
+  );
   await stay.disconnect();
   t.equal(await d.stop(), 0, 'the daemon exits 0');
 });

@@ -55,8 +55,11 @@ export async function campaign(t: FuzzTarget, o: CampaignOptions): Promise<Campa
   const progress = (phase: string) => (done: number, failures: number, ms: number, final: boolean) => {
     if (final || done % 10_000 === 0) {
       const s = t.dead() ? undefined : sample(t.pid);
-      o.log(`${phase}: ${done} cases, ${failures} failures, ${Math.round((done / ms) * 1000)} cases/s` +
-        (s ? `, RSS ${mib(s.rssKiB)} MiB, ${s.fds} fds` : '') + `, canary ${canary.ops} ops`);
+      o.log(
+        `${phase}: ${done} cases, ${failures} failures, ${Math.round((done / ms) * 1000)} cases/s` +
+          (s ? `, RSS ${mib(s.rssKiB)} MiB, ${s.fds} fds` : '') +
+          `, canary ${canary.ops} ops`,
+      );
     }
   };
   const common = {
@@ -71,7 +74,9 @@ export async function campaign(t: FuzzTarget, o: CampaignOptions): Promise<Campa
   const warmRun = await fuzzRun(t, { ...common, start: 0, cases: o.warmup, onProgress: progress('warm-up') });
   const connectionsWarm = await settleConnections(t, 1);
   const warm = t.dead() ? { rssKiB: 0, fds: 0 } : await waitForFds(t.pid, 0, 300);
-  o.log(`baseline after ${warmRun.cases} warm-up cases: RSS ${mib(warm.rssKiB)} MiB, ${warm.fds} fds, ${connectionsWarm} connection(s) open`);
+  o.log(
+    `baseline after ${warmRun.cases} warm-up cases: RSS ${mib(warm.rssKiB)} MiB, ${warm.fds} fds, ${connectionsWarm} connection(s) open`,
+  );
   const main = warmRun.aborted
     ? { cases: 0, failures: [], elapsedMs: 0, aborted: warmRun.aborted }
     : await fuzzRun(t, { ...common, start: o.warmup, cases: o.cases - o.warmup, onProgress: progress('fuzz') });
@@ -112,7 +117,9 @@ export function summary(r: CampaignResult): string[] {
 export function loadRegressions(dir: string): { file: string; saved: SavedCase }[] {
   let names: string[];
   try {
-    names = readdirSync(dir).filter((n) => n.endsWith('.json')).sort();
+    names = readdirSync(dir)
+      .filter((n) => n.endsWith('.json'))
+      .sort();
   } catch {
     return [];
   }

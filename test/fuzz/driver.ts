@@ -140,7 +140,8 @@ export function checkScript(script: Script, received: Buffer): void {
       if (!p) throw new OracleError(`simple reply for ${done.has(key) ? 'an already answered' : 'an unknown'} cookie ${key}`);
       const error = h.readUInt32BE(4);
       const what = `${C.COMMAND_NAMES[p.req.type] ?? p.req.type} ${p.req.offset}+${p.req.length} flags 0x${p.req.flags.toString(16)}`;
-      if (script.structured && p.req.type === C.NBD_CMD_READ) throw new OracleError(`${what}: simple reply to a read with structured replies`);
+      if (script.structured && p.req.type === C.NBD_CMD_READ)
+        throw new OracleError(`${what}: simple reply to a read with structured replies`);
       if (error === 0 && p.req.type === C.NBD_CMD_READ) r.take(p.req.length, `${what} data`);
       judge(p.req.expect, error === 0, what);
       pending.delete(key);
@@ -164,7 +165,8 @@ export function checkScript(script: Script, received: Buffer): void {
         if (req.type !== C.NBD_CMD_READ) throw new OracleError(`${what}: read chunk for a non-read`);
         const off = payload.readBigUInt64BE(0);
         const len = type === C.NBD_REPLY_TYPE_OFFSET_DATA ? payload.length - 8 : payload.readUInt32BE(8);
-        if (off < req.offset || off + BigInt(len) > req.offset + BigInt(req.length)) throw new OracleError(`${what}: chunk ${off}+${len} outside the request`);
+        if (off < req.offset || off + BigInt(len) > req.offset + BigInt(req.length))
+          throw new OracleError(`${what}: chunk ${off}+${len} outside the request`);
         p.covered += len;
       } else if (type === C.NBD_REPLY_TYPE_BLOCK_STATUS) {
         if (req.type !== C.NBD_CMD_BLOCK_STATUS) throw new OracleError(`${what}: block status chunk for another command`);
@@ -186,8 +188,10 @@ export function checkScript(script: Script, received: Buffer): void {
       if (flags & C.NBD_REPLY_FLAG_DONE) {
         const ok = !p.error;
         judge(req.expect, ok, what);
-        if (ok && req.type === C.NBD_CMD_READ && p.covered !== req.length) throw new OracleError(`${what}: chunks cover ${p.covered} of ${req.length} bytes`);
-        if (ok && req.type === C.NBD_CMD_BLOCK_STATUS && p.covered !== 1) throw new OracleError(`${what}: ${p.covered} block status chunks`);
+        if (ok && req.type === C.NBD_CMD_READ && p.covered !== req.length)
+          throw new OracleError(`${what}: chunks cover ${p.covered} of ${req.length} bytes`);
+        if (ok && req.type === C.NBD_CMD_BLOCK_STATUS && p.covered !== 1)
+          throw new OracleError(`${what}: ${p.covered} block status chunks`);
         pending.delete(key);
         done.add(key);
       }
@@ -197,7 +201,9 @@ export function checkScript(script: Script, received: Buffer): void {
   }
   if (pending.size) {
     const first = [...pending.values()][0]!.req;
-    throw new OracleError(`${pending.size} request(s) never answered, e.g. ${C.COMMAND_NAMES[first.type] ?? first.type} ${first.offset}+${first.length}`);
+    throw new OracleError(
+      `${pending.size} request(s) never answered, e.g. ${C.COMMAND_NAMES[first.type] ?? first.type} ${first.offset}+${first.length}`,
+    );
   }
 }
 
@@ -243,7 +249,12 @@ export class Canary {
   private loop?: Promise<void>;
   private client?: NbdClient;
 
-  constructor(private readonly target: Target, private readonly exportName = 'canary', private readonly opTimeoutMs = 5000, private readonly seed = 1) {}
+  constructor(
+    private readonly target: Target,
+    private readonly exportName = 'canary',
+    private readonly opTimeoutMs = 5000,
+    private readonly seed = 1,
+  ) {}
 
   async start(): Promise<void> {
     this.client = await NbdClient.connect({ host: this.target.host, port: this.target.port, exportName: this.exportName });

@@ -37,7 +37,11 @@ t.test('fuzzing the daemon', async (t) => {
   });
   for (const line of summary(r)) t.comment(line);
   t.equal(r.aborted, undefined, 'the daemon stayed up');
-  t.same(r.failures.map((f) => `case ${f.index} (${f.kind}): ${f.message}`), [], `seed ${SEED}: every case answered or closed in time`);
+  t.same(
+    r.failures.map((f) => `case ${f.index} (${f.kind}): ${f.message}`),
+    [],
+    `seed ${SEED}: every case answered or closed in time`,
+  );
   t.equal(r.cases, CASES, 'every case ran');
   t.ok(r.canaryOps > 100, `the canary was served throughout (${r.canaryOps} ops)`);
   t.same(r.canaryFailures, [], 'every canary write and read answered correctly and in time');
@@ -45,6 +49,10 @@ t.test('fuzzing the daemon', async (t) => {
   t.equal(r.connectionsEnd, r.connectionsWarm, 'connection gauge back to the baseline');
   const growth = (r.end.rssKiB - r.warm.rssKiB) / 1024;
   t.ok(growth < RSS_BOUND_MIB, `RSS ${mib(r.warm.rssKiB)} -> ${mib(r.end.rssKiB)} MiB, growth under ${RSS_BOUND_MIB} MiB`);
-  t.same(target.daemon!.logs.map((l) => l.msg), [], 'no error lines in the daemon log');
+  t.same(
+    target.daemon!.logs.map((l) => l.msg),
+    [],
+    'no error lines in the daemon log',
+  );
   t.equal(await target.daemon!.stop(), 0, 'the daemon exits 0 on SIGTERM');
 });

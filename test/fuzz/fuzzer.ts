@@ -135,15 +135,64 @@ export const FUZZ_EXPORTS = {
 const MiB = 1024 * 1024;
 
 const INTERESTING_32 = [
-  0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 0x7f, 0x80, 0xff, 0x100, 511, 512, 513, 4095, 4096, 4097, 0xffff, 0x10000,
-  0x10001, MiB, 32 * MiB, 64 * MiB - 1, 64 * MiB, 64 * MiB + 1, FUZZ_EXPORTS.size - 1, FUZZ_EXPORTS.size,
-  FUZZ_EXPORTS.size + 1, 0x7fffffff, 0x80000000, 0xfffffffe, 0xffffffff,
+  0,
+  1,
+  2,
+  3,
+  4,
+  7,
+  8,
+  15,
+  16,
+  17,
+  0x7f,
+  0x80,
+  0xff,
+  0x100,
+  511,
+  512,
+  513,
+  4095,
+  4096,
+  4097,
+  0xffff,
+  0x10000,
+  0x10001,
+  MiB,
+  32 * MiB,
+  64 * MiB - 1,
+  64 * MiB,
+  64 * MiB + 1,
+  FUZZ_EXPORTS.size - 1,
+  FUZZ_EXPORTS.size,
+  FUZZ_EXPORTS.size + 1,
+  0x7fffffff,
+  0x80000000,
+  0xfffffffe,
+  0xffffffff,
 ];
 
 const INTERESTING_64 = [
-  0n, 1n, 511n, 512n, 4096n, BigInt(FUZZ_EXPORTS.size - 1), BigInt(FUZZ_EXPORTS.size), BigInt(FUZZ_EXPORTS.size + 1),
-  BigInt(FUZZ_EXPORTS.size - 4096), 2n ** 31n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n,
-  2n ** 63n - 1n, 2n ** 63n, 2n ** 64n - 4096n, 2n ** 64n - 512n, 2n ** 64n - 1n,
+  0n,
+  1n,
+  511n,
+  512n,
+  4096n,
+  BigInt(FUZZ_EXPORTS.size - 1),
+  BigInt(FUZZ_EXPORTS.size),
+  BigInt(FUZZ_EXPORTS.size + 1),
+  BigInt(FUZZ_EXPORTS.size - 4096),
+  2n ** 31n,
+  2n ** 32n - 1n,
+  2n ** 32n,
+  2n ** 53n - 1n,
+  2n ** 53n,
+  2n ** 53n + 1n,
+  2n ** 63n - 1n,
+  2n ** 63n,
+  2n ** 64n - 4096n,
+  2n ** 64n - 512n,
+  2n ** 64n - 1n,
 ];
 
 // --- frame builders ---------------------------------------------------------
@@ -219,7 +268,13 @@ const INFO_TYPES = [C.NBD_INFO_EXPORT, C.NBD_INFO_NAME, C.NBD_INFO_DESCRIPTION, 
 const META_QUERIES = ['base:allocation', 'base:', 'base:allocation:', 'qemu:dirty-bitmap:x', 'nosuch:thing', '', ':', 'base:allocationX'];
 
 /** Options before GO, each with its expected outcome, tracking structured/meta state. */
-function preGoOptions(rng: Rng, out: Buffer[], steps: OptionStep[], state: { structured: boolean; meta: boolean }, exp: ExportChoice): void {
+function preGoOptions(
+  rng: Rng,
+  out: Buffer[],
+  steps: OptionStep[],
+  state: { structured: boolean; meta: boolean },
+  exp: ExportChoice,
+): void {
   const n = rng.int(5);
   for (let i = 0; i < n; i++) {
     switch (rng.int(9)) {
@@ -315,14 +370,22 @@ function preGoOptions(rng: Rng, out: Buffer[], steps: OptionStep[], state: { str
 }
 
 /** One request with its expected outcome; bytes include the payload for writes. */
-function makeRequest(rng: Rng, exp: ExportChoice, st: { structured: boolean; meta: boolean }, valid: boolean, cookieLo: number): { step: RequestStep; bytes: Buffer[] } {
+function makeRequest(
+  rng: Rng,
+  exp: ExportChoice,
+  st: { structured: boolean; meta: boolean },
+  valid: boolean,
+  cookieLo: number,
+): { step: RequestStep; bytes: Buffer[] } {
   const cookieHi = rng.chance(0.3) ? rng.u32() : 0;
   const size = exp.size;
   const blockOffset = (len: number) => BigInt(rng.int(Math.floor((size - len) / 512) + 1) * 512);
   const smallLen = () => rng.pick([1, 7, 512, 4096, 4096 * rng.range(1, 16), rng.range(1, 70000)]);
   const make = (type: number, flags: number, offset: bigint, length: number, expect: Expect, payload?: Buffer) => ({
     step: { type, flags, cookieHi, cookieLo, offset, length, expect },
-    bytes: payload ? [requestFrame({ type, flags, cookieHi, cookieLo, offset, length }), payload] : [requestFrame({ type, flags, cookieHi, cookieLo, offset, length })],
+    bytes: payload
+      ? [requestFrame({ type, flags, cookieHi, cookieLo, offset, length }), payload]
+      : [requestFrame({ type, flags, cookieHi, cookieLo, offset, length })],
   });
   if (valid) {
     switch (rng.int(8)) {
@@ -370,7 +433,13 @@ function makeRequest(rng: Rng, exp: ExportChoice, st: { structured: boolean; met
       return make(rng.pick([C.NBD_CMD_READ, C.NBD_CMD_TRIM, C.NBD_CMD_CACHE, C.NBD_CMD_WRITE_ZEROES]), 0, blockOffset(0), 0, 'error');
     case 3: {
       const off = rng.pick(INTERESTING_64.filter((o) => o >= BigInt(size)));
-      return make(rng.pick([C.NBD_CMD_READ, C.NBD_CMD_TRIM, C.NBD_CMD_CACHE, C.NBD_CMD_WRITE_ZEROES]), 0, off, rng.pick([1, 512, 4096]), 'error');
+      return make(
+        rng.pick([C.NBD_CMD_READ, C.NBD_CMD_TRIM, C.NBD_CMD_CACHE, C.NBD_CMD_WRITE_ZEROES]),
+        0,
+        off,
+        rng.pick([1, 512, 4096]),
+        'error',
+      );
     }
     case 4: {
       const off = rng.pick(INTERESTING_64.filter((o) => o >= BigInt(size)));
@@ -587,7 +656,10 @@ const GENERATORS: Record<string, Generator> = {
       case 1: {
         // EXPORT_NAME of 4 GiB: refused by closing.
         const len = rng.pick([0xffffffff, C.MAX_OPTION_LENGTH + 1]);
-        return { chunks: [Buffer.concat([u32(3), optionFrame(C.NBD_OPT_EXPORT_NAME, Buffer.alloc(0), len)]), rng.bytes(100)], finish: 'hold' };
+        return {
+          chunks: [Buffer.concat([u32(3), optionFrame(C.NBD_OPT_EXPORT_NAME, Buffer.alloc(0), len)]), rng.bytes(100)],
+          finish: 'hold',
+        };
       }
       case 2: {
         // WRITE of 2^32-1: the payload is drained (we never finish sending it).
@@ -598,7 +670,14 @@ const GENERATORS: Record<string, Generator> = {
       case 3: {
         // WRITE within the size limit but far past the end, payload partly sent, then gone.
         const len = rng.pick([64 * MiB, 32 * MiB, MiB]);
-        const req = requestFrame({ type: C.NBD_CMD_WRITE, flags: 0, cookieHi: 0, cookieLo: 1, offset: rng.pick(INTERESTING_64), length: len });
+        const req = requestFrame({
+          type: C.NBD_CMD_WRITE,
+          flags: 0,
+          cookieHi: 0,
+          cookieLo: 1,
+          offset: rng.pick(INTERESTING_64),
+          length: len,
+        });
         return { chunks: [goPrefix(rng), req, rng.bytes(rng.int(100000))], finish: rng.chance(0.5) ? 'destroy' : 'end' };
       }
       default: {
@@ -659,7 +738,10 @@ const GENERATORS: Record<string, Generator> = {
       }
       case 3:
         // Unknown export with NBD_OPT_EXPORT_NAME: there is no error reply, the server hangs up.
-        return { chunks: [Buffer.concat([u32(3), optionFrame(C.NBD_OPT_EXPORT_NAME, Buffer.from(rng.pick(UNKNOWN_NAMES)))])], finish: 'hold' };
+        return {
+          chunks: [Buffer.concat([u32(3), optionFrame(C.NBD_OPT_EXPORT_NAME, Buffer.from(rng.pick(UNKNOWN_NAMES)))])],
+          finish: 'hold',
+        };
       default:
         // ABORT: ACK, then close.
         return { chunks: [Buffer.concat([u32(3), optionFrame(C.NBD_OPT_ABORT)])], finish: 'hold' };
@@ -669,10 +751,20 @@ const GENERATORS: Record<string, Generator> = {
   phase(rng) {
     if (rng.chance(0.5)) {
       // At least a request header's worth, so the server has a magic to reject.
-      const opt = optionFrame(rng.pick([C.NBD_OPT_GO, C.NBD_OPT_LIST, C.NBD_OPT_STRUCTURED_REPLY, C.NBD_OPT_ABORT]), goData(rng.pick([FUZZ_EXPORTS.main, 'after-go']), [1]));
+      const opt = optionFrame(
+        rng.pick([C.NBD_OPT_GO, C.NBD_OPT_LIST, C.NBD_OPT_STRUCTURED_REPLY, C.NBD_OPT_ABORT]),
+        goData(rng.pick([FUZZ_EXPORTS.main, 'after-go']), [1]),
+      );
       return { chunks: [goPrefix(rng), opt], finish: 'hold' };
     }
-    const req = requestFrame({ type: rng.pick([C.NBD_CMD_READ, C.NBD_CMD_WRITE, C.NBD_CMD_DISC, C.NBD_CMD_FLUSH]), flags: 0, cookieHi: 0, cookieLo: 1, offset: 0n, length: 512 });
+    const req = requestFrame({
+      type: rng.pick([C.NBD_CMD_READ, C.NBD_CMD_WRITE, C.NBD_CMD_DISC, C.NBD_CMD_FLUSH]),
+      flags: 0,
+      cookieHi: 0,
+      cookieLo: 1,
+      offset: 0n,
+      length: 512,
+    });
     const before = rng.chance(0.5) ? [optionFrame(C.NBD_OPT_STRUCTURED_REPLY)] : [];
     return { chunks: [Buffer.concat([u32(3), ...before, req, Buffer.alloc(512)])], finish: 'hold' };
   },
@@ -737,7 +829,16 @@ const GENERATORS: Record<string, Generator> = {
     const reads: Buffer[] = [];
     const n = rng.range(1, 200);
     for (let i = 0; i < n; i++) {
-      reads.push(requestFrame({ type: C.NBD_CMD_READ, flags: 0, cookieHi: 0, cookieLo: i + 1, offset: BigInt(rng.int(4096) * 4096), length: rng.pick([4096, 65536, MiB]) }));
+      reads.push(
+        requestFrame({
+          type: C.NBD_CMD_READ,
+          flags: 0,
+          cookieHi: 0,
+          cookieLo: i + 1,
+          offset: BigInt(rng.int(4096) * 4096),
+          length: rng.pick([4096, 65536, MiB]),
+        }),
+      );
     }
     return { chunks: [prefix, Buffer.concat(reads)], finish: 'destroy' };
   },
@@ -745,7 +846,18 @@ const GENERATORS: Record<string, Generator> = {
 
 const KIND_ORDER = Object.keys(GENERATORS);
 /** Relative frequency of each kind in the rotation. */
-const WEIGHTS: Record<string, number> = { valid: 3, mixed: 2, mutated: 4, truncated: 3, random: 2, huge: 2, badMagic: 1, phase: 1, meta: 2, vanish: 1 };
+const WEIGHTS: Record<string, number> = {
+  valid: 3,
+  mixed: 2,
+  mutated: 4,
+  truncated: 3,
+  random: 2,
+  huge: 2,
+  badMagic: 1,
+  phase: 1,
+  meta: 2,
+  vanish: 1,
+};
 const ROTATION: string[] = KIND_ORDER.flatMap((k) => Array<string>(WEIGHTS[k] ?? 1).fill(k));
 
 export const KINDS: readonly string[] = KIND_ORDER;

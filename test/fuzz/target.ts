@@ -36,7 +36,18 @@ export async function startFuzzDaemon(opts: Pick<DaemonOptions, 'args' | 'keepLo
   });
   try {
     // A store as large as the origin plus metadata never overflows, so reads never fail.
-    await cowbd(['snapshot', 'create', FUZZ_EXPORTS.readOnly, '--origin', FUZZ_EXPORTS.main, '--size', mib(FUZZ_EXPORTS.size + 8 * 1024 * 1024), '--read-only', '--data-dir', d.dataDir]);
+    await cowbd([
+      'snapshot',
+      'create',
+      FUZZ_EXPORTS.readOnly,
+      '--origin',
+      FUZZ_EXPORTS.main,
+      '--size',
+      mib(FUZZ_EXPORTS.size + 8 * 1024 * 1024),
+      '--read-only',
+      '--data-dir',
+      d.dataDir,
+    ]);
   } catch (err) {
     await d.stop();
     throw err;

@@ -34,9 +34,21 @@ const KEY = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-node
 
 async function makeCa(dir: string, name: string): Promise<void> {
   await openssl(dir, [
-    'req', '-x509', ...KEY, '-keyout', `${name}-key.pem`, '-out', `${name}-cert.pem`, '-days', '3650',
-    '-subj', `/O=cowbd tests/CN=${name}`,
-    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign',
+    'req',
+    '-x509',
+    ...KEY,
+    '-keyout',
+    `${name}-key.pem`,
+    '-out',
+    `${name}-cert.pem`,
+    '-days',
+    '3650',
+    '-subj',
+    `/O=cowbd tests/CN=${name}`,
+    '-addext',
+    'basicConstraints=critical,CA:TRUE',
+    '-addext',
+    'keyUsage=critical,keyCertSign,cRLSign',
   ]);
 }
 
@@ -44,8 +56,22 @@ async function makeLeaf(dir: string, ca: string, out: string, cn: string, ext: s
   await writeFile(join(dir, `${out}.ext`), ext);
   await openssl(dir, ['req', '-new', ...KEY, '-keyout', `${out}-key.pem`, '-out', `${out}.csr`, '-subj', `/O=cowbd tests/CN=${cn}`]);
   await openssl(dir, [
-    'x509', '-req', '-in', `${out}.csr`, '-CA', `${ca}-cert.pem`, '-CAkey', `${ca}-key.pem`, '-set_serial',
-    String(Math.floor(Math.random() * 1e9) + 1), '-days', '365', '-out', `${out}-cert.pem`, '-extfile', `${out}.ext`,
+    'x509',
+    '-req',
+    '-in',
+    `${out}.csr`,
+    '-CA',
+    `${ca}-cert.pem`,
+    '-CAkey',
+    `${ca}-key.pem`,
+    '-set_serial',
+    String(Math.floor(Math.random() * 1e9) + 1),
+    '-days',
+    '365',
+    '-out',
+    `${out}-cert.pem`,
+    '-extfile',
+    `${out}.ext`,
   ]);
 }
 
@@ -56,8 +82,13 @@ export async function makePki(root: string): Promise<TestPki> {
   await makeCa(work, 'ca');
   await makeCa(work, 'rogue-ca');
   const leaf = 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n';
-  await makeLeaf(work, 'ca', 'server', 'localhost',
-    `${leaf}extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.2\n`);
+  await makeLeaf(
+    work,
+    'ca',
+    'server',
+    'localhost',
+    `${leaf}extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.2\n`,
+  );
   await makeLeaf(work, 'ca', 'client', 'cowbd-test-client', `${leaf}extendedKeyUsage=clientAuth\n`);
   await makeLeaf(work, 'rogue-ca', 'rogue', 'cowbd-rogue-client', `${leaf}extendedKeyUsage=clientAuth\n`);
 
@@ -73,9 +104,21 @@ export async function makePki(root: string): Promise<TestPki> {
     for (const [from, to] of files) await copyFile(join(work, from), join(dir, to));
     for (const [, to] of files) if (to.endsWith('-key.pem')) await chmod(join(dir, to), 0o600);
   };
-  await place(pki.server, [['ca-cert.pem', 'ca-cert.pem'], ['server-cert.pem', 'server-cert.pem'], ['server-key.pem', 'server-key.pem']]);
-  await place(pki.client, [['ca-cert.pem', 'ca-cert.pem'], ['client-cert.pem', 'client-cert.pem'], ['client-key.pem', 'client-key.pem']]);
+  await place(pki.server, [
+    ['ca-cert.pem', 'ca-cert.pem'],
+    ['server-cert.pem', 'server-cert.pem'],
+    ['server-key.pem', 'server-key.pem'],
+  ]);
+  await place(pki.client, [
+    ['ca-cert.pem', 'ca-cert.pem'],
+    ['client-cert.pem', 'client-cert.pem'],
+    ['client-key.pem', 'client-key.pem'],
+  ]);
   await place(pki.clientNoCert, [['ca-cert.pem', 'ca-cert.pem']]);
-  await place(pki.clientRogue, [['ca-cert.pem', 'ca-cert.pem'], ['rogue-cert.pem', 'client-cert.pem'], ['rogue-key.pem', 'client-key.pem']]);
+  await place(pki.clientRogue, [
+    ['ca-cert.pem', 'ca-cert.pem'],
+    ['rogue-cert.pem', 'client-cert.pem'],
+    ['rogue-key.pem', 'client-key.pem'],
+  ]);
   return pki;
 }

@@ -74,7 +74,18 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   for (const v of opts.volumes ?? []) {
     await cowbd(['volume', 'create', v.name, '--size', v.size, '--data-dir', dataDir]);
   }
-  const args = [CLI, 'serve', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--log-level', opts.logLevel ?? 'debug'];
+  const args = [
+    CLI,
+    'serve',
+    '--data-dir',
+    dataDir,
+    '--listen',
+    '127.0.0.1:0',
+    '--metrics-listen',
+    '127.0.0.1:0',
+    '--log-level',
+    opts.logLevel ?? 'debug',
+  ];
   if (opts.readOnly) args.push('--read-only');
   if (opts.socket) args.push('--socket', opts.socket);
   args.push(...(opts.args ?? []));
@@ -87,7 +98,11 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
     const rl = createInterface({ input: proc.stdout! });
     rl.on('line', (line) => {
       let rec: Record<string, unknown>;
-      try { rec = JSON.parse(line); } catch { return; }
+      try {
+        rec = JSON.parse(line);
+      } catch {
+        return;
+      }
       if (!opts.keepLog || opts.keepLog(rec)) logs.push(rec);
       if (rec.msg === 'metrics listening' && typeof rec.port === 'number') metricsPort = rec.port;
       if (rec.msg === 'listening' && typeof rec.port === 'number') nbdPort ||= rec.port;
@@ -99,13 +114,21 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<Daemon> {
   });
   let stopped: Promise<number | null> | undefined;
   return {
-    host: '127.0.0.1', port, metricsPort, dataDir, proc, logs,
+    host: '127.0.0.1',
+    port,
+    metricsPort,
+    dataDir,
+    proc,
+    logs,
     uri: (name = '') => `nbd://127.0.0.1:${port}/${name}`,
     stop() {
       stopped ??= new Promise<number | null>((res) => {
         if (proc.exitCode !== null) return res(proc.exitCode);
         const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000);
-        proc.once('exit', (code) => { clearTimeout(timer); res(code); });
+        proc.once('exit', (code) => {
+          clearTimeout(timer);
+          res(code);
+        });
         proc.kill('SIGTERM');
       }).then(async (code) => {
         if (ownDir) await rm(dataDir, { recursive: true, force: true });

@@ -11,8 +11,17 @@ export class MemoryBackend implements Backend {
   constructor(name: string, size: number, readOnly = false) {
     this.data = Buffer.alloc(size);
     this.info = {
-      name, description: `memory ${name}`, size, readOnly,
-      canFlush: true, canFua: true, canTrim: true, canZero: true, canFastZero: true, canCache: true, canMultiConn: true,
+      name,
+      description: `memory ${name}`,
+      size,
+      readOnly,
+      canFlush: true,
+      canFua: true,
+      canTrim: true,
+      canZero: true,
+      canFastZero: true,
+      canCache: true,
+      canMultiConn: true,
     };
   }
 
@@ -46,7 +55,10 @@ export class MemoryBackend implements Backend {
   async extents(_offset: number, length: number): Promise<Extent[]> {
     this.check();
     const half = Math.max(1, Math.floor(length / 2));
-    return [{ length: half, flags: 0 }, { length: length - half, flags: 3 }].filter((e) => e.length > 0);
+    return [
+      { length: half, flags: 0 },
+      { length: length - half, flags: 3 },
+    ].filter((e) => e.length > 0);
   }
 }
 

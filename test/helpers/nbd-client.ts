@@ -8,7 +8,10 @@ import { ByteQueue } from '../../protocol/byte-queue.js';
 import { encodeRequest } from '../../protocol/wire.js';
 
 export class NbdError extends Error {
-  constructor(readonly errno: number, what: string) {
+  constructor(
+    readonly errno: number,
+    what: string,
+  ) {
     super(`${what}: NBD error ${errno}`);
   }
 }
@@ -108,7 +111,9 @@ export class NbdClient {
       const type = h.readUInt32BE(12);
       const data = await need(h.readUInt32BE(16));
       if (type >= 0x80000000) {
-        throw Object.assign(new Error(`NBD_OPT_GO for "${name}" refused: 0x${type.toString(16)} ${data.toString('utf8')}`), { reply: type });
+        throw Object.assign(new Error(`NBD_OPT_GO for "${name}" refused: 0x${type.toString(16)} ${data.toString('utf8')}`), {
+          reply: type,
+        });
       }
       if (type === C.NBD_REP_INFO && data.readUInt16BE(0) === C.NBD_INFO_EXPORT) {
         this.size = Number(data.readBigUInt64BE(2));

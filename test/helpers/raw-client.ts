@@ -18,11 +18,13 @@ export class RawClient {
   private constructor(readonly socket: Socket) {
     socket.on('data', this.onData);
     socket.on('error', () => undefined);
-    this.closed = new Promise((r) => socket.once('close', () => {
-      this.ended = true;
-      this.wake();
-      r();
-    }));
+    this.closed = new Promise((r) =>
+      socket.once('close', () => {
+        this.ended = true;
+        this.wake();
+        r();
+      }),
+    );
   }
 
   static async connect(port: number, host = '127.0.0.1', localAddress?: string): Promise<RawClient> {

@@ -3,11 +3,22 @@
 import { cowbdResult, type Daemon } from './daemon.js';
 
 export interface SnapshotUsage {
-  name: string; origin: string; state: string; policy: string;
-  usedChunks: number; capacityChunks: number; exceptions: number; chunkSize: number;
+  name: string;
+  origin: string;
+  state: string;
+  policy: string;
+  usedChunks: number;
+  capacityChunks: number;
+  exceptions: number;
+  chunkSize: number;
 }
 export interface StatusRow {
-  name: string; kind: string; origin: string | null; state: string; usedPercent: number | null; storeSize: number | null;
+  name: string;
+  kind: string;
+  origin: string | null;
+  state: string;
+  usedPercent: number | null;
+  storeSize: number | null;
 }
 
 /** `cowbd ARGS --data-dir DIR`: exit code and output, failing or not. */

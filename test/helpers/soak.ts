@@ -77,7 +77,6 @@ const BLOCK = 4096;
 const MiB = 1 << 20;
 const CHUNKS = ['64K', '32K', '128K', '16K'];
 
-
 interface Hist {
   id: number;
   /** Logical clock at acknowledgement; Infinity until then. */
@@ -176,9 +175,23 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
   const blocks = o.size / BLOCK;
   const model = new OriginModel(blocks);
   const r: SoakResult = {
-    cycles: 0, failures: [], writesAcked: 0, durableVerified: 0, blocksChecked: 0, readsVerified: 0, snapshotReadsVerified: 0,
-    flushes: 0, snapshotsCreated: 0, snapshotChecks: 0, killsDuringCreate: 0, createAckedBeforeKill: 0, createdDuringKill: 0, createAbsentAfterKill: 0, invalidKept: 0,
-    restartMs: [], errorLogs: [],
+    cycles: 0,
+    failures: [],
+    writesAcked: 0,
+    durableVerified: 0,
+    blocksChecked: 0,
+    readsVerified: 0,
+    snapshotReadsVerified: 0,
+    flushes: 0,
+    snapshotsCreated: 0,
+    snapshotChecks: 0,
+    killsDuringCreate: 0,
+    createAckedBeforeKill: 0,
+    createdDuringKill: 0,
+    createAbsentAfterKill: 0,
+    invalidKept: 0,
+    restartMs: [],
+    errorLogs: [],
   };
   const fail = (msg: string) => {
     if (r.failures.length < 50) r.failures.push(msg);
@@ -190,14 +203,20 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
   let nextSnap = 1;
   const keepLog = (rec: Record<string, unknown>) => {
     o.daemonLog?.(rec);
-    if (Number(rec.level) >= 50 && rec.snapshot === undefined && r.errorLogs.length < 20) r.errorLogs.push(JSON.stringify(rec).slice(0, 600));
+    if (Number(rec.level) >= 50 && rec.snapshot === undefined && r.errorLogs.length < 20)
+      r.errorLogs.push(JSON.stringify(rec).slice(0, 600));
     return false;
   };
 
   let d: Daemon | undefined;
   const start = async (first: boolean): Promise<Daemon> => {
     const t0 = performance.now();
-    const dm = await startDaemon({ dataDir: o.dataDir, logLevel: 'info', keepLog, volumes: first ? [{ name: 'vol', size: String(o.size) }] : undefined });
+    const dm = await startDaemon({
+      dataDir: o.dataDir,
+      logLevel: 'info',
+      keepLog,
+      volumes: first ? [{ name: 'vol', size: String(o.size) }] : undefined,
+    });
     if (!first) r.restartMs.push(performance.now() - t0);
     return dm;
   };
@@ -254,7 +273,15 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
     const start = model.clock;
     await call(dm.dataDir, 'POST', '/v1/snapshots', { name, origin: 'vol', size, chunkSize: chunk });
     model.flushed(start); // creation flushes the origin
-    snaps.set(name, { name, expect: Uint32Array.from(model.current), small, seenInvalid: false, createdCycle: r.cycles, chunk, how: 'start' });
+    snaps.set(name, {
+      name,
+      expect: Uint32Array.from(model.current),
+      small,
+      seenInvalid: false,
+      createdCycle: r.cycles,
+      chunk,
+      how: 'start',
+    });
     r.snapshotsCreated++;
   }
 
@@ -268,7 +295,8 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
         const allowed = model.allowed(b);
         r.blocksChecked++;
         if (!allowed.includes(id)) {
-          if (bad++ < 5) fail(`origin block ${b} holds write ${id}, allowed ${allowed.slice(0, 8).join(',')}${allowed.length > 8 ? ',...' : ''}`);
+          if (bad++ < 5)
+            fail(`origin block ${b} holds write ${id}, allowed ${allowed.slice(0, 8).join(',')}${allowed.length > 8 ? ',...' : ''}`);
         } else if (model.durableThisCycle[b]) r.durableVerified++;
         model.reset(b, Math.max(0, id));
       }
@@ -277,7 +305,9 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
   }
 
   async function checkSnapshots(dm: Daemon): Promise<void> {
-    const present = new Map((await call<{ name: string; state: string }[]>(dm.dataDir, 'GET', '/v1/snapshots')).map((s) => [s.name, s.state]));
+    const present = new Map(
+      (await call<{ name: string; state: string }[]>(dm.dataDir, 'GET', '/v1/snapshots')).map((s) => [s.name, s.state]),
+    );
     if (pendingCreate) {
       if (present.has(pendingCreate.name)) {
         r.createdDuringKill++;
@@ -311,7 +341,9 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
           const b = first + i;
           const id = taggedId(buf, i * BLOCK, BLOCK, b);
           if (id !== s.expect[b] && bad++ < 5) {
-            fail(`snapshot ${s.name} (chunk ${s.chunk}, created in cycle ${s.createdCycle} at ${s.how === 'kill' ? 'a kill' : 'its start'}) block ${b} holds write ${id}, expected ${s.expect[b]}`);
+            fail(
+              `snapshot ${s.name} (chunk ${s.chunk}, created in cycle ${s.createdCycle} at ${s.how === 'kill' ? 'a kill' : 'its start'}) block ${b} holds write ${id}, expected ${s.expect[b]}`,
+            );
           }
         }
       }).catch((e: unknown) => {
@@ -374,7 +406,8 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
             const buf = await c.read(b0 * BLOCK, n * BLOCK);
             for (let i = 0; i < n; i++) {
               const id = taggedId(buf, i * BLOCK, BLOCK, b0 + i);
-              if (id !== model.current[b0 + i]) fail(`read of origin block ${b0 + i} returned write ${id}, last acknowledged ${model.current[b0 + i]}`);
+              if (id !== model.current[b0 + i])
+                fail(`read of origin block ${b0 + i} returned write ${id}, last acknowledged ${model.current[b0 + i]}`);
             }
             r.readsVerified += n;
           } else {
@@ -409,7 +442,8 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
           const buf = await c.read(b0 * BLOCK, 16 * BLOCK);
           for (let i = 0; i < 16; i++) {
             const id = taggedId(buf, i * BLOCK, BLOCK, b0 + i);
-            if (id !== s.expect[b0 + i]) fail(`read of snapshot ${s.name} block ${b0 + i} returned write ${id}, expected ${s.expect[b0 + i]}`);
+            if (id !== s.expect[b0 + i])
+              fail(`read of snapshot ${s.name} block ${b0 + i} returned write ${id}, expected ${s.expect[b0 + i]}`);
           }
           r.snapshotReadsVerified += 16;
         } catch (e) {
@@ -470,7 +504,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
       resume?.();
     } else {
       // Before the kill, note the small snapshots already invalid: they must stay so.
-      for (const s of (await call<{ name: string; state: string }[]>(dm.dataDir, 'GET', '/v1/snapshots'))) {
+      for (const s of await call<{ name: string; state: string }[]>(dm.dataDir, 'GET', '/v1/snapshots')) {
         const info = snaps.get(s.name);
         if (info && s.state === 'invalid') info.seenInvalid = true;
       }
@@ -478,11 +512,15 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
       dm.proc.kill('SIGKILL');
       stop = true;
     }
-    await new Promise<void>((res) => (dm.proc.exitCode !== null || dm.proc.signalCode !== null ? res() : dm.proc.once('exit', () => res())));
+    await new Promise<void>((res) =>
+      dm.proc.exitCode !== null || dm.proc.signalCode !== null ? res() : dm.proc.once('exit', () => res()),
+    );
     await Promise.all(loops);
     for (const c of conns) c.destroy();
-    log(`cycle ${cycle}: killed after ${loadFor.toFixed(0)} ms of load${duringCreate ? ', during a snapshot creation' : ''}; ` +
-      `${r.writesAcked} writes acknowledged so far`);
+    log(
+      `cycle ${cycle}: killed after ${loadFor.toFixed(0)} ms of load${duringCreate ? ', during a snapshot creation' : ''}; ` +
+        `${r.writesAcked} writes acknowledged so far`,
+    );
   }
 }
 

@@ -66,7 +66,10 @@ let prepared: Promise<{ dir: string } | { skip: string }> | undefined;
  */
 export function prepareGuest(): Promise<{ dir: string } | { skip: string }> {
   prepared ??= new Promise((resolve, reject) => {
-    execFile('bash', [join(GUEST_DIR, 'prepare.sh')], { env: { ...process.env, COWBD_GUEST_CACHE: GUEST_CACHE }, maxBuffer: 16 << 20 },
+    execFile(
+      'bash',
+      [join(GUEST_DIR, 'prepare.sh')],
+      { env: { ...process.env, COWBD_GUEST_CACHE: GUEST_CACHE }, maxBuffer: 16 << 20 },
       (err, stdout, stderr) => {
         const code = err ? (err as { code?: unknown }).code : 0;
         if (code === SKIP_EXIT) {
@@ -78,7 +81,8 @@ export function prepareGuest(): Promise<{ dir: string } | { skip: string }> {
         } else {
           resolve({ dir: stdout.trim().split('\n').pop()! });
         }
-      });
+      },
+    );
   });
   return prepared;
 }
@@ -105,7 +109,10 @@ function hookProcessExit(): void {
   hooked = true;
   process.once('exit', killGuests);
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-    process.once(sig, () => { killGuests(); process.kill(process.pid, sig); });
+    process.once(sig, () => {
+      killGuests();
+      process.kill(process.pid, sig);
+    });
   }
 }
 
@@ -114,10 +121,12 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
   if ('skip' in p) throw new Error(`guest unavailable: ${p.skip}`);
   const timeoutMs = opts.timeoutMs ?? 120_000;
   const attachTimeout = opts.attachTimeoutS ?? 30;
-  const exportsFile = (opts.exports ?? []).map((e) => {
-    if (/\s/.test(e.name ?? '')) throw new Error(`export name with whitespace: ${JSON.stringify(e.name)}`);
-    return `${e.port} ${e.device} ${e.name || '-'} ${e.connections ?? 1} ${attachTimeout}\n`;
-  }).join('');
+  const exportsFile = (opts.exports ?? [])
+    .map((e) => {
+      if (/\s/.test(e.name ?? '')) throw new Error(`export name with whitespace: ${JSON.stringify(e.name)}`);
+      return `${e.port} ${e.device} ${e.name || '-'} ${e.connections ?? 1} ${attachTimeout}\n`;
+    })
+    .join('');
 
   const work = await mkdtemp(join(tmpdir(), 'cowbd-guest-run-'));
   try {
@@ -148,12 +157,33 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
 function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: number): Promise<GuestResult> {
   const args = [
     // KVM cannot boot a stock kernel on this host; TCG can, and behaves the same in CI.
-    '-accel', 'tcg', '-cpu', 'max', '-smp', String(opts.cpus ?? Number(process.env.COWBD_GUEST_CPUS ?? 1)), '-m', String(opts.memoryMb ?? 512),
-    '-nodefaults', '-no-reboot', '-display', 'none', '-monitor', 'none', '-serial', 'stdio',
-    '-kernel', kernel, '-initrd', initrd,
+    '-accel',
+    'tcg',
+    '-cpu',
+    'max',
+    '-smp',
+    String(opts.cpus ?? Number(process.env.COWBD_GUEST_CPUS ?? 1)),
+    '-m',
+    String(opts.memoryMb ?? 512),
+    '-nodefaults',
+    '-no-reboot',
+    '-display',
+    'none',
+    '-monitor',
+    'none',
+    '-serial',
+    'stdio',
+    '-kernel',
+    kernel,
+    '-initrd',
+    initrd,
     // panic=-1 reboots on a panic, and -no-reboot turns that into qemu exiting.
-    '-append', ['console=ttyS0 panic=-1 oops=panic rdinit=/init', process.env.COWBD_GUEST_APPEND ?? ''].join(' ').trim(),
-    '-netdev', 'user,id=net0', '-device', 'virtio-net-pci,netdev=net0',
+    '-append',
+    ['console=ttyS0 panic=-1 oops=panic rdinit=/init', process.env.COWBD_GUEST_APPEND ?? ''].join(' ').trim(),
+    '-netdev',
+    'user,id=net0',
+    '-device',
+    'virtio-net-pci,netdev=net0',
   ];
   const started = Date.now();
   hookProcessExit();
@@ -204,7 +234,12 @@ function boot(kernel: string, initrd: string, opts: GuestOptions, timeoutMs: num
         return m ? Number(m[1]) : undefined;
       };
       const result: GuestResult = {
-        exitCode, timedOut, log: text, wallMs: Date.now() - started, initMs, exitMarkerMs,
+        exitCode,
+        timedOut,
+        log: text,
+        wallMs: Date.now() - started,
+        initMs,
+        exitMarkerMs,
         uptime: { init: uptime('COWBD-INIT'), attached: uptime('COWBD-ATTACHED'), scriptDone: uptime('COWBD-SCRIPT-DONE') },
       };
       if (logFile) logFile.end(() => resolve(result));
@@ -228,14 +263,24 @@ export function tail(log: string, lines = 40): string[] {
   return (init >= 0 ? text.slice(init) : text).split('\n').slice(-lines);
 }
 
-interface CpioEntry { name: string; mode: number; data?: Buffer }
+interface CpioEntry {
+  name: string;
+  mode: number;
+  data?: Buffer;
+}
 
 /** A newc ("070701") cpio archive, the format the kernel's initramfs unpacker reads. */
 export function cpioNewc(entries: CpioEntry[]): Buffer {
   const parts: Buffer[] = [];
   let offset = 0;
-  const push = (b: Buffer) => { parts.push(b); offset += b.length; };
-  const align = () => { const n = (4 - (offset % 4)) % 4; if (n) push(Buffer.alloc(n)); };
+  const push = (b: Buffer) => {
+    parts.push(b);
+    offset += b.length;
+  };
+  const align = () => {
+    const n = (4 - (offset % 4)) % 4;
+    if (n) push(Buffer.alloc(n));
+  };
   const mtime = Math.floor(Date.now() / 1000);
   const all = [...entries, { name: 'TRAILER!!!', mode: 0 }];
   all.forEach((e, i) => {
@@ -245,7 +290,10 @@ export function cpioNewc(entries: CpioEntry[]): Buffer {
     push(Buffer.from(`070701${fields.map((f) => f.toString(16).padStart(8, '0')).join('')}`, 'ascii'));
     push(name);
     align();
-    if (data.length) { push(data); align(); }
+    if (data.length) {
+      push(data);
+      align();
+    }
   });
   return Buffer.concat(parts);
 }

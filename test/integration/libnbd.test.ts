@@ -17,9 +17,11 @@ t.test('libnbd checks', async (t) => {
   ]);
   t.teardown(() => Promise.all([rw.stop(), ro.stop()]));
 
-  const r = await run(PYTHON, [
-    SCRIPT, '--rw', rw.uri('vol0'), '--ro', ro.uri('vol0'), '--size', String(sizeBytes(SIZE)), '--target', rw.kind,
-  ], 60_000);
+  const r = await run(
+    PYTHON,
+    [SCRIPT, '--rw', rw.uri('vol0'), '--ro', ro.uri('vol0'), '--size', String(sizeBytes(SIZE)), '--target', rw.kind],
+    60_000,
+  );
   const lines = r.stdout.split('\n').filter((l) => /^(not )?ok - /.test(l));
   t.ok(lines.length >= 20, `the script reported its checks (${lines.length} lines)`);
   for (const line of lines) {

@@ -48,7 +48,12 @@ t.test('1 GiB in and out', async (t) => {
   const input = join(work, 'in.bin');
   const output = join(work, 'out.bin');
   const [srv, want] = await Promise.all([
-    startTarget({ volumes: [{ name: 'big', size: '1G' }, { name: 'sparse', size: '256M' }] }),
+    startTarget({
+      volumes: [
+        { name: 'big', size: '1G' },
+        { name: 'sparse', size: '256M' },
+      ],
+    }),
     randomFile(input, GiB),
   ]);
   t.teardown(() => srv.stop());

@@ -10,10 +10,15 @@ let ro: Target;
 let bare: Target | undefined;
 t.before(async () => {
   [srv, ro, bare] = await Promise.all([
-    startTarget({ volumes: [
-      { name: 'vol0', size: '64M' }, { name: 'vol1', size: '3M' },
-      { name: 'alpha', size: '8M' }, { name: 'beta', size: '16M' }, { name: 'mapped', size: '16M' },
-    ] }),
+    startTarget({
+      volumes: [
+        { name: 'vol0', size: '64M' },
+        { name: 'vol1', size: '3M' },
+        { name: 'alpha', size: '8M' },
+        { name: 'beta', size: '16M' },
+        { name: 'mapped', size: '16M' },
+      ],
+    }),
     startTarget({ volumes: [{ name: 'vol0', size: '8M' }], readOnly: true }),
     // cowbd creates and serves a default volume when it finds none; nbdkit's file plugin has no such thing.
     TARGET === 'cowbd' ? startTarget({ volumes: [] }) : undefined,
@@ -100,7 +105,18 @@ t.test('export list', async (t) => {
 
 t.test('--can and --map', async (t) => {
   const uri = srv.uri('mapped');
-  for (const what of ['connect', 'structured-reply', 'flush', 'fua', 'trim', 'zero', 'cache', 'multi-conn', 'df', ...(srv.kind === 'cowbd' ? ['fast-zero'] : [])]) {
+  for (const what of [
+    'connect',
+    'structured-reply',
+    'flush',
+    'fua',
+    'trim',
+    'zero',
+    'cache',
+    'multi-conn',
+    'df',
+    ...(srv.kind === 'cowbd' ? ['fast-zero'] : []),
+  ]) {
     const r = await run('nbdinfo', ['--can', what, uri]);
     t.equal(r.code, 0, `--can ${what}`);
   }
@@ -112,7 +128,10 @@ t.test('--can and --map', async (t) => {
   const extents = JSON.parse(fresh.stdout) as { offset: number; length: number; type: number }[];
   const total = extents.reduce((n, e) => n + e.length, 0);
   t.equal(total, 16 * MiB, 'map covers the whole export');
-  t.ok(extents.every((e) => (e.type & 2) === 2), 'fresh sparse volume is mapped as zero everywhere');
+  t.ok(
+    extents.every((e) => (e.type & 2) === 2),
+    'fresh sparse volume is mapped as zero everywhere',
+  );
 
   const w = await run('qemu-io', ['-f', 'raw', uri, '-c', `write -P 0x5a ${4 * MiB} ${MiB}`]);
   t.equal(w.code, 0, w.stderr);
@@ -121,7 +140,10 @@ t.test('--can and --map', async (t) => {
   t.ok(at4, 'an extent covers the written range');
   t.equal(at4!.type, 0, 'written range is allocated data');
   t.ok(at4!.offset + at4!.length >= 5 * MiB, 'the data extent spans the whole write');
-  t.equal(after.reduce((n, e) => n + e.length, 0), 16 * MiB);
+  t.equal(
+    after.reduce((n, e) => n + e.length, 0),
+    16 * MiB,
+  );
 });
 
 t.test('read-only export', async (t) => {
@@ -146,7 +168,11 @@ t.test('the empty export name selects the default volume', { skip: TARGET !== 'c
   t.equal(j.exports[0]!['export-size'], 1024 * MiB, 'the default volume is 1 GiB');
   t.equal(j.exports[0]!.is_read_only, false);
   const list = await info(['--list', bare!.uri('')]);
-  t.same(list.exports.map((e) => e['export-name']), ['default'], 'LIST shows the created default volume');
+  t.same(
+    list.exports.map((e) => e['export-name']),
+    ['default'],
+    'LIST shows the created default volume',
+  );
   const named = await info([bare!.uri('default')]);
   t.equal(named.exports[0]!['export-size'], 1024 * MiB, 'and it is also reachable by name');
 });

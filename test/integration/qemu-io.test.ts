@@ -29,77 +29,104 @@ t.test('read-write export', async (t) => {
   t.teardown(() => srv.stop());
   const uri = srv.uri('vol0');
 
-  assertClean(t, await qemuIo(uri, [
-    'write -P 0xab 0 1M',
-    'read -P 0xab 0 1M',
-    'write -P 0xcd 1M 1M',
-    'read -P 0xab 0 1M',
-    'read -P 0xcd 1M 1M',
-    'read -P 0 2M 1M',
-  ]), 'aligned 1 MiB patterns');
+  assertClean(
+    t,
+    await qemuIo(uri, [
+      'write -P 0xab 0 1M',
+      'read -P 0xab 0 1M',
+      'write -P 0xcd 1M 1M',
+      'read -P 0xab 0 1M',
+      'read -P 0xcd 1M 1M',
+      'read -P 0 2M 1M',
+    ]),
+    'aligned 1 MiB patterns',
+  );
 
   // Unaligned at both ends: neighbours on either side must stay as they were.
-  assertClean(t, await qemuIo(uri, [
-    'write -P 0x11 4M 64k',
-    'write -P 0x22 4195538 5555', // 4M + 1234
-    'read -P 0x11 4M 1234',
-    'read -P 0x22 4195538 5555',
-    'read -P 0x11 4201093 58747', // the rest of the 64k after 4M+1234+5555
-    'read -P 0 4259840 4096',
-  ]), 'unaligned write at offset 1234 length 5555');
+  assertClean(
+    t,
+    await qemuIo(uri, [
+      'write -P 0x11 4M 64k',
+      'write -P 0x22 4195538 5555', // 4M + 1234
+      'read -P 0x11 4M 1234',
+      'read -P 0x22 4195538 5555',
+      'read -P 0x11 4201093 58747', // the rest of the 64k after 4M+1234+5555
+      'read -P 0 4259840 4096',
+    ]),
+    'unaligned write at offset 1234 length 5555',
+  );
 
-  assertClean(t, await qemuIo(uri, [
-    'write -P 0x33 1 1',
-    'read -P 0xab 0 1',
-    'read -P 0x33 1 1',
-    'read -P 0xab 2 4094',
-    'write -P 0x44 4095 2',
-    'read -P 0x44 4095 2',
-    'read -P 0xab 4097 4095',
-  ]), 'single bytes and a write straddling a 4 KiB boundary');
+  assertClean(
+    t,
+    await qemuIo(uri, [
+      'write -P 0x33 1 1',
+      'read -P 0xab 0 1',
+      'read -P 0x33 1 1',
+      'read -P 0xab 2 4094',
+      'write -P 0x44 4095 2',
+      'read -P 0x44 4095 2',
+      'read -P 0xab 4097 4095',
+    ]),
+    'single bytes and a write straddling a 4 KiB boundary',
+  );
 
-  assertClean(t, await qemuIo(uri, [
-    `write -P 0x77 ${SIZE - 100} 100`,
-    `read -P 0x77 ${SIZE - 100} 100`,
-    `read -P 0 ${SIZE - 4096} ${4096 - 100}`,
-  ]), 'last bytes of the export');
+  assertClean(
+    t,
+    await qemuIo(uri, [`write -P 0x77 ${SIZE - 100} 100`, `read -P 0x77 ${SIZE - 100} 100`, `read -P 0 ${SIZE - 4096} ${4096 - 100}`]),
+    'last bytes of the export',
+  );
 
-  assertClean(t, await qemuIo(uri, [
-    'write -P 0x55 8M 2M',
-    'write -z 8M 512k',
-    'write -z -u 8704k 512k', // may punch a hole
-    'read -P 0 8M 1M',
-    'read -P 0x55 9M 1M',
-  ]), 'write zeroes, with and without unmap');
+  assertClean(
+    t,
+    await qemuIo(uri, [
+      'write -P 0x55 8M 2M',
+      'write -z 8M 512k',
+      'write -z -u 8704k 512k', // may punch a hole
+      'read -P 0 8M 1M',
+      'read -P 0x55 9M 1M',
+    ]),
+    'write zeroes, with and without unmap',
+  );
 
-  assertClean(t, await qemuIo(uri, [
-    'write -P 0x66 12M 1M',
-    'discard 12M 1M',
-    'write -P 0x67 12M 4k',
-    'read -P 0x67 12M 4k',
-  ]), 'discard then rewrite');
+  assertClean(
+    t,
+    await qemuIo(uri, ['write -P 0x66 12M 1M', 'discard 12M 1M', 'write -P 0x67 12M 4k', 'read -P 0x67 12M 4k']),
+    'discard then rewrite',
+  );
 
-  assertClean(t, await qemuIo(uri, [
-    'write -f -P 0x88 16M 256k',
-    'read -P 0x88 16M 256k',
-    'aio_write -P 0x91 17M 64k',
-    'aio_write -P 0x92 18M 64k',
-    'aio_write -P 0x93 19M 64k',
-    'aio_flush',
-    'read -P 0x91 17M 64k',
-    'read -P 0x92 18M 64k',
-    'read -P 0x93 19M 64k',
-    'flush',
-  ]), 'FUA, concurrent writes and flush');
+  assertClean(
+    t,
+    await qemuIo(uri, [
+      'write -f -P 0x88 16M 256k',
+      'read -P 0x88 16M 256k',
+      'aio_write -P 0x91 17M 64k',
+      'aio_write -P 0x92 18M 64k',
+      'aio_write -P 0x93 19M 64k',
+      'aio_flush',
+      'read -P 0x91 17M 64k',
+      'read -P 0x92 18M 64k',
+      'read -P 0x93 19M 64k',
+      'flush',
+    ]),
+    'FUA, concurrent writes and flush',
+  );
 
   // A fresh connection sees everything the earlier ones wrote.
-  assertClean(t, await qemuIo(uri, [
-    'read -P 0xab 8k 1040384',
-    'read -P 0xcd 1M 1M',
-    'read -P 0x22 4195538 5555',
-    'read -P 0x88 16M 256k',
-    `read -P 0x77 ${SIZE - 100} 100`,
-  ], true), 'data persists across connections');
+  assertClean(
+    t,
+    await qemuIo(
+      uri,
+      [
+        'read -P 0xab 8k 1040384',
+        'read -P 0xcd 1M 1M',
+        'read -P 0x22 4195538 5555',
+        'read -P 0x88 16M 256k',
+        `read -P 0x77 ${SIZE - 100} 100`,
+      ],
+      true,
+    ),
+    'data persists across connections',
+  );
 
   const past = await qemuIo(uri, [`write -P 0x99 ${SIZE - 512} 1024`]);
   t.match(past.stdout + past.stderr, /error|failed|Input\/output|No space|Invalid/i, 'a write past the end fails');

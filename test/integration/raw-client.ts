@@ -10,8 +10,28 @@ export const REQUEST_MAGIC = 0x25609513;
 export const SIMPLE_REPLY_MAGIC = 0x67446698;
 export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 
-export const OPT = { EXPORT_NAME: 1, ABORT: 2, LIST: 3, STARTTLS: 5, INFO: 6, GO: 7, STRUCTURED_REPLY: 8, LIST_META_CONTEXT: 9, SET_META_CONTEXT: 10 } as const;
-export const REP = { ACK: 1, SERVER: 2, INFO: 3, META_CONTEXT: 4, ERR_UNSUP: 0x80000001, ERR_POLICY: 0x80000002, ERR_INVALID: 0x80000003, ERR_UNKNOWN: 0x80000006, ERR_TOO_BIG: 0x80000009 } as const;
+export const OPT = {
+  EXPORT_NAME: 1,
+  ABORT: 2,
+  LIST: 3,
+  STARTTLS: 5,
+  INFO: 6,
+  GO: 7,
+  STRUCTURED_REPLY: 8,
+  LIST_META_CONTEXT: 9,
+  SET_META_CONTEXT: 10,
+} as const;
+export const REP = {
+  ACK: 1,
+  SERVER: 2,
+  INFO: 3,
+  META_CONTEXT: 4,
+  ERR_UNSUP: 0x80000001,
+  ERR_POLICY: 0x80000002,
+  ERR_INVALID: 0x80000003,
+  ERR_UNKNOWN: 0x80000006,
+  ERR_TOO_BIG: 0x80000009,
+} as const;
 export const INFO = { EXPORT: 0, NAME: 1, DESCRIPTION: 2, BLOCK_SIZE: 3 } as const;
 export const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, CACHE: 5, WRITE_ZEROES: 6, BLOCK_STATUS: 7 } as const;
 export const REPLY_TYPE = { NONE: 0, OFFSET_DATA: 1, OFFSET_HOLE: 2, BLOCK_STATUS: 5, ERROR: 0x8001, ERROR_OFFSET: 0x8002 } as const;
@@ -21,7 +41,17 @@ export const ENOSPC = 28;
 export const EOVERFLOW = 75;
 export const ENOTSUP = 95;
 
-export const ERRNO_NAMES: Record<number, string> = { 0: 'OK', 1: 'EPERM', 5: 'EIO', 12: 'ENOMEM', 22: 'EINVAL', 28: 'ENOSPC', 75: 'EOVERFLOW', 95: 'ENOTSUP', 108: 'ESHUTDOWN' };
+export const ERRNO_NAMES: Record<number, string> = {
+  0: 'OK',
+  1: 'EPERM',
+  5: 'EIO',
+  12: 'ENOMEM',
+  22: 'EINVAL',
+  28: 'ENOSPC',
+  75: 'EOVERFLOW',
+  95: 'ENOTSUP',
+  108: 'ESHUTDOWN',
+};
 
 export interface OptionReply {
   option: number;
@@ -56,10 +86,19 @@ export class RawNbd {
       this.buffered += b.length;
       this.wake();
     });
-    sock.on('end', () => { this.ended = true; this.wake(); });
-    sock.on('close', () => { this.ended = true; this.wake(); });
+    sock.on('end', () => {
+      this.ended = true;
+      this.wake();
+    });
+    sock.on('close', () => {
+      this.ended = true;
+      this.wake();
+    });
     // A reset after we sent garbage counts as the server hanging up.
-    sock.on('error', () => { this.ended = true; this.wake(); });
+    sock.on('error', () => {
+      this.ended = true;
+      this.wake();
+    });
   }
 
   private wake(): void {
@@ -71,7 +110,10 @@ export class RawNbd {
   /** Connects and completes the greeting, asking for NO_ZEROES. */
   static async open(port: number, host = '127.0.0.1'): Promise<RawNbd> {
     const sock = connect(port, host);
-    await new Promise<void>((res, rej) => { sock.once('connect', res); sock.once('error', rej); });
+    await new Promise<void>((res, rej) => {
+      sock.once('connect', res);
+      sock.once('error', rej);
+    });
     sock.setNoDelay(true);
     const c = new RawNbd(sock);
     const g = await c.read(18);
@@ -94,7 +136,10 @@ export class RawNbd {
       if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.buffered})`);
       await new Promise<void>((res) => {
         const timer = setTimeout(res, left);
-        this.waiter = () => { clearTimeout(timer); res(); };
+        this.waiter = () => {
+          clearTimeout(timer);
+          res();
+        };
       });
     }
     const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
@@ -111,7 +156,10 @@ export class RawNbd {
     while (!this.ended && Date.now() < until) {
       await new Promise<void>((res) => {
         const timer = setTimeout(res, until - Date.now());
-        this.waiter = () => { clearTimeout(timer); res(); };
+        this.waiter = () => {
+          clearTimeout(timer);
+          res();
+        };
       });
     }
     return { closed: this.ended, extraBytes: this.buffered };
@@ -213,7 +261,12 @@ export class RawNbd {
   private async chunkRest(): Promise<Chunk> {
     const h = await this.read(16);
     const len = h.readUInt32BE(12);
-    return { flags: h.readUInt16BE(0), type: h.readUInt16BE(2), cookie: h.readBigUInt64BE(4), data: len ? await this.read(len, 60_000) : Buffer.alloc(0) };
+    return {
+      flags: h.readUInt16BE(0),
+      type: h.readUInt16BE(2),
+      cookie: h.readBigUInt64BE(4),
+      data: len ? await this.read(len, 60_000) : Buffer.alloc(0),
+    };
   }
 
   /** All chunks of one structured reply, up to the one flagged DONE. */

@@ -2,9 +2,7 @@
 // answer each with the right error and keep the connection usable, or hang
 // up cleanly where the spec leaves it no choice.
 import t, { type Test } from 'tap';
-import {
-  CMD, EINVAL, ENOSPC, ERRNO_NAMES, INFO, OPT, RawNbd, REP, REPLY_TYPE,
-} from './raw-client.js';
+import { CMD, EINVAL, ENOSPC, ERRNO_NAMES, INFO, OPT, RawNbd, REP, REPLY_TYPE } from './raw-client.js';
 import { sizeBytes, startTarget, TARGET, type Target } from './target.js';
 
 const MiB = 1024 * 1024;
@@ -48,15 +46,21 @@ t.test('handshake and options', async (t) => {
 
   const list = await c.option(OPT.LIST);
   t.equal(list.at(-1)!.type, REP.ACK, 'LIST ends with ACK');
-  const servers = list.filter((r) => r.type === REP.SERVER).map((r) => {
-    const n = r.data.readUInt32BE(0);
-    return { name: r.data.toString('utf8', 4, 4 + n), description: r.data.toString('utf8', 4 + n) };
-  });
+  const servers = list
+    .filter((r) => r.type === REP.SERVER)
+    .map((r) => {
+      const n = r.data.readUInt32BE(0);
+      return { name: r.data.toString('utf8', 4, 4 + n), description: r.data.toString('utf8', 4 + n) };
+    });
   const me = servers.find((s) => s.name === NAME);
   t.ok(me, `LIST names ${NAME} (got ${JSON.stringify(servers)})`);
   if (srv.kind === 'cowbd') t.ok(me?.description, 'LIST carries a description');
 
-  for (const [opt, data] of [[99, Buffer.alloc(0)], [200, Buffer.from('0123456789')], [OPT.STARTTLS, Buffer.alloc(0)]] as const) {
+  for (const [opt, data] of [
+    [99, Buffer.alloc(0)],
+    [200, Buffer.from('0123456789')],
+    [OPT.STARTTLS, Buffer.alloc(0)],
+  ] as const) {
     const r = await c.option(opt, data);
     t.equal(r.length, 1, `option ${opt}: one reply`);
     if (srv.kind === 'cowbd' || opt !== OPT.STARTTLS) {
@@ -94,7 +98,11 @@ t.test('handshake and options', async (t) => {
   mb.write('base:allocation', at);
   const ctx = await c.option(OPT.LIST_META_CONTEXT, mb);
   t.equal(ctx.at(-1)!.type, REP.ACK, 'LIST_META_CONTEXT ends with ACK');
-  t.same(ctx.filter((r) => r.type === REP.META_CONTEXT).map((r) => r.data.toString('utf8', 4)), ['base:allocation'], 'base:allocation offered');
+  t.same(
+    ctx.filter((r) => r.type === REP.META_CONTEXT).map((r) => r.data.toString('utf8', 4)),
+    ['base:allocation'],
+    'base:allocation offered',
+  );
 
   const go = await c.go(NAME);
   t.equal(go.size, BigInt(SIZE_BYTES), 'GO size');
@@ -159,8 +167,14 @@ t.test('errors as structured replies', async (t) => {
 
   const cookie = c.request(CMD.READ, 0, 8192);
   const chunks = await c.structuredReply();
-  t.ok(chunks.every((x) => x.cookie === cookie), 'read: every chunk carries the cookie');
-  const covered = chunks.reduce((n, x) => n + (x.type === REPLY_TYPE.OFFSET_DATA ? x.data.length - 8 : x.type === REPLY_TYPE.OFFSET_HOLE ? x.data.readUInt32BE(8) : 0), 0);
+  t.ok(
+    chunks.every((x) => x.cookie === cookie),
+    'read: every chunk carries the cookie',
+  );
+  const covered = chunks.reduce(
+    (n, x) => n + (x.type === REPLY_TYPE.OFFSET_DATA ? x.data.length - 8 : x.type === REPLY_TYPE.OFFSET_HOLE ? x.data.readUInt32BE(8) : 0),
+    0,
+  );
   t.equal(covered, 8192, 'read: data and hole chunks cover the request');
 });
 
@@ -171,7 +185,10 @@ t.test('write errors drain the payload', async (t) => {
   t.equal(r.cookie, cookie);
   t.equal(errName(r.error), 'ENOSPC', 'write past the end: ENOSPC');
   const tail = await readOk(t, c, SIZE_BYTES - 2048, 2048, 'after the refused write');
-  t.ok(tail?.every((b) => b === 0), 'nothing of the refused write landed');
+  t.ok(
+    tail?.every((b) => b === 0),
+    'nothing of the refused write landed',
+  );
 
   c.request(CMD.WRITE, 0, 0);
   const z = await c.simpleReply();
@@ -213,7 +230,10 @@ t.test('oversized write: error and drain, or a clean hang-up', async (t) => {
     t.comment('the server closed the connection after the oversized write');
     head = await readOk(t, await ready(t), 0, 4096, 'a new connection');
   }
-  t.ok(head?.every((b) => b === 0), 'nothing of the oversized write landed');
+  t.ok(
+    head?.every((b) => b === 0),
+    'nothing of the oversized write landed',
+  );
 });
 
 t.test('bad request magic: the server hangs up', async (t) => {
@@ -237,7 +257,10 @@ t.test('NBD_CMD_DISC closes without a reply', async (t) => {
   t.equal(end.extraBytes, 0, 'no reply to DISC');
   const again = await ready(t);
   const d = await readOk(t, again, 1 * MiB, 4096, 'new connection');
-  t.ok(d?.every((b) => b === 0x42), 'the write before DISC landed');
+  t.ok(
+    d?.every((b) => b === 0x42),
+    'the write before DISC landed',
+  );
 });
 
 t.test('NBD_OPT_EXPORT_NAME and NBD_OPT_ABORT', async (t) => {

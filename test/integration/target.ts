@@ -44,7 +44,11 @@ export async function startTarget(opts: TargetOptions): Promise<Target> {
   }
   let stopped: Promise<unknown> | undefined;
   return {
-    kind: 'cowbd', port: d.port, dataDir, uri: (n) => d.uri(n), logs: d.logs,
+    kind: 'cowbd',
+    port: d.port,
+    dataDir,
+    uri: (n) => d.uri(n),
+    logs: d.logs,
     stop() {
       stopped ??= d.stop().then(() => rm(dataDir, { recursive: true, force: true }));
       return stopped;
@@ -78,7 +82,10 @@ async function waitForPort(port: number, proc: ChildProcess, deadlineMs = 10_000
     if (proc.exitCode !== null) throw new Error(`server exited with ${proc.exitCode} before listening`);
     const ok = await new Promise<boolean>((res) => {
       const s = connect(port, '127.0.0.1');
-      s.once('connect', () => { s.destroy(); res(true); });
+      s.once('connect', () => {
+        s.destroy();
+        res(true);
+      });
       s.once('error', () => res(false));
     });
     if (ok) return;
@@ -102,7 +109,10 @@ async function startNbdkit(opts: TargetOptions): Promise<Target> {
   await waitForPort(port, proc);
   let stopped: Promise<unknown> | undefined;
   return {
-    kind: 'nbdkit', port, dataDir, logs: [],
+    kind: 'nbdkit',
+    port,
+    dataDir,
+    logs: [],
     uri: (n) => `nbd://127.0.0.1:${port}/${n}`,
     stop() {
       stopped ??= new Promise<void>((res) => {

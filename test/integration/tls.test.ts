@@ -68,7 +68,11 @@ t.test('require: TLS clients get in, plain ones get TLS_REQD', async (t) => {
 
   const list = await run('nbdinfo', ['--list', '--json', `nbds://127.0.0.1:${d.port}/?tls-certificates=${pki.clientNoCert}`]);
   t.equal(list.code, 0, list.stderr);
-  t.same((JSON.parse(list.stdout) as { exports: { 'export-name': string }[] }).exports.map((e) => e['export-name']), ['vol'], 'listing over TLS');
+  t.same(
+    (JSON.parse(list.stdout) as { exports: { 'export-name': string }[] }).exports.map((e) => e['export-name']),
+    ['vol'],
+    'listing over TLS',
+  );
 
   const w = await qemuIo(d, pki.clientNoCert, ['write -P 0x5a 1M 256k', 'write -P 0xc3 3M 4k']);
   t.equal(w.code, 0, `qemu-io writes over TLS: ${w.stderr}${w.stdout}`);
@@ -96,7 +100,10 @@ t.test('verify peer: a client certificate from the CA is required', async (t) =>
   const failed = (l: Record<string, unknown>) => l.msg === 'TLS handshake failed; closing';
   const both = await waitForLog(d, () => d.logs.filter(failed).length >= 2);
   t.ok(both, `both refusals logged (${d.logs.filter(failed).length})`);
-  t.ok(await waitForLog(d, (l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client'), 'the accepted certificate is logged');
+  t.ok(
+    await waitForLog(d, (l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client'),
+    'the accepted certificate is logged',
+  );
 
   const q = await qemuIo(d, pki.client, ['write -P 0x11 0 64k', 'read -P 0x11 0 64k']);
   t.equal(q.code, 0, `qemu-io with a client certificate: ${q.stderr}`);

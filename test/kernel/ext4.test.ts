@@ -6,7 +6,10 @@ import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../he
 
 t.test('ext4 on the default export', { skip: await guestSkipReason() }, async (t) => {
   const d = await startDaemon({ volumes: [{ name: 'vol0', size: '256M' }] });
-  t.teardown(async () => { killGuests(); await d.stop(); });
+  t.teardown(async () => {
+    killGuests();
+    await d.stop();
+  });
   const log = await guestLogPath('ext4');
   t.comment(`guest console: ${log}`);
 
@@ -47,6 +50,12 @@ t.test('ext4 on the default export', { skip: await guestSkipReason() }, async (t
   t.match(r.log, /random\.bin: OK/, 'checksums verified after reconnecting');
   const sessions = d.logs.filter((l) => l.msg === 'transmission started');
   t.ok(sessions.length >= 2, `the daemon served both connections (${sessions.length})`);
-  t.same(d.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
-  t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 40),
+    [],
+    'the daemon logged no warnings or errors',
+  );
+  t.comment(
+    `guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`,
+  );
 });

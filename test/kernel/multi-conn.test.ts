@@ -7,7 +7,10 @@ import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../he
 
 t.test('two connections to one export', { skip: await guestSkipReason() }, async (t) => {
   const d = await startDaemon({ volumes: [{ name: 'vol0', size: '256M' }] });
-  t.teardown(async () => { killGuests(); await d.stop(); });
+  t.teardown(async () => {
+    killGuests();
+    await d.stop();
+  });
   const log = await guestLogPath('multi-conn');
   t.comment(`guest console: ${log}`);
 
@@ -38,6 +41,12 @@ t.test('two connections to one export', { skip: await guestSkipReason() }, async
   t.match(r.log, /f4: OK/, 'checksums verified after reconnecting');
   const sessions = d.logs.filter((l) => l.msg === 'transmission started' && l.export === 'vol0');
   t.equal(sessions.length, 4, 'two connections per attach, two attaches');
-  t.same(d.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
-  t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 40),
+    [],
+    'the daemon logged no warnings or errors',
+  );
+  t.comment(
+    `guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`,
+  );
 });

@@ -12,7 +12,10 @@ import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../he
 async function hashTree(dir: string): Promise<string> {
   const h = createHash('sha256');
   const entries = await readdir(dir, { recursive: true, withFileTypes: true });
-  for (const e of entries.filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name)).sort()) {
+  for (const e of entries
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name))
+    .sort()) {
     h.update(e);
     for await (const chunk of createReadStream(e)) h.update(chunk as Buffer);
   }
@@ -69,8 +72,14 @@ t.test('read-only daemon', { skip: await guestSkipReason() }, async (t) => {
   });
   t.equal(r.exitCode, 0, 'guest script passed', { log: tail(r.log, 60) });
   t.match(r.log, /random\.bin: OK/, 'data written before is readable');
-  t.same(ro.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
+  t.same(
+    ro.logs.filter((l) => Number(l.level) >= 40),
+    [],
+    'the daemon logged no warnings or errors',
+  );
   await ro.stop();
   t.equal(await hashTree(dataDir), before, 'the data directory is unchanged');
-  t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
+  t.comment(
+    `guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`,
+  );
 });

@@ -42,7 +42,11 @@ t.test('a consistent backup of a live ext4 volume', { skip: await guestSkipReaso
     },
     after: () => 'ok',
   });
-  t.teardown(async () => { killGuests(); await hooks.close(); await d.stop(); });
+  t.teardown(async () => {
+    killGuests();
+    await hooks.close();
+    await d.stop();
+  });
 
   // Boot 1: make a live file system, snapshot it mounted, then change the origin.
   const log1 = await guestLogPath('snapshot-ext4-1');
@@ -153,7 +157,11 @@ EOF
   t.match(r2.log, /EXT4-fs \(nbd1\): recovery complete/, 'mounting the snapshot replayed its journal');
   const snapOk = (r2.log.match(/^\.\/\S+: OK\r?$/gm) ?? []).length;
   t.ok(snapOk >= before.size + after.size, `every checksum matched (${snapOk} OK lines for ${before.size} + ${after.size} files)`);
-  t.match(r2.log, /\.\/precious\.txt: OK[\s\S]*COWBD-SNAP-SAME-FILES/, 'the deleted file is back in the snapshot, and nothing written later is');
+  t.match(
+    r2.log,
+    /\.\/precious\.txt: OK[\s\S]*COWBD-SNAP-SAME-FILES/,
+    'the deleted file is back in the snapshot, and nothing written later is',
+  );
   t.match(r2.log, /^COWBD-VOL-SAME-FILES\r?$/m, 'the origin has exactly its post-snapshot files');
   t.match(r2.log, /COWBD-SNAP-FSCK-CLEAN[\s\S]*COWBD-VOL-FSCK-CLEAN/, 'e2fsck -fn is clean on both');
   t.notMatch(r2.log, /I\/O error|EXT4-fs error/, 'the kernel logged no I/O or ext4 errors');
@@ -167,26 +175,44 @@ EOF
   // The replay and the copy-back may land only in chunks the snapshot already holds
   // (the origin's own journal commits after the snapshot copied them), so usage need
   // not grow; it must never shrink, and the writes must have reached the snapshot.
-  t.ok(u2.usedChunks >= u1!.usedChunks && u2.exceptions >= u1!.exceptions,
-    `the journal replay and the copy-back lost no chunk (${u1!.usedChunks} -> ${u2.usedChunks} of ${u2.capacityChunks})`);
+  t.ok(
+    u2.usedChunks >= u1!.usedChunks && u2.exceptions >= u1!.exceptions,
+    `the journal replay and the copy-back lost no chunk (${u1!.usedChunks} -> ${u2.usedChunks} of ${u2.capacityChunks})`,
+  );
   const metrics = await scrape(d);
   const used = sample(metrics, 'cowbd_snapshot_chunks_used', { snapshot: 'snap', origin: 'vol' });
   t.equal(used, u2.usedChunks, `/metrics: cowbd_snapshot_chunks_used{snapshot="snap"} ${used}`);
   t.equal(sample(metrics, 'cowbd_snapshot_chunks_capacity', { snapshot: 'snap' }), u2.capacityChunks, '/metrics: capacity in chunks');
   t.equal(sample(metrics, 'cowbd_snapshot_state', { snapshot: 'snap', state: 'valid' }), 1, '/metrics: state valid');
-  t.ok((sample(metrics, 'cowbd_nbd_requests_total', { export: 'snap', command: 'write', result: 'ok' }) ?? 0) > 0,
-    '/metrics: the snapshot served writes (journal replay)');
+  t.ok(
+    (sample(metrics, 'cowbd_nbd_requests_total', { export: 'snap', command: 'write', result: 'ok' }) ?? 0) > 0,
+    '/metrics: the snapshot served writes (journal replay)',
+  );
 
   const removed = await cli(d, 'snapshot', 'remove', 'snap');
   t.equal(removed.code, 0, `snapshot remove: ${removed.stderr.trim() || removed.stdout.trim()}`);
   t.same(await json<Usage[]>(d, 'snapshot', 'list'), [], 'no snapshots left');
   t.equal(sample(await scrape(d), 'cowbd_snapshot_chunks_used', { snapshot: 'snap' }), undefined, '/metrics: the series went away');
-  t.same((await readdir(join(d.dataDir, 'cow'))).filter((f) => f.startsWith('vol.')), [], 'the exception store file was deleted');
+  t.same(
+    (await readdir(join(d.dataDir, 'cow'))).filter((f) => f.startsWith('vol.')),
+    [],
+    'the exception store file was deleted',
+  );
 
-  t.same(d.logs.filter((l) => Number(l.level) >= 40).map((l) => l.msg), [], 'the daemon logged no warnings or errors');
-  t.comment(`snapshot create (CLI, while mounted) ${snapshotMs} ms; snapshot used ${u1!.usedChunks} chunks after boot 1, ` +
-    `${u2.usedChunks}/${u2.capacityChunks} after boot 2 (${u2.exceptions} exceptions)`);
-  t.comment(`boot 1: qemu to init ${r1.initMs} ms, wall ${r1.wallMs} ms, script ${((r1.uptime.scriptDone ?? 0) - (r1.uptime.attached ?? 0)).toFixed(1)} s guest time`);
-  t.comment(`boot 2: qemu to init ${r2.initMs} ms, wall ${r2.wallMs} ms, script ${((r2.uptime.scriptDone ?? 0) - (r2.uptime.attached ?? 0)).toFixed(1)} s guest time`);
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 40).map((l) => l.msg),
+    [],
+    'the daemon logged no warnings or errors',
+  );
+  t.comment(
+    `snapshot create (CLI, while mounted) ${snapshotMs} ms; snapshot used ${u1!.usedChunks} chunks after boot 1, ` +
+      `${u2.usedChunks}/${u2.capacityChunks} after boot 2 (${u2.exceptions} exceptions)`,
+  );
+  t.comment(
+    `boot 1: qemu to init ${r1.initMs} ms, wall ${r1.wallMs} ms, script ${((r1.uptime.scriptDone ?? 0) - (r1.uptime.attached ?? 0)).toFixed(1)} s guest time`,
+  );
+  t.comment(
+    `boot 2: qemu to init ${r2.initMs} ms, wall ${r2.wallMs} ms, script ${((r2.uptime.scriptDone ?? 0) - (r2.uptime.attached ?? 0)).toFixed(1)} s guest time`,
+  );
   t.comment(`test duration ${Date.now() - t0} ms`);
 });

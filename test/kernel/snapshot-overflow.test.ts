@@ -42,15 +42,23 @@ async function hooksFor(d: Daemon, name: string, flags: string[]) {
  *  its events carry `snapshot`, its failed requests an error naming it. */
 const otherWarnings = (d: Daemon, name: string) =>
   d.logs
-    .filter((l) => Number(l.level) >= 40 && l.snapshot !== name &&
-      !String((l.err as { message?: unknown } | undefined)?.message).includes(`snapshot ${name} `))
+    .filter(
+      (l) =>
+        Number(l.level) >= 40 &&
+        l.snapshot !== name &&
+        !String((l.err as { message?: unknown } | undefined)?.message).includes(`snapshot ${name} `),
+    )
     .map((l) => JSON.stringify(l));
 
 t.test('policy invalidate: the origin outgrows a 2M snapshot of its mounted ext4', { skip }, async (t) => {
   const t0 = Date.now();
   const d = await startDaemon({ volumes: [{ name: 'vol', size: '256M' }] });
   const { hooks, states, snapshotMs, originBytesAtSnapshot } = await hooksFor(d, 'small', ['--size', '2M', '--chunk-size', '64K']);
-  t.teardown(async () => { killGuests(); await hooks.close(); await d.stop(); });
+  t.teardown(async () => {
+    killGuests();
+    await hooks.close();
+    await d.stop();
+  });
   const log = await guestLogPath('snapshot-overflow-invalidate');
   t.comment(`guest console: ${log}`);
 
@@ -98,8 +106,16 @@ t.test('policy invalidate: the origin outgrows a 2M snapshot of its mounted ext4
   });
   t.equal(r.exitCode, 0, 'guest script passed', { log: tail(r.log, 80) });
   t.match(r.log, /^COWBD-SNAP-READABLE\r?$/m, 'the snapshot was readable while valid');
-  t.same(states.map((s) => s.split(' ')[0]), ['valid', 'invalid'], `snapshot state before and after the origin's writes: ${states.join(', ')}`);
-  t.equal((r.log.match(/^(data|new1|new2)\.bin: OK\r?$/gm) ?? []).length, 6, "the origin's data verified twice, the second time after reconnecting");
+  t.same(
+    states.map((s) => s.split(' ')[0]),
+    ['valid', 'invalid'],
+    `snapshot state before and after the origin's writes: ${states.join(', ')}`,
+  );
+  t.equal(
+    (r.log.match(/^(data|new1|new2)\.bin: OK\r?$/gm) ?? []).length,
+    6,
+    "the origin's data verified twice, the second time after reconnecting",
+  );
   t.notMatch(r.log, /I\/O error, dev nbd0|EXT4-fs error|Buffer I\/O error on dev nbd0/, 'no I/O error on the origin');
   t.match(r.log, /^COWBD-SNAP-READ-FAILED\r?$/m, 'dd from the invalid snapshot failed');
   t.match(r.log, /I\/O error, dev nbd1/, 'the kernel saw an I/O error on the snapshot');
@@ -112,22 +128,33 @@ t.test('policy invalidate: the origin outgrows a 2M snapshot of its mounted ext4
 
   const m = await scrape(d);
   t.equal(sample(m, 'cowbd_snapshot_state', { snapshot: 'small', state: 'invalid' }), 1, '/metrics: state invalid');
-  t.ok((sample(m, 'cowbd_nbd_requests_total', { export: 'small', command: 'read', result: 'EIO' }) ?? 0) >= 1, '/metrics: the snapshot answered reads EIO');
-  const originErrors = m.split('\n').filter((l) => l.startsWith('cowbd_nbd_requests_total{') && l.includes('export="vol"') && !l.includes('result="ok"'));
+  t.ok(
+    (sample(m, 'cowbd_nbd_requests_total', { export: 'small', command: 'read', result: 'EIO' }) ?? 0) >= 1,
+    '/metrics: the snapshot answered reads EIO',
+  );
+  const originErrors = m
+    .split('\n')
+    .filter((l) => l.startsWith('cowbd_nbd_requests_total{') && l.includes('export="vol"') && !l.includes('result="ok"'));
   t.same(originErrors, [], '/metrics: every origin request succeeded');
   const written = (sample(m, 'cowbd_nbd_bytes_total', { export: 'vol', direction: 'write' }) ?? 0) - originBytesAtSnapshot();
   t.ok(written >= 24 << 20, `after the snapshot the origin took ${(written / 2 ** 20).toFixed(1)} MiB of writes, for a 2 MiB store`);
 
   const removed = await cli(d, 'snapshot', 'remove', 'small');
   t.equal(removed.code, 0, `an invalid snapshot can be removed: ${removed.stderr.trim() || removed.stdout.trim()}`);
-  t.comment(`snapshot create ${snapshotMs()} ms; boot: qemu to init ${r.initMs} ms, wall ${r.wallMs} ms; test duration ${Date.now() - t0} ms`);
+  t.comment(
+    `snapshot create ${snapshotMs()} ms; boot: qemu to init ${r.initMs} ms, wall ${r.wallMs} ms; test duration ${Date.now() - t0} ms`,
+  );
 });
 
 t.test('policy overflow: the snapshot refuses its own writes but stays readable', { skip }, async (t) => {
   const t0 = Date.now();
   const d = await startDaemon({ volumes: [{ name: 'vol', size: '64M' }] });
   const { hooks, states, snapshotMs } = await hooksFor(d, 'ovf', ['--size', '1M', '--chunk-size', '64K', '--policy', 'overflow']);
-  t.teardown(async () => { killGuests(); await hooks.close(); await d.stop(); });
+  t.teardown(async () => {
+    killGuests();
+    await hooks.close();
+    await d.stop();
+  });
   const log = await guestLogPath('snapshot-overflow-policy');
   t.comment(`guest console: ${log}`);
 
@@ -167,17 +194,38 @@ t.test('policy overflow: the snapshot refuses its own writes but stays readable'
   t.match(r.log, /^COWBD-SNAP-WRITE-REFUSED\r?$/m, "the snapshot's writes past its store failed");
   t.match(r.log, /^COWBD-SNAP-READS-OK\r?$/m, 'the full snapshot still read its point in time');
   t.match(r.log, /^COWBD-ORIGIN-WRITE-OK\r?$/m, 'the origin took writes the full snapshot could not');
-  t.same(states.map((s) => s.split(' ')[0]), ['overflow', 'invalid'], `snapshot state when full, then after the origin's writes: ${states.join(', ')}`);
+  t.same(
+    states.map((s) => s.split(' ')[0]),
+    ['overflow', 'invalid'],
+    `snapshot state when full, then after the origin's writes: ${states.join(', ')}`,
+  );
 
   const m = await scrape(d);
   const enospc = sample(m, 'cowbd_nbd_requests_total', { export: 'ovf', command: 'write', result: 'ENOSPC' }) ?? 0;
   t.ok(enospc >= 2, `/metrics: the daemon refused the snapshot's writes with ENOSPC (${enospc})`);
-  t.equal(sample(m, 'cowbd_nbd_requests_total', { export: 'ovf', command: 'write', result: 'EIO' }), undefined, '/metrics: not with EIO while overflowed');
-  t.ok((sample(m, 'cowbd_nbd_requests_total', { export: 'ovf', command: 'read', result: 'ok' }) ?? 0) > 0, '/metrics: reads of the full snapshot succeeded');
-  const originErrors = m.split('\n').filter((l) => l.startsWith('cowbd_nbd_requests_total{') && l.includes('export="vol"') && !l.includes('result="ok"'));
+  t.equal(
+    sample(m, 'cowbd_nbd_requests_total', { export: 'ovf', command: 'write', result: 'EIO' }),
+    undefined,
+    '/metrics: not with EIO while overflowed',
+  );
+  t.ok(
+    (sample(m, 'cowbd_nbd_requests_total', { export: 'ovf', command: 'read', result: 'ok' }) ?? 0) > 0,
+    '/metrics: reads of the full snapshot succeeded',
+  );
+  const originErrors = m
+    .split('\n')
+    .filter((l) => l.startsWith('cowbd_nbd_requests_total{') && l.includes('export="vol"') && !l.includes('result="ok"'));
   t.same(originErrors, [], '/metrics: every origin request succeeded');
-  t.ok(d.logs.some((l) => l.snapshot === 'ovf' && /overflowed/.test(String(l.msg))), 'the daemon logged the overflow');
-  t.ok(d.logs.some((l) => l.msg === 'snapshot ovf invalidated'), 'and then the invalidation');
+  t.ok(
+    d.logs.some((l) => l.snapshot === 'ovf' && /overflowed/.test(String(l.msg))),
+    'the daemon logged the overflow',
+  );
+  t.ok(
+    d.logs.some((l) => l.msg === 'snapshot ovf invalidated'),
+    'and then the invalidation',
+  );
   t.same(otherWarnings(d, 'ovf'), [], 'every warning or error is about the snapshot');
-  t.comment(`snapshot create ${snapshotMs()} ms; boot: qemu to init ${r.initMs} ms, wall ${r.wallMs} ms; test duration ${Date.now() - t0} ms`);
+  t.comment(
+    `snapshot create ${snapshotMs()} ms; boot: qemu to init ${r.initMs} ms, wall ${r.wallMs} ms; test duration ${Date.now() - t0} ms`,
+  );
 });

@@ -63,8 +63,17 @@ t.test('nbd-client over TLS with a client certificate', { skip: await guestSkipR
   t.equal(r.exitCode, 0, 'guest script passed', { log: tail(r.log, 80) });
   t.match(r.log, /COWBD-REFUSED-OK/, 'plain and certificate-less attaches were refused');
   t.match(r.log, /random\.bin: OK/, 'data written over TLS reads back after reattaching');
-  t.ok(d.logs.some((l) => l.msg === 'client option refused: TLS is required (NBD_REP_ERR_TLS_REQD)'), 'the plain client got TLS_REQD');
-  t.ok(d.logs.some((l) => l.msg === 'TLS handshake failed; closing'), 'the certificate-less client failed the TLS handshake');
-  t.ok(d.logs.filter((l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client').length >= 2, 'both attaches ran over TLS with the client certificate');
+  t.ok(
+    d.logs.some((l) => l.msg === 'client option refused: TLS is required (NBD_REP_ERR_TLS_REQD)'),
+    'the plain client got TLS_REQD',
+  );
+  t.ok(
+    d.logs.some((l) => l.msg === 'TLS handshake failed; closing'),
+    'the certificate-less client failed the TLS handshake',
+  );
+  t.ok(
+    d.logs.filter((l) => l.msg === 'TLS established' && l.clientCertificate === 'cowbd-test-client').length >= 2,
+    'both attaches ran over TLS with the client certificate',
+  );
   t.comment(`guest wall ${r.wallMs} ms, script done at uptime ${r.uptime.scriptDone}s`);
 });

@@ -4,8 +4,16 @@ import { startDaemon } from '../helpers/daemon.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 
 t.test('two exports as /dev/nbd0 and /dev/nbd1', { skip: await guestSkipReason() }, async (t) => {
-  const d = await startDaemon({ volumes: [{ name: 'vol0', size: '128M' }, { name: 'vol1', size: '192M' }] });
-  t.teardown(async () => { killGuests(); await d.stop(); });
+  const d = await startDaemon({
+    volumes: [
+      { name: 'vol0', size: '128M' },
+      { name: 'vol1', size: '192M' },
+    ],
+  });
+  t.teardown(async () => {
+    killGuests();
+    await d.stop();
+  });
   const log = await guestLogPath('two-exports');
   t.comment(`guest console: ${log}`);
 
@@ -51,6 +59,12 @@ t.test('two exports as /dev/nbd0 and /dev/nbd1', { skip: await guestSkipReason()
   t.match(r.log, /EXT4-fs \(nbd1\): mounted filesystem/, 'the kernel mounted ext4 from nbd1');
   const sessions = d.logs.filter((l) => l.msg === 'transmission started').map((l) => l.export);
   t.same([...new Set(sessions)].sort(), ['vol0', 'vol1'], 'both exports were served');
-  t.same(d.logs.filter((l) => Number(l.level) >= 40), [], 'the daemon logged no warnings or errors');
-  t.comment(`guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`);
+  t.same(
+    d.logs.filter((l) => Number(l.level) >= 40),
+    [],
+    'the daemon logged no warnings or errors',
+  );
+  t.comment(
+    `guest wall ${r.wallMs} ms, uptime at init ${r.uptime.init}s, attached ${r.uptime.attached}s, script done ${r.uptime.scriptDone}s`,
+  );
 });

@@ -33,8 +33,12 @@ export function writeBlock(dst: Buffer, at: number, block: number, version: numb
 
 function blockMatches(buf: Buffer, at: number, block: number, version: number): boolean {
   if (version === 0) return buf.compare(ZERO_BLOCK, 0, BLOCK, at, at + BLOCK) === 0;
-  return buf.readUInt32BE(at) === MAGIC && buf.readUInt32BE(at + 4) === block >>> 0 && buf.readUInt32BE(at + 8) === version >>> 0 &&
-    buf.compare(BODIES[fillOf(block, version)]!, 0, BLOCK - 16, at + 16, at + BLOCK) === 0;
+  return (
+    buf.readUInt32BE(at) === MAGIC &&
+    buf.readUInt32BE(at + 4) === block >>> 0 &&
+    buf.readUInt32BE(at + 8) === version >>> 0 &&
+    buf.compare(BODIES[fillOf(block, version)]!, 0, BLOCK - 16, at + 16, at + BLOCK) === 0
+  );
 }
 
 function describeBlock(buf: Buffer, at: number): string {
@@ -52,7 +56,11 @@ class ExportModel {
   readonly busy: Uint8Array;
   readonly writing = new Map<number, number>();
 
-  constructor(readonly name: string, blocks: number, from?: ExportModel) {
+  constructor(
+    readonly name: string,
+    blocks: number,
+    from?: ExportModel,
+  ) {
     this.versions = from ? from.versions.slice() : new Uint32Array(blocks);
     this.busy = new Uint8Array(blocks);
   }
@@ -143,7 +151,13 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
     stopping = false;
     private lanes: Promise<void>[] = [];
     private readonly r: Rng;
-    constructor(readonly client: NbdClient, readonly model: ExportModel, readonly lo: number, readonly hi: number, seed: number) {
+    constructor(
+      readonly client: NbdClient,
+      readonly model: ExportModel,
+      readonly lo: number,
+      readonly hi: number,
+      seed: number,
+    ) {
       this.r = new Rng(seed, 0x1a2e);
     }
 
@@ -164,7 +178,11 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
         const n = Math.min(len, span);
         const start = this.lo + this.r.int(span - n + 1);
         let free = true;
-        for (let b = start; b < start + n; b++) if (this.model.busy[b]) { free = false; break; }
+        for (let b = start; b < start + n; b++)
+          if (this.model.busy[b]) {
+            free = false;
+            break;
+          }
         if (free) return { start, len: n };
         if (tries >= 3) len = Math.max(1, len >> 1);
       }
@@ -225,7 +243,10 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
         if (alt) {
           const hit = [...alt].find((v) => blockMatches(buf, i * BLOCK, b, v));
           if (hit === undefined) {
-            fail(verifyFailures, `${m.name}: block ${b}: found ${describeBlock(buf, i * BLOCK)}, expected one of versions ${[...alt].join(',')}`);
+            fail(
+              verifyFailures,
+              `${m.name}: block ${b}: found ${describeBlock(buf, i * BLOCK)}, expected one of versions ${[...alt].join(',')}`,
+            );
           } else {
             m.versions[b] = hit;
             m.alt.delete(b);
@@ -307,7 +328,9 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
     const c0 = now();
     try {
       await call(o.dataDir, 'POST', '/v1/snapshots', {
-        name, origin: o.origin, size: String(Math.ceil((o.originSize * 1.25) / (1 << 20)) * (1 << 20) + 16 * (1 << 20)),
+        name,
+        origin: o.origin,
+        size: String(Math.ceil((o.originSize * 1.25) / (1 << 20)) * (1 << 20) + 16 * (1 << 20)),
       });
     } finally {
       creating = undefined;
@@ -318,10 +341,12 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
   }
 
   async function startSnapshotWorkers(s: { name: string; model: ExportModel }): Promise<Worker[]> {
-    const ws = await Promise.all(Array.from({ length: o.snapshotConnections }, async (_, i) => {
-      const [lo, hi] = partition(o.snapshotConnections, i);
-      return new Worker(await connect(s.name), s.model, lo, hi, rng.u32());
-    }));
+    const ws = await Promise.all(
+      Array.from({ length: o.snapshotConnections }, async (_, i) => {
+        const [lo, hi] = partition(o.snapshotConnections, i);
+        return new Worker(await connect(s.name), s.model, lo, hi, rng.u32());
+      }),
+    );
     for (const w of ws) w.start(o.depth);
     return ws;
   }
@@ -350,8 +375,10 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
       const s = { ...sample(o.pid), t: (now() - t0) / 1000, ops: stats.ops - lastOps };
       lastOps = stats.ops;
       samples.push(s);
-      log(`t=${s.t.toFixed(0)}s ${s.ops} ops/s, RSS ${mib(s.rssKiB)} MiB, ${s.fds} fds, snapshots ${snapshotsCreated} made ${snapshotsRemoved} removed, ` +
-        `${verifyFailures.length} verify failures, ${errors.length} errors`);
+      log(
+        `t=${s.t.toFixed(0)}s ${s.ops} ops/s, RSS ${mib(s.rssKiB)} MiB, ${s.fds} fds, snapshots ${snapshotsCreated} made ${snapshotsRemoved} removed, ` +
+          `${verifyFailures.length} verify failures, ${errors.length} errors`,
+      );
     }
   })();
 
@@ -365,8 +392,10 @@ export async function runLoad(o: LoadOptions): Promise<LoadResult> {
         const next = { ...s, workers: await startSnapshotWorkers(s) };
         const c2 = now();
         if (current) await retire(current);
-        log(`snapshot ${s.name}: created in ${Math.round(c1 - c0)} ms, its connections up in ${Math.round(c2 - c1)} ms` +
-          (current ? `; ${current.name} drained and removed in ${Math.round(now() - c2)} ms` : ''));
+        log(
+          `snapshot ${s.name}: created in ${Math.round(c1 - c0)} ms, its connections up in ${Math.round(c2 - c1)} ms` +
+            (current ? `; ${current.name} drained and removed in ${Math.round(now() - c2)} ms` : ''),
+        );
         current = next;
         await sleep(Math.max(0, Math.min(o.snapshotEveryMs, end - now())));
       }

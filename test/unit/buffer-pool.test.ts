@@ -13,7 +13,10 @@ t.test('free buffers are reused, bounded at 16 MiB per size class', async (t) =>
   for (const b of bufs) pool.put(b);
   t.equal(pool.freeBytes, 16 * MiB, 'only 16 of the 40 kept');
   const again = pool.get(MiB);
-  t.ok(bufs.some((b) => b.buffer === again.buffer), 'a free one is handed out again');
+  t.ok(
+    bufs.some((b) => b.buffer === again.buffer),
+    'a free one is handed out again',
+  );
   const small = pool.get(3000);
   t.equal(small.length, 3000, 'a view of the exact length');
   pool.put(Buffer.alloc(MiB));
@@ -28,7 +31,10 @@ t.test('kept buffers raise the bound to the peak kept until the pool is idle for
   t.equal(pool.freeBytes, 40 * MiB, 'every buffer given back stays free: as many may be kept again');
   const reused = Array.from({ length: 40 }, () => pool.get(MiB));
   t.equal(new Set(reused.map((b) => b.buffer)).size, 40);
-  t.ok(reused.every((b) => bufs.some((o) => o.buffer === b.buffer)), 'the next burst reuses them: no new memory');
+  t.ok(
+    reused.every((b) => bufs.some((o) => o.buffer === b.buffer)),
+    'the next burst reuses them: no new memory',
+  );
   for (const b of reused) pool.put(b);
   await sleep(120);
   t.equal(pool.freeBytes, 16 * MiB, 'idle past the delay: back to the usual bound');

@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { parseYaml, loadConfig } from '../../daemon/config.js';
 
 t.test('YAML subset', async (t) => {
-  t.same(parseYaml(`
+  t.same(
+    parseYaml(`
 # cowbd config
 data-dir: /var/lib/cowbd   # comment
 listen:
@@ -17,14 +18,16 @@ autoextend:
   threshold: 70
   percent: 20
 tags: [a, 'b c']
-`), {
-    'data-dir': '/var/lib/cowbd',
-    listen: ['127.0.0.1:10809', '[::1]:10809'],
-    'read-only': false,
-    'max-connections': 64,
-    autoextend: { threshold: 70, percent: 20 },
-    tags: ['a', 'b c'],
-  });
+`),
+    {
+      'data-dir': '/var/lib/cowbd',
+      listen: ['127.0.0.1:10809', '[::1]:10809'],
+      'read-only': false,
+      'max-connections': 64,
+      autoextend: { threshold: 70, percent: 20 },
+      tags: ['a', 'b c'],
+    },
+  );
   t.throws(() => parseYaml('a: 1\n   b: 2\n'), { code: 'COWBD_BAD_CONFIG' });
   t.throws(() => parseYaml('just text\n'), { code: 'COWBD_BAD_CONFIG' });
 });

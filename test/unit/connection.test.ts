@@ -165,12 +165,19 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 1));
   const chunks = await replyChunks(c);
   const kinds = chunks.map((ch) => ch.type);
-  t.same(kinds, [C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_OFFSET_DATA, C.NBD_REPLY_TYPE_OFFSET_HOLE, C.NBD_REPLY_TYPE_NONE]);
+  t.same(kinds, [
+    C.NBD_REPLY_TYPE_OFFSET_DATA,
+    C.NBD_REPLY_TYPE_OFFSET_HOLE,
+    C.NBD_REPLY_TYPE_OFFSET_DATA,
+    C.NBD_REPLY_TYPE_OFFSET_HOLE,
+    C.NBD_REPLY_TYPE_NONE,
+  ]);
   // Reassemble and compare with the backend.
   const img = Buffer.alloc(256 * 1024, 0xff);
   for (const ch of chunks) {
     if (ch.type === C.NBD_REPLY_TYPE_OFFSET_DATA) ch.payload.copy(img, Number(ch.payload.readBigUInt64BE(0)), 8);
-    if (ch.type === C.NBD_REPLY_TYPE_OFFSET_HOLE) img.fill(0, Number(ch.payload.readBigUInt64BE(0)), Number(ch.payload.readBigUInt64BE(0)) + ch.payload.readUInt32BE(8));
+    if (ch.type === C.NBD_REPLY_TYPE_OFFSET_HOLE)
+      img.fill(0, Number(ch.payload.readBigUInt64BE(0)), Number(ch.payload.readBigUInt64BE(0)) + ch.payload.readUInt32BE(8));
   }
   t.ok(img.equals(disk.data.subarray(0, 256 * 1024)), 'chunks reassemble to the data');
 
@@ -182,7 +189,11 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   disk.data.fill(5, 128 * 1024, 256 * 1024);
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 3));
   const hidden = await replyChunks(c);
-  t.same(hidden.map((ch) => ch.type), [C.NBD_REPLY_TYPE_OFFSET_DATA], 'a byte hidden inside a grain is data, not hole');
+  t.same(
+    hidden.map((ch) => ch.type),
+    [C.NBD_REPLY_TYPE_OFFSET_DATA],
+    'a byte hidden inside a grain is data, not hole',
+  );
   t.ok(hidden[0]!.payload.subarray(8).equals(disk.data.subarray(0, 256 * 1024)), 'and it is sent');
 
   c.send(request(C.NBD_CMD_READ, 0, 256 * 1024, 2, C.NBD_CMD_FLAG_DF));
@@ -199,7 +210,10 @@ t.test('structured replies: OFFSET_DATA, OFFSET_HOLE, ERROR and BLOCK_STATUS', a
   const bs = await c.chunk();
   t.equal(bs.type, C.NBD_REPLY_TYPE_BLOCK_STATUS);
   t.equal(bs.payload.readUInt32BE(0), C.BASE_ALLOCATION_ID);
-  t.same([bs.payload.readUInt32BE(4), bs.payload.readUInt32BE(8), bs.payload.readUInt32BE(12), bs.payload.readUInt32BE(16)], [4096, 0, 4096, 3]);
+  t.same(
+    [bs.payload.readUInt32BE(4), bs.payload.readUInt32BE(8), bs.payload.readUInt32BE(12), bs.payload.readUInt32BE(16)],
+    [4096, 0, 4096, 3],
+  );
 
   c.send(request(C.NBD_CMD_BLOCK_STATUS, 0, 8192, 5, C.NBD_CMD_FLAG_REQ_ONE));
   const one = await c.chunk();
@@ -231,7 +245,11 @@ t.test('many requests in flight, replies out of order', async (t) => {
   c.send(Buffer.concat(frames));
   const cookies = [];
   for (let i = 0; i < 64; i++) cookies.push((await c.simpleReply(512)).cookie);
-  t.same([...cookies].sort((a, b) => a - b), [...Array(64).keys()].map((i) => i + 1), 'every request answered once');
+  t.same(
+    [...cookies].sort((a, b) => a - b),
+    [...Array(64).keys()].map((i) => i + 1),
+    'every request answered once',
+  );
   t.not(cookies[0], 1, 'the slow first request was overtaken');
   t.ok(peak <= 16, `requests in flight capped (peak ${peak})`);
   t.ok(peak > 1, 'requests ran concurrently');
@@ -265,10 +283,17 @@ t.test('large writes streamed back to back, with reads between them, in one send
     errors.set(cookie, h.readUInt32BE(4));
     if (cookie === 20) readData = await c.read(8);
   }
-  t.same([...errors.keys()].sort((a, b) => a - b), [10, 11, 12, 20, 21, 22], 'one reply per request');
+  t.same(
+    [...errors.keys()].sort((a, b) => a - b),
+    [10, 11, 12, 20, 21, 22],
+    'one reply per request',
+  );
   t.same(readData, Buffer.alloc(8, 0x30), 'the read between large writes saw the first write');
   t.same([...errors.values()], [0, 0, 0, 0, 0, 0], 'six replies, no errors');
-  t.ok(disk.data.subarray(0, 256 * 1024).equals(big(0)) && disk.data.subarray(256 * 1024, 512 * 1024).equals(big(1)), 'first payloads intact');
+  t.ok(
+    disk.data.subarray(0, 256 * 1024).equals(big(0)) && disk.data.subarray(256 * 1024, 512 * 1024).equals(big(1)),
+    'first payloads intact',
+  );
   t.ok(disk.data.subarray(512 * 1024, 768 * 1024).equals(big(9)), 'the write whose header was split landed');
   t.ok(disk.data.subarray(768 * 1024, 768 * 1024 + 16).equals(Buffer.alloc(16, 0x77)), 'the small write landed');
   c.close();
@@ -292,14 +317,20 @@ t.test('a backend may keep a write payload past its reply: no later request reus
   for (let k = 0; k < 8; k++) t.equal((await c.simpleReply(0)).error, 0);
   t.equal(kept.length, 8);
   t.equal(new Set(kept.map((k) => k.buf.buffer)).size, 8, 'every kept payload has memory of its own');
-  t.ok(kept.every((k) => k.buf.equals(k.copy)), 'kept payloads unchanged by the requests after them');
+  t.ok(
+    kept.every((k) => k.buf.equals(k.copy)),
+    'kept payloads unchanged by the requests after them',
+  );
   for (const k of kept) {
     k.giveBack();
     k.giveBack(); // idempotent: a buffer goes back to the pool once
   }
   c.send(Buffer.concat([request(C.NBD_CMD_WRITE, 0, size, 20), Buffer.alloc(size, 0x7f)]));
   t.equal((await c.simpleReply(0)).error, 0);
-  t.ok(kept.slice(0, 8).some((k) => k.buf.buffer === kept[8]!.buf.buffer), 'given back, a buffer serves the next request');
+  t.ok(
+    kept.slice(0, 8).some((k) => k.buf.buffer === kept[8]!.buf.buffer),
+    'given back, a buffer serves the next request',
+  );
   c.close();
 });
 
@@ -332,14 +363,20 @@ t.test('replies of one turn share a writev, up to UNCORK_AT_BYTES: big read repl
   for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
   const smallCalls = calls.splice(0);
   // One call when the 16 requests arrive in one read; a second read would make two.
-  t.ok(smallCalls.length <= 2, `16 small replies left in ${smallCalls.length} call(s) (${smallCalls.map((x) => x.length).join(', ')} chunks), not one each`);
+  t.ok(
+    smallCalls.length <= 2,
+    `16 small replies left in ${smallCalls.length} call(s) (${smallCalls.map((x) => x.length).join(', ')} chunks), not one each`,
+  );
 
   const big: Buffer[] = [];
   for (let i = 0; i < 4; i++) big.push(request(C.NBD_CMD_READ, i * 256 * 1024, 256 * 1024, 200 + i));
   c.send(Buffer.concat(big));
   for (let i = 0; i < 4; i++) {
     const r = await c.simpleReply(256 * 1024);
-    t.ok(r.error === 0 && r.data!.equals(disk.data.subarray((r.cookie - 200) * 256 * 1024, (r.cookie - 199) * 256 * 1024)), `big reply ${r.cookie} intact`);
+    t.ok(
+      r.error === 0 && r.data!.equals(disk.data.subarray((r.cookie - 200) * 256 * 1024, (r.cookie - 199) * 256 * 1024)),
+      `big reply ${r.cookie} intact`,
+    );
   }
   const bigCalls = calls.splice(0);
   const most = Math.max(...bigCalls.map((x) => x.reduce((a, b) => a + b, 0)));

@@ -13,9 +13,10 @@ import { toCowbdError } from '../../daemon/service.js';
 
 function recorder(): { log: Logger; lines: { level: string; obj: Record<string, unknown> }[] } {
   const lines: { level: string; obj: Record<string, unknown> }[] = [];
-  const at = (level: string): LogFn => ((obj: unknown) => {
-    lines.push({ level, obj: typeof obj === 'object' && obj !== null ? (obj as Record<string, unknown>) : { msg: obj } });
-  }) as LogFn;
+  const at = (level: string): LogFn =>
+    ((obj: unknown) => {
+      lines.push({ level, obj: typeof obj === 'object' && obj !== null ? (obj as Record<string, unknown>) : { msg: obj } });
+    }) as LogFn;
   const log: Logger = { error: at('error'), warn: at('warn'), info: at('info'), debug: at('debug'), trace: at('trace'), child: () => log };
   return { log, lines };
 }
@@ -91,8 +92,8 @@ t.test('daemon/errors.ts: every daemon error comes from the table, with its code
     t.equal(e.statusCode, status, `${code}: HTTP ${status}`);
   }
   t.equal(Errors.badExports('bad').message, 'exports: bad');
-  t.ok(isCowbdError(Errors.noDaemon('/d'), Errors.noDaemon), 'isCowbdError tells one factory\'s errors');
-  t.notOk(isCowbdError(Errors.badReply(200), Errors.noDaemon), 'from another\'s');
+  t.ok(isCowbdError(Errors.noDaemon('/d'), Errors.noDaemon), "isCowbdError tells one factory's errors");
+  t.notOk(isCowbdError(Errors.badReply(200), Errors.noDaemon), "from another's");
   t.notOk(isCowbdError(new Error('x')), 'and from plain errors');
 });
 
@@ -108,14 +109,19 @@ t.test('daemon/errors.ts: refusing a fast zero is NBD_ENOTSUP, logged as a refus
   const e = Errors.zeroNotFast();
   t.equal(toNbdError(e, log, {}), C.NBD_ENOTSUP);
   t.equal(e.message, 'zeroing is not fast here', 'the message the client is sent');
-  t.same(lines.map((l) => l.level), ['debug']);
+  t.same(
+    lines.map((l) => l.level),
+    ['debug'],
+  );
 });
 
-t.test('toCowbdError: engine errors become the daemon\'s by id, refusals by kind', async (t) => {
+t.test("toCowbdError: engine errors become the daemon's by id, refusals by kind", async (t) => {
   const what = { volume: 'vol', snapshot: 'snap' };
   const map = (e: unknown) => toCowbdError(e, what) as CowbdError;
-  t.same([map(CowErrors.unknownSnapshot('snap')).code, map(CowErrors.unknownSnapshot('snap')).message],
-    ['COWBD_UNKNOWN_SNAPSHOT', 'no snapshot named "snap"']);
+  t.same(
+    [map(CowErrors.unknownSnapshot('snap')).code, map(CowErrors.unknownSnapshot('snap')).message],
+    ['COWBD_UNKNOWN_SNAPSHOT', 'no snapshot named "snap"'],
+  );
   t.equal(map(CowErrors.unknownOrigin('vol')).code, 'COWBD_UNKNOWN_VOLUME');
   t.equal(map(CowErrors.nameTaken('snap')).code, 'COWBD_NAME_TAKEN');
   t.equal(map(CowErrors.fileExists('/d/snap.cow')).message, 'name "snap" is already used by a volume or snapshot');

@@ -10,7 +10,11 @@ import { FileDevice } from '../../cow/device.js';
 import { MemDevice } from '../../cow/mem-device.js';
 import { testFaults } from '../../daemon/test-faults.js';
 
-const codeOf = (p: Promise<unknown>) => p.then(() => 'ok', (e: { code?: string }) => e.code ?? String(e));
+const codeOf = (p: Promise<unknown>) =>
+  p.then(
+    () => 'ok',
+    (e: { code?: string }) => e.code ?? String(e),
+  );
 
 t.test('rules: file, operation, range, count, errno', async (t) => {
   const plan = new FaultPlan([
@@ -60,7 +64,10 @@ t.test('the daemon hook: off without COWBD_TEST_FAULTS, re-reads its file when i
   t.equal(testFaults(log, {}), undefined, 'no variable, no hook');
   const rules = join(dir, 'rules.json');
   const wrap = testFaults(log, { COWBD_TEST_FAULTS: rules })!;
-  t.ok(lines.some((l) => l.level === 40 && String(l.msg).includes('TEST-ONLY')), 'a loud warning when on');
+  t.ok(
+    lines.some((l) => l.level === 40 && String(l.msg).includes('TEST-ONLY')),
+    'a loud warning when on',
+  );
   const path = join(dir, 'v.vol');
   await writeFile(path, Buffer.alloc(8192));
   const dev = wrap(await FileDevice.open(path));
@@ -75,6 +82,9 @@ t.test('the daemon hook: off without COWBD_TEST_FAULTS, re-reads its file when i
   t.equal(await codeOf(dev.read(Buffer.alloc(512), 0)), 'ok', 'disarmed the same way');
   await set('{not json');
   t.equal(await codeOf(dev.read(Buffer.alloc(512), 0)), 'ok', 'an unreadable file injects nothing');
-  t.ok(lines.some((l) => l.level === 50 && l.msg === 'test faults: unreadable rules file; injecting nothing'), 'and says so');
+  t.ok(
+    lines.some((l) => l.level === 50 && l.msg === 'test faults: unreadable rules file; injecting nothing'),
+    'and says so',
+  );
   await dev.close();
 });

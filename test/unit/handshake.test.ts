@@ -52,15 +52,23 @@ t.test('a full session negotiates every option', async (t) => {
   const { replies } = parseOptionReplies(out);
   const types = replies.map((r) => [r.option, r.type >>> 0]);
   t.same(types, [
-    [C.NBD_OPT_LIST, C.NBD_REP_SERVER], [C.NBD_OPT_LIST, C.NBD_REP_SERVER], [C.NBD_OPT_LIST, C.NBD_REP_ACK],
+    [C.NBD_OPT_LIST, C.NBD_REP_SERVER],
+    [C.NBD_OPT_LIST, C.NBD_REP_SERVER],
+    [C.NBD_OPT_LIST, C.NBD_REP_ACK],
     [C.NBD_OPT_STRUCTURED_REPLY, C.NBD_REP_ACK],
-    [C.NBD_OPT_LIST_META_CONTEXT, C.NBD_REP_META_CONTEXT], [C.NBD_OPT_LIST_META_CONTEXT, C.NBD_REP_ACK],
-    [C.NBD_OPT_SET_META_CONTEXT, C.NBD_REP_META_CONTEXT], [C.NBD_OPT_SET_META_CONTEXT, C.NBD_REP_ACK],
+    [C.NBD_OPT_LIST_META_CONTEXT, C.NBD_REP_META_CONTEXT],
+    [C.NBD_OPT_LIST_META_CONTEXT, C.NBD_REP_ACK],
+    [C.NBD_OPT_SET_META_CONTEXT, C.NBD_REP_META_CONTEXT],
+    [C.NBD_OPT_SET_META_CONTEXT, C.NBD_REP_ACK],
     [99, C.NBD_REP_ERR_UNSUP],
     [C.NBD_OPT_INFO, C.NBD_REP_ERR_UNKNOWN],
-    [C.NBD_OPT_INFO, C.NBD_REP_INFO], [C.NBD_OPT_INFO, C.NBD_REP_INFO], [C.NBD_OPT_INFO, C.NBD_REP_INFO],
-    [C.NBD_OPT_INFO, C.NBD_REP_INFO], [C.NBD_OPT_INFO, C.NBD_REP_ACK],
-    [C.NBD_OPT_GO, C.NBD_REP_INFO], [C.NBD_OPT_GO, C.NBD_REP_ACK],
+    [C.NBD_OPT_INFO, C.NBD_REP_INFO],
+    [C.NBD_OPT_INFO, C.NBD_REP_INFO],
+    [C.NBD_OPT_INFO, C.NBD_REP_INFO],
+    [C.NBD_OPT_INFO, C.NBD_REP_INFO],
+    [C.NBD_OPT_INFO, C.NBD_REP_ACK],
+    [C.NBD_OPT_GO, C.NBD_REP_INFO],
+    [C.NBD_OPT_GO, C.NBD_REP_ACK],
   ]);
   const list = replies[0]!.data;
   t.equal(list.toString('utf8', 4, 4 + list.readUInt32BE(0)), 'disk');
@@ -120,21 +128,30 @@ t.test('ABORT is acknowledged then closes', async (t) => {
 });
 
 t.test('malformed and misused options get errors and the session goes on', async (t) => {
-  const r = run(Buffer.concat([
-    clientFlags(),
-    option(C.NBD_OPT_LIST, Buffer.from('x')),
-    option(C.NBD_OPT_STRUCTURED_REPLY, Buffer.from('x')),
-    option(C.NBD_OPT_SET_META_CONTEXT, metaData('disk', ['base:allocation'])),
-    option(C.NBD_OPT_GO, Buffer.from([0, 0, 0, 9])),
-    option(C.NBD_OPT_LIST_META_CONTEXT, Buffer.concat([str('disk'), Buffer.from([0, 0, 0, 5])])),
-    option(C.NBD_OPT_LIST_META_CONTEXT, metaData('nope', [])),
-    option(C.NBD_OPT_STARTTLS),
-    option(C.NBD_OPT_GO, goData('ro')),
-  ]));
+  const r = run(
+    Buffer.concat([
+      clientFlags(),
+      option(C.NBD_OPT_LIST, Buffer.from('x')),
+      option(C.NBD_OPT_STRUCTURED_REPLY, Buffer.from('x')),
+      option(C.NBD_OPT_SET_META_CONTEXT, metaData('disk', ['base:allocation'])),
+      option(C.NBD_OPT_GO, Buffer.from([0, 0, 0, 9])),
+      option(C.NBD_OPT_LIST_META_CONTEXT, Buffer.concat([str('disk'), Buffer.from([0, 0, 0, 5])])),
+      option(C.NBD_OPT_LIST_META_CONTEXT, metaData('nope', [])),
+      option(C.NBD_OPT_STARTTLS),
+      option(C.NBD_OPT_GO, goData('ro')),
+    ]),
+  );
   const types = parseOptionReplies(r.out).replies.map((x) => x.type >>> 0);
   t.same(types, [
-    C.NBD_REP_ERR_INVALID, C.NBD_REP_ERR_INVALID, C.NBD_REP_ERR_INVALID, C.NBD_REP_ERR_INVALID,
-    C.NBD_REP_ERR_INVALID, C.NBD_REP_ERR_UNKNOWN, C.NBD_REP_ERR_UNSUP, C.NBD_REP_INFO, C.NBD_REP_ACK,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_INVALID,
+    C.NBD_REP_ERR_UNKNOWN,
+    C.NBD_REP_ERR_UNSUP,
+    C.NBD_REP_INFO,
+    C.NBD_REP_ACK,
   ]);
   t.equal(r.result.kind, 'go');
   if (r.result.kind === 'go') {

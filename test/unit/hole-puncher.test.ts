@@ -33,7 +33,13 @@ t.test('punches exactly the ranges asked, with one helper for every punch', asyn
   hp.start();
   const pid = hp.pid;
   t.ok(pid, 'started ahead of the first punch');
-  await Promise.all([hp.punch(a, [[65536, 65536], [512 * 1024, 131072]]), hp.punch(b, [[0, 4096]])]);
+  await Promise.all([
+    hp.punch(a, [
+      [65536, 65536],
+      [512 * 1024, 131072],
+    ]),
+    hp.punch(b, [[0, 4096]]),
+  ]);
   await hp.punch(a, [[MiB - 4096, 4096]]);
   t.equal(hp.pid, pid, 'three punches, two files, one helper');
   const got = await readFile(a);
@@ -84,7 +90,10 @@ t.test('FileDevice punches through the shared helper', async (t) => {
   t.teardown(() => dev.close());
   const pid = holePuncher.pid;
   t.ok(pid, 'opening a writable device started the helper');
-  await dev.punchHoles([[0, 65536], [131072, 65536]]);
+  await dev.punchHoles([
+    [0, 65536],
+    [131072, 65536],
+  ]);
   await dev.punchHole(MiB - 65536, 65536);
   t.equal(holePuncher.pid, pid, 'and every punch went through it: no fork per punch');
   const got = await readFile(path);

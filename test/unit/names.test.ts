@@ -60,7 +60,10 @@ t.test('the engine refuses what the rule refuses, with COW_INVALID_NAME', async 
   const cow = await CowManager.open(dir);
   t.teardown(() => cow.close());
   for (const name of ['+a', '_x', 'a..b']) {
-    const err = await cow.attachOrigin(name).then(() => undefined, (e: unknown) => e);
+    const err = await cow.attachOrigin(name).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
     t.ok(isCowError(err) && err.id === 'COW_INVALID_NAME', `attachOrigin(${name}) is refused before any file is opened`);
   }
 });

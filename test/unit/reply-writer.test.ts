@@ -33,7 +33,14 @@ function recordingPool() {
   return { pool: { put: (b: Buffer) => returned.push(b) } as unknown as BufferPool, returned };
 }
 
-const read = (cookie: number, length: number): Request => ({ flags: 0, type: C.NBD_CMD_READ, cookieHi: 0, cookieLo: cookie, offset: 0n, length });
+const read = (cookie: number, length: number): Request => ({
+  flags: 0,
+  type: C.NBD_CMD_READ,
+  cookieHi: 0,
+  cookieLo: cookie,
+  offset: 0n,
+  length,
+});
 
 t.test('replies of one turn leave in one write call, in the check phase', async (t) => {
   const { out, calls } = output();
@@ -72,7 +79,16 @@ t.test(`the cork is released at once when ${UNCORK_AT_BYTES} bytes are queued`, 
   // Each big reply of the same turn leaves on its own.
   calls.length = 0;
   for (let i = 0; i < 4; i++) w.reply(read(10 + i, UNCORK_AT_BYTES), { error: 0, data: Buffer.alloc(UNCORK_AT_BYTES) }, false);
-  t.same(calls, [[16, UNCORK_AT_BYTES], [16, UNCORK_AT_BYTES], [16, UNCORK_AT_BYTES], [16, UNCORK_AT_BYTES]], 'one call per big reply');
+  t.same(
+    calls,
+    [
+      [16, UNCORK_AT_BYTES],
+      [16, UNCORK_AT_BYTES],
+      [16, UNCORK_AT_BYTES],
+      [16, UNCORK_AT_BYTES],
+    ],
+    'one call per big reply',
+  );
   await nextCheckPhase();
   t.equal(calls.length, 4, 'the check phase finds the cork already released');
 });
@@ -92,7 +108,11 @@ t.test('reports a socket holding more than maxWriteBuffer unsent bytes', async (
   const { out, held } = output({ highWaterMark: 1024, hold: true });
   const { pool } = recordingPool();
   const w = new ReplyWriter(out, pool, 8192);
-  t.equal(w.reply(read(1, 4096), { error: 0, data: Buffer.alloc(4096) }, false), false, 'past the stream high-water mark, under maxWriteBuffer');
+  t.equal(
+    w.reply(read(1, 4096), { error: 0, data: Buffer.alloc(4096) }, false),
+    false,
+    'past the stream high-water mark, under maxWriteBuffer',
+  );
   t.equal(w.reply(read(2, 4096), { error: 0, data: Buffer.alloc(4096) }, false), true, 'past maxWriteBuffer');
   await nextCheckPhase();
   for (const cb of held.splice(0)) cb();

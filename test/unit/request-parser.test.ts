@@ -123,16 +123,21 @@ t.test('a write over maxPayload is drained and the stream stays in sync', async 
   // 20 payload bytes against a limit of 16: refused once they are discarded.
   const big = `25609513 0000 0001 0000000000000007 0000000000000000 00000014${' ee'.repeat(20)}`;
   const stream = hex([big, READ, WRITE8, big, DISC].join(''));
-  checkSplits(t, stream, [
-    'oversized type=1 flags=0 cookie=0:7 offset=0 length=20',
-    `drained type=1 flags=0 cookie=0:7 offset=0 length=20 error=${C.NBD_EINVAL}`,
-    'request type=0 flags=0 cookie=0:1 offset=4096 length=512',
-    'write-started type=1 flags=1 cookie=1020304:5060708 offset=8192 length=8',
-    'request type=1 flags=1 cookie=1020304:5060708 offset=8192 length=8 payload=1122334455667788',
-    'oversized type=1 flags=0 cookie=0:7 offset=0 length=20',
-    `drained type=1 flags=0 cookie=0:7 offset=0 length=20 error=${C.NBD_EINVAL}`,
-    'disconnect type=2 flags=0 cookie=0:9 offset=0 length=0',
-  ], 16);
+  checkSplits(
+    t,
+    stream,
+    [
+      'oversized type=1 flags=0 cookie=0:7 offset=0 length=20',
+      `drained type=1 flags=0 cookie=0:7 offset=0 length=20 error=${C.NBD_EINVAL}`,
+      'request type=0 flags=0 cookie=0:1 offset=4096 length=512',
+      'write-started type=1 flags=1 cookie=1020304:5060708 offset=8192 length=8',
+      'request type=1 flags=1 cookie=1020304:5060708 offset=8192 length=8 payload=1122334455667788',
+      'oversized type=1 flags=0 cookie=0:7 offset=0 length=20',
+      `drained type=1 flags=0 cookie=0:7 offset=0 length=20 error=${C.NBD_EINVAL}`,
+      'disconnect type=2 flags=0 cookie=0:9 offset=0 length=0',
+    ],
+    16,
+  );
   // A payload of exactly the limit is received.
   const atLimit = `25609513 0000 0001 0000000000000008 0000000000000000 00000010${' 5a'.repeat(16)}`;
   t.same(feed([hex(atLimit)], 16), [

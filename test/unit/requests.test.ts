@@ -20,8 +20,18 @@ class Recorder implements Backend {
 
   constructor(over: Partial<ExportInfo> = {}) {
     this.info = {
-      name: 'e', description: '', size: SIZE, readOnly: false, canFlush: true, canFua: true, canTrim: true,
-      canZero: true, canFastZero: true, canCache: true, canMultiConn: true, ...over,
+      name: 'e',
+      description: '',
+      size: SIZE,
+      readOnly: false,
+      canFlush: true,
+      canFua: true,
+      canTrim: true,
+      canZero: true,
+      canFastZero: true,
+      canCache: true,
+      canMultiConn: true,
+      ...over,
     };
   }
 
@@ -60,7 +70,12 @@ function ctx(backend: Backend, over: Partial<RequestContext> = {}): RequestConte
 }
 
 const req = (type: number, offset: number | bigint, length: number, flags = 0): Request => ({
-  type, flags, cookieHi: 0, cookieLo: 1, offset: BigInt(offset), length,
+  type,
+  flags,
+  cookieHi: 0,
+  cookieLo: 1,
+  offset: BigInt(offset),
+  length,
 });
 
 const errorOf = (r: Request, c: RequestContext): number | undefined => validate(r, c)?.error;
@@ -91,7 +106,15 @@ t.test('an unknown command is EINVAL and named in the message', async (t) => {
 
 t.test('each command accepts exactly its flags (NBD_CMD_FLAG_*), others are EINVAL', async (t) => {
   const c = ctx(new Recorder());
-  const allFlags = [C.NBD_CMD_FLAG_FUA, C.NBD_CMD_FLAG_NO_HOLE, C.NBD_CMD_FLAG_DF, C.NBD_CMD_FLAG_REQ_ONE, C.NBD_CMD_FLAG_FAST_ZERO, 1 << 5, 1 << 15];
+  const allFlags = [
+    C.NBD_CMD_FLAG_FUA,
+    C.NBD_CMD_FLAG_NO_HOLE,
+    C.NBD_CMD_FLAG_DF,
+    C.NBD_CMD_FLAG_REQ_ONE,
+    C.NBD_CMD_FLAG_FAST_ZERO,
+    1 << 5,
+    1 << 15,
+  ];
   const allowed: Record<number, number[]> = {
     [C.NBD_CMD_READ]: [C.NBD_CMD_FLAG_DF],
     [C.NBD_CMD_WRITE]: [C.NBD_CMD_FLAG_FUA],
@@ -204,7 +227,11 @@ t.test('out of range: ENOSPC for writes and zeroes, EINVAL for the rest', async 
   t.equal(errorOf(req(C.NBD_CMD_READ, 0xffffffffffffffffn, 1), c), C.NBD_EINVAL, 'u64 max offset, read');
   t.equal(errorOf(req(C.NBD_CMD_WRITE, 2n ** 53n, 1), c), C.NBD_ENOSPC, '2^53 offset, write');
   const bigExport = ctx(new Recorder({ size: Number.MAX_SAFE_INTEGER }));
-  t.equal(validate(req(C.NBD_CMD_READ, BigInt(Number.MAX_SAFE_INTEGER) - 1n, 1), bigExport), undefined, 'largest safe offset of a huge export');
+  t.equal(
+    validate(req(C.NBD_CMD_READ, BigInt(Number.MAX_SAFE_INTEGER) - 1n, 1), bigExport),
+    undefined,
+    'largest safe offset of a huge export',
+  );
   t.equal(errorOf(req(C.NBD_CMD_READ, BigInt(Number.MAX_SAFE_INTEGER) + 1n, 1), bigExport), C.NBD_EINVAL, 'just past safe integers');
 });
 
@@ -214,7 +241,10 @@ t.test('execute: each command reaches the backend with its arguments', async (t)
   const read = await execute(req(C.NBD_CMD_READ, 4096, 100), undefined, c);
   t.equal(read.error, 0);
   t.equal(read.data?.length, 100);
-  t.ok(read.data?.every((x) => x === 0xab), 'read data is what the backend wrote');
+  t.ok(
+    read.data?.every((x) => x === 0xab),
+    'read data is what the backend wrote',
+  );
   const keep: KeepPayload = () => () => {};
   t.same(await execute(req(C.NBD_CMD_WRITE, 8, 2, C.NBD_CMD_FLAG_FUA), Buffer.from([1, 2]), c, keep), { error: 0 });
   t.same(await execute(req(C.NBD_CMD_WRITE, 8, 2), Buffer.from([3, 4]), c), { error: 0 });
@@ -239,10 +269,21 @@ t.test('execute: each command reaches the backend with its arguments', async (t)
 
 t.test('execute: block status is clamped to the request; REQ_ONE keeps one extent', async (t) => {
   const b = new Recorder();
-  b.extentList = [{ length: 1000, flags: 0 }, { length: 1000, flags: 3 }, { length: 5000, flags: 0 }];
+  b.extentList = [
+    { length: 1000, flags: 0 },
+    { length: 1000, flags: 3 },
+    { length: 5000, flags: 0 },
+  ];
   const c = ctx(b);
   const all = await execute(req(C.NBD_CMD_BLOCK_STATUS, 0, 2500), undefined, c);
-  t.same(all, { error: 0, extents: [{ length: 1000, flags: 0 }, { length: 1000, flags: 3 }, { length: 500, flags: 0 }] });
+  t.same(all, {
+    error: 0,
+    extents: [
+      { length: 1000, flags: 0 },
+      { length: 1000, flags: 3 },
+      { length: 500, flags: 0 },
+    ],
+  });
   const one = await execute(req(C.NBD_CMD_BLOCK_STATUS, 0, 2500, C.NBD_CMD_FLAG_REQ_ONE), undefined, c);
   t.same(one.extents, [{ length: 1000, flags: 0 }]);
   b.extentList = [];
@@ -256,8 +297,13 @@ t.test('execute: failures become NBD errors; a failed read returns its buffer to
   const pool = new BufferPool();
   const c = ctx(b, { pool });
   const codes: Array<[string, number]> = [
-    ['EIO', C.NBD_EIO], ['ENOSPC', C.NBD_ENOSPC], ['EPERM', C.NBD_EPERM], ['EROFS', C.NBD_EPERM],
-    ['EDQUOT', C.NBD_ENOSPC], ['ENOTSUP', C.NBD_ENOTSUP], ['EWHATEVER', C.NBD_EIO],
+    ['EIO', C.NBD_EIO],
+    ['ENOSPC', C.NBD_ENOSPC],
+    ['EPERM', C.NBD_EPERM],
+    ['EROFS', C.NBD_EPERM],
+    ['EDQUOT', C.NBD_ENOSPC],
+    ['ENOTSUP', C.NBD_ENOTSUP],
+    ['EWHATEVER', C.NBD_EIO],
   ];
   for (const [code, nbd] of codes) {
     b.fail = Object.assign(new Error(`boom ${code}`), { code });
@@ -283,12 +329,48 @@ t.test('execute: failures become NBD errors; a failed read returns its buffer to
 });
 
 t.test('clampExtents', async (t) => {
-  t.same(clampExtents([{ length: 10, flags: 1 }, { length: 10, flags: 1 }, { length: 10, flags: 2 }], 25, false),
-    [{ length: 20, flags: 1 }, { length: 5, flags: 2 }], 'equal neighbours merge, the last is cut');
-  t.same(clampExtents([{ length: 10, flags: 1 }, { length: 10, flags: 1 }], 25, true), [{ length: 10, flags: 1 }], 'REQ_ONE: the first only');
+  t.same(
+    clampExtents(
+      [
+        { length: 10, flags: 1 },
+        { length: 10, flags: 1 },
+        { length: 10, flags: 2 },
+      ],
+      25,
+      false,
+    ),
+    [
+      { length: 20, flags: 1 },
+      { length: 5, flags: 2 },
+    ],
+    'equal neighbours merge, the last is cut',
+  );
+  t.same(
+    clampExtents(
+      [
+        { length: 10, flags: 1 },
+        { length: 10, flags: 1 },
+      ],
+      25,
+      true,
+    ),
+    [{ length: 10, flags: 1 }],
+    'REQ_ONE: the first only',
+  );
   t.same(clampExtents([{ length: 100, flags: 0 }], 10, false), [{ length: 10, flags: 0 }], 'longer than the request');
-  t.same(clampExtents([{ length: 5, flags: 0 }, { length: 0, flags: 3 }, { length: 5, flags: 3 }], 20, false),
-    [{ length: 5, flags: 0 }], 'stops at an empty extent');
+  t.same(
+    clampExtents(
+      [
+        { length: 5, flags: 0 },
+        { length: 0, flags: 3 },
+        { length: 5, flags: 3 },
+      ],
+      20,
+      false,
+    ),
+    [{ length: 5, flags: 0 }],
+    'stops at an empty extent',
+  );
   t.same(clampExtents([{ length: 5, flags: 0 }], 20, false), [{ length: 5, flags: 0 }], 'short of the request: as given');
   t.throws(() => clampExtents([], 10, false), { code: 'EIO' });
   t.throws(() => clampExtents([{ length: 0, flags: 0 }], 10, false), { code: 'EIO' }, 'only empty extents');

@@ -26,14 +26,25 @@ t.teardown(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-interface LogLine { level: string; obj: Record<string, unknown>; msg?: string }
+interface LogLine {
+  level: string;
+  obj: Record<string, unknown>;
+  msg?: string;
+}
 
 function captureLogger(lines: LogLine[], bindings: Record<string, unknown> = {}): Logger {
   const at = (level: string) => (a: object | string, msg?: string) => {
     if (typeof a === 'string') lines.push({ level, obj: { ...bindings }, msg: a });
     else lines.push({ level, obj: { ...bindings, ...a }, msg });
   };
-  return { error: at('error'), warn: at('warn'), info: at('info'), debug: at('debug'), trace: at('trace'), child: (b) => captureLogger(lines, { ...bindings, ...b }) };
+  return {
+    error: at('error'),
+    warn: at('warn'),
+    info: at('info'),
+    debug: at('debug'),
+    trace: at('trace'),
+    child: (b) => captureLogger(lines, { ...bindings, ...b }),
+  };
 }
 
 class GuardedRegistry extends MemoryRegistry {
@@ -51,13 +62,20 @@ async function serverFile(name: string): Promise<Buffer> {
 async function start(mode: TlsMode, opts: { verifyPeer?: boolean; registry?: MemoryRegistry } = {}) {
   const logs: LogLine[] = [];
   const registry = opts.registry ?? new MemoryRegistry([new MemoryBackend('disk', 1 << 20), new MemoryBackend('secret', 1 << 16)]);
-  const tls = mode === 'off' ? { mode } : {
-    mode,
-    options: {
-      key: await serverFile('server-key.pem'), cert: await serverFile('server-cert.pem'), ca: await serverFile('ca-cert.pem'),
-      requestCert: !!opts.verifyPeer, rejectUnauthorized: !!opts.verifyPeer, minVersion: 'TLSv1.2' as const,
-    },
-  };
+  const tls =
+    mode === 'off'
+      ? { mode }
+      : {
+          mode,
+          options: {
+            key: await serverFile('server-key.pem'),
+            cert: await serverFile('server-cert.pem'),
+            ca: await serverFile('ca-cert.pem'),
+            requestCert: !!opts.verifyPeer,
+            rejectUnauthorized: !!opts.verifyPeer,
+            minVersion: 'TLSv1.2' as const,
+          },
+        };
   const server = new NbdServer(registry, captureLogger(logs), { handshakeTimeoutMs: 5000 }, {}, tls);
   servers.push(server);
   const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
@@ -132,8 +150,12 @@ t.test('require: every option but STARTTLS and ABORT gets TLS_REQD', async (t) =
   const { port, logs } = await start('require');
   const c = await hello(port);
   for (const [opt, data] of [
-    [C.NBD_OPT_LIST, Buffer.alloc(0)], [C.NBD_OPT_INFO, goData('disk')], [C.NBD_OPT_GO, goData('disk')],
-    [C.NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)], [C.NBD_OPT_LIST_META_CONTEXT, metaData('disk', [])], [99, Buffer.from('xyz')],
+    [C.NBD_OPT_LIST, Buffer.alloc(0)],
+    [C.NBD_OPT_INFO, goData('disk')],
+    [C.NBD_OPT_GO, goData('disk')],
+    [C.NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)],
+    [C.NBD_OPT_LIST_META_CONTEXT, metaData('disk', [])],
+    [99, Buffer.from('xyz')],
   ] as const) {
     c.send(option(opt, data));
     const r = await reply(c);
@@ -148,13 +170,19 @@ t.test('require: every option but STARTTLS and ABORT gets TLS_REQD', async (t) =
   c.send(option(C.NBD_OPT_ABORT));
   t.equal((await reply(c)).type, C.NBD_REP_ACK, 'ABORT works without TLS');
   await c.closed;
-  t.ok(logs.some((l) => l.msg?.includes('TLS is required')), 'the refusal is logged');
+  t.ok(
+    logs.some((l) => l.msg?.includes('TLS is required')),
+    'the refusal is logged',
+  );
 
   const e = await hello(port);
   e.send(option(C.NBD_OPT_EXPORT_NAME, Buffer.from('disk')));
   t.equal((await e.readAll(5000)).length, 0, 'EXPORT_NAME before TLS: hung up without a reply');
   t.ok(e.ended, 'connection closed');
-  t.ok(logs.some((l) => l.level === 'warn' && String(l.obj.reason).includes('TLS is required')), 'the hang-up is logged');
+  t.ok(
+    logs.some((l) => l.level === 'warn' && String(l.obj.reason).includes('TLS is required')),
+    'the hang-up is logged',
+  );
 });
 
 t.test('require: after STARTTLS haggling and transmission run over TLS', async (t) => {
@@ -168,7 +196,10 @@ t.test('require: after STARTTLS haggling and transmission run over TLS', async (
   t.equal((await reply(c)).type, C.NBD_REP_ERR_INVALID, 'a second STARTTLS is invalid');
   await ioRoundTrip(t, c);
   await c.closed;
-  t.ok(logs.some((l) => l.msg === 'TLS established' && /^TLSv1\.[23]$/.test(String(l.obj.protocol))), 'TLS logged with its version');
+  t.ok(
+    logs.some((l) => l.msg === 'TLS established' && /^TLSv1\.[23]$/.test(String(l.obj.protocol))),
+    'TLS logged with its version',
+  );
 });
 
 t.test('require: EXPORT_NAME over TLS enters transmission', async (t) => {
@@ -205,7 +236,10 @@ t.test('bytes pipelined after STARTTLS close the connection', async (t) => {
   const rest = await c.readAll(5000);
   t.ok(c.ended, 'closed');
   t.ok(rest.length <= 20, 'nothing but the STARTTLS ACK was answered');
-  t.ok(logs.some((l) => l.level === 'warn' && l.msg?.includes('after NBD_OPT_STARTTLS')), 'logged');
+  t.ok(
+    logs.some((l) => l.level === 'warn' && l.msg?.includes('after NBD_OPT_STARTTLS')),
+    'logged',
+  );
 });
 
 t.test('a client that never starts the TLS handshake times out', async (t) => {
@@ -215,7 +249,10 @@ t.test('a client that never starts the TLS handshake times out', async (t) => {
   t.equal((await reply(c)).type, C.NBD_REP_ACK);
   await c.readAll(15_000);
   t.ok(c.ended, 'closed by the handshake timeout');
-  t.ok(logs.some((l) => l.msg?.includes('handshake timed out')), 'logged');
+  t.ok(
+    logs.some((l) => l.msg?.includes('handshake timed out')),
+    'logged',
+  );
 });
 
 /** Connects with the given client credentials; resolves to whether a GO and a read succeeded. */
@@ -243,9 +280,18 @@ t.test('verify peer: only clients with a certificate from the CA get in', async 
   t.equal(await tryCert(port, 'client'), true, 'certificate from the CA: accepted');
   const failures = logs.filter((l) => l.msg?.startsWith('TLS handshake failed'));
   t.equal(failures.length, 2, 'both refusals logged');
-  t.ok(failures.some((l) => /certificate/i.test(String(l.obj.err))), 'missing certificate named in the log');
-  t.ok(failures.some((l) => l.obj.authorizationError), 'the rogue certificate\'s verification error logged');
-  t.ok(logs.some((l) => l.msg === 'TLS established' && l.obj.clientCertificate === 'cowbd-test-client'), 'the client certificate subject is logged');
+  t.ok(
+    failures.some((l) => /certificate/i.test(String(l.obj.err))),
+    'missing certificate named in the log',
+  );
+  t.ok(
+    failures.some((l) => l.obj.authorizationError),
+    "the rogue certificate's verification error logged",
+  );
+  t.ok(
+    logs.some((l) => l.msg === 'TLS established' && l.obj.clientCertificate === 'cowbd-test-client'),
+    'the client certificate subject is logged',
+  );
 });
 
 t.test('access checks: refused exports are hidden from LIST and get POLICY', async (t) => {
@@ -266,7 +312,10 @@ t.test('access checks: refused exports are hidden from LIST and get POLICY', asy
   t.equal((await reply(c)).type, C.NBD_REP_ERR_UNKNOWN, 'an unknown export is still UNKNOWN');
   c.send(option(C.NBD_OPT_INFO, goData('di\0sk')));
   t.equal((await reply(c)).type, C.NBD_REP_ERR_INVALID, 'a name with NUL is invalid');
-  t.ok(logs.some((l) => l.level === 'warn' && l.msg === 'export access denied' && l.obj.export === 'secret' && l.obj.address === '127.0.0.1'), 'denial logged with the address');
+  t.ok(
+    logs.some((l) => l.level === 'warn' && l.msg === 'export access denied' && l.obj.export === 'secret' && l.obj.address === '127.0.0.1'),
+    'denial logged with the address',
+  );
   t.equal(registry.seen[0]?.address, '127.0.0.1', 'the registry saw the client address');
   t.equal(registry.seen[0]?.tls, false, 'and that TLS is not up');
   c.close();

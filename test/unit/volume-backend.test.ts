@@ -30,20 +30,34 @@ t.test('extents: zero and data blocks, merged across the pieces a scan is read i
   const b = new VolumeBackend(volumeOver(data, seen), () => '', false);
 
   const all = await b.extents(0, 12 * MiB);
-  t.same(all, [
-    { length: 4 * MiB - 64 * KiB, flags: 3 },
-    { length: 128 * KiB, flags: 0 },
-    { length: 4 * MiB - 64 * KiB, flags: 3 },
-  ], 'one reply covers 8 MiB; the data run crossing a piece boundary is one extent');
+  t.same(
+    all,
+    [
+      { length: 4 * MiB - 64 * KiB, flags: 3 },
+      { length: 128 * KiB, flags: 0 },
+      { length: 4 * MiB - 64 * KiB, flags: 3 },
+    ],
+    'one reply covers 8 MiB; the data run crossing a piece boundary is one extent',
+  );
 
   // Blocks follow absolute boundaries: an unaligned query ends its first extent on one.
   const odd = await b.extents(4 * MiB - 64 * KiB - 100, 1000);
-  t.same(odd, [{ length: 100, flags: 3 }, { length: 900, flags: 0 }]);
+  t.same(odd, [
+    { length: 100, flags: 3 },
+    { length: 900, flags: 0 },
+  ]);
 
   const tail = await b.extents(8 * MiB, 4 * MiB);
-  t.same(tail, [{ length: MiB, flags: 3 }, { length: 64 * KiB, flags: 0 }, { length: 3 * MiB - 64 * KiB, flags: 3 }]);
+  t.same(tail, [
+    { length: MiB, flags: 3 },
+    { length: 64 * KiB, flags: 0 },
+    { length: 3 * MiB - 64 * KiB, flags: 3 },
+  ]);
 
   const before = new Set(seen);
   await b.extents(0, 8 * MiB);
-  t.ok(seen.slice(-2).every((m) => before.has(m)), 'a later query reads into memory an earlier one used, not fresh memory');
+  t.ok(
+    seen.slice(-2).every((m) => before.has(m)),
+    'a later query reads into memory an earlier one used, not fresh memory',
+  );
 });

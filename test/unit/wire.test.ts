@@ -1,8 +1,15 @@
 import t from 'tap';
 import * as C from '../../protocol/constants.js';
 import {
-  decodeRequest, encodeRequest, encodeSimpleReply, encodeOptionReply, encodeStructuredError,
-  encodeOffsetHole, encodeBlockStatus, encodeOffsetDataHeader, encodeStructuredNone,
+  decodeRequest,
+  encodeRequest,
+  encodeSimpleReply,
+  encodeOptionReply,
+  encodeStructuredError,
+  encodeOffsetHole,
+  encodeBlockStatus,
+  encodeOffsetDataHeader,
+  encodeStructuredNone,
 } from '../../protocol/wire.js';
 import { greeting, transmissionFlags } from '../../protocol/handshake.js';
 import { ByteQueue } from '../../protocol/byte-queue.js';
@@ -31,8 +38,7 @@ t.test('simple reply', async (t) => {
 });
 
 t.test('option reply', async (t) => {
-  t.same(encodeOptionReply(C.NBD_OPT_LIST, C.NBD_REP_ERR_UNSUP, Buffer.from('x')),
-    hex('0003e889045565a9 00000003 80000001 00000001 78'));
+  t.same(encodeOptionReply(C.NBD_OPT_LIST, C.NBD_REP_ERR_UNSUP, Buffer.from('x')), hex('0003e889045565a9 00000003 80000001 00000001 78'));
   t.same(encodeOptionReply(C.NBD_OPT_GO, C.NBD_REP_ACK), hex('0003e889045565a9 00000007 00000001 00000000'));
 });
 
@@ -43,13 +49,25 @@ t.test('structured replies', async (t) => {
   t.same(encodeOffsetDataHeader(c, true, 512, 3), hex('668e33ef 0001 0001 0000000000000009 0000000b 0000000000000200'));
   t.same(encodeStructuredError(c, C.NBD_EIO, 'ab'), hex('668e33ef 0001 8001 0000000000000009 00000008 00000005 0002 6162'));
   t.same(encodeStructuredError(c, C.NBD_EIO, '', 7), hex('668e33ef 0001 8002 0000000000000009 0000000e 00000005 0000 0000000000000007'));
-  t.same(encodeBlockStatus(c, 1, [{ length: 4096, flags: 3 }]), hex('668e33ef 0001 0005 0000000000000009 0000000c 00000001 00001000 00000003'));
+  t.same(
+    encodeBlockStatus(c, 1, [{ length: 4096, flags: 3 }]),
+    hex('668e33ef 0001 0005 0000000000000009 0000000c 00000001 00001000 00000003'),
+  );
 });
 
 t.test('transmission flags advertise exactly the capabilities', async (t) => {
   const info = {
-    name: 'x', description: '', size: 1, readOnly: false, canFlush: true, canFua: true, canTrim: true, canZero: true,
-    canFastZero: true, canCache: true, canMultiConn: true,
+    name: 'x',
+    description: '',
+    size: 1,
+    readOnly: false,
+    canFlush: true,
+    canFua: true,
+    canTrim: true,
+    canZero: true,
+    canFastZero: true,
+    canCache: true,
+    canMultiConn: true,
   };
   t.equal(transmissionFlags(info, false), 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0100 | 0x0400 | 0x0800);
   const ro = transmissionFlags({ ...info, readOnly: true }, false);
