@@ -2,7 +2,7 @@
 // layer's observer; storage gauges are read from their sources at scrape time.
 import { createServer, type Server } from 'node:http';
 import client from 'prom-client';
-import type { RequestObserver } from '../protocol/connection.js';
+import type { RequestObserver } from '../protocol/connection-options.js';
 import type { Service } from './service.js';
 
 const STATES = ['valid', 'invalid', 'overflow'] as const;
