@@ -310,3 +310,30 @@ t.test('a snapshot write that fails in one chunk returns only once its other chu
   const re = await reopenRig(rig.originDev.durableImage(), rig.storeDev.durableImage());
   t.equal(re.pool.snapshotCount, 0, 'and the store reopens without it');
 });
+
+t.test('failures nobody waits for reach the pool events: a hole punch, an overflow mark', async (t) => {
+  const CS = 4096;
+  const originDev = new MemDevice(64 * CS, Buffer.alloc(64 * CS, 5));
+  const storeDev = new MemDevice(0);
+  const { origin, pools } = originOf(originDev);
+  const errors: string[] = [];
+  const events = { onError: (e: unknown, what: string) => errors.push(`${what}: ${(e as Error).message}`) };
+  const pool = await SnapshotPool.create(storeDev, origin, { chunkSize: CS, originSize: 64 * CS, originName: 'o', events });
+  pools.add(pool);
+  const rec = await origin.quiesced(() => pool.createSnapshot({ name: 'a', capacityChunks: 8, policy: 'invalidate', readOnly: false }));
+  await origin.write(Buffer.alloc(CS, 6), 0, false);
+  await origin.flush();
+  storeDev.punchHoles = () => Promise.reject(new Error('punch refused'));
+  await pool.remove(rec);
+  t.same(errors, ['hole punch: punch refused'], 'the failed punch is reported');
+  t.equal(pool.snapshotCount, 0, 'the removal itself stands');
+
+  const full = await origin.quiesced(() => pool.createSnapshot({ name: 'b', capacityChunks: 3, policy: 'overflow', readOnly: false }));
+  const s = new Snapshot(origin, pool, full);
+  await s.write(Buffer.alloc(CS, 7), 0, false);
+  storeDev.failWrites = true;
+  await t.rejects(s.write(Buffer.alloc(CS, 7), CS, false), { code: 'ENOSPC' });
+  await pool.idle().catch(() => {});
+  t.equal(s.state, 'overflow');
+  t.match(errors[1], /^overflow mark: /, 'the failed overflow mark is reported');
+});
