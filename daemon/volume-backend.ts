@@ -1,7 +1,7 @@
 // A cow/ Volume (origin or snapshot) as an NBD backend: the operations table
 // protocol/ drives. Descriptions are computed when asked, so NBD_OPT_LIST and
 // NBD_OPT_INFO show a snapshot's current state and usage.
-import type { Backend, Extent, ExportInfo, KeepPayload, ZeroFlags } from '../protocol/backend.js';
+import { ALL_CAPABILITIES, type Backend, type Extent, type ExportInfo, type KeepPayload, type ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
 import { MAX_POOLED_BYTES, sharedPool } from '../protocol/buffer-pool.js';
 import { Errors } from './errors.js';
@@ -37,14 +37,8 @@ export class VolumeBackend implements Backend {
         return volume.size;
       },
       readOnly,
-      canFlush: true,
-      canFua: true,
-      canTrim: true,
-      canZero: true,
-      // The flag is honoured by refusing: zeroing may have to copy chunks first, never fast.
-      canFastZero: true,
-      canCache: true,
-      canMultiConn: true,
+      // canFastZero is honoured by refusing: zeroing may have to copy chunks first, never fast.
+      ...ALL_CAPABILITIES,
     };
   }
 

@@ -28,6 +28,17 @@ export interface ExportInfo {
   canMultiConn: boolean;
 }
 
+/** Every capability on: an export spreads this and turns off what it lacks. */
+export const ALL_CAPABILITIES = {
+  canFlush: true,
+  canFua: true,
+  canTrim: true,
+  canZero: true,
+  canFastZero: true,
+  canCache: true,
+  canMultiConn: true,
+} as const satisfies Partial<ExportInfo>;
+
 export interface ZeroFlags {
   fua: boolean;
   /** NBD_CMD_FLAG_NO_HOLE not set: the backend may deallocate. */

@@ -1,5 +1,13 @@
 // An in-memory Backend and registry for protocol tests: no files involved.
-import type { Backend, ExportInfo, ExportRegistry, Extent, KeepPayload, ZeroFlags } from '../../protocol/backend.js';
+import {
+  ALL_CAPABILITIES,
+  type Backend,
+  type ExportInfo,
+  type ExportRegistry,
+  type Extent,
+  type KeepPayload,
+  type ZeroFlags,
+} from '../../protocol/backend.js';
 
 export class MemoryBackend implements Backend {
   readonly info: ExportInfo;
@@ -15,13 +23,7 @@ export class MemoryBackend implements Backend {
       description: `memory ${name}`,
       size,
       readOnly,
-      canFlush: true,
-      canFua: true,
-      canTrim: true,
-      canZero: true,
-      canFastZero: true,
-      canCache: true,
-      canMultiConn: true,
+      ...ALL_CAPABILITIES,
     };
   }
 

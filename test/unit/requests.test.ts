@@ -6,7 +6,7 @@ import { validate, execute, clampExtents, type RequestContext } from '../../prot
 import { NbdRequestError } from '../../protocol/errors.js';
 import { BufferPool } from '../../protocol/buffer-pool.js';
 import { silentLogger } from '../../protocol/logger.js';
-import type { Backend, ExportInfo, Extent, KeepPayload, ZeroFlags } from '../../protocol/backend.js';
+import { ALL_CAPABILITIES, type Backend, type ExportInfo, type Extent, type KeepPayload, type ZeroFlags } from '../../protocol/backend.js';
 import type { Request } from '../../protocol/wire.js';
 
 const SIZE = 1 << 20;
@@ -24,13 +24,7 @@ class Recorder implements Backend {
       description: '',
       size: SIZE,
       readOnly: false,
-      canFlush: true,
-      canFua: true,
-      canTrim: true,
-      canZero: true,
-      canFastZero: true,
-      canCache: true,
-      canMultiConn: true,
+      ...ALL_CAPABILITIES,
       ...over,
     };
   }

@@ -13,6 +13,7 @@ import {
 } from '../../protocol/wire.js';
 import { greeting, transmissionFlags } from '../../protocol/handshake.js';
 import { ByteQueue } from '../../protocol/byte-queue.js';
+import { ALL_CAPABILITIES } from '../../protocol/backend.js';
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
@@ -61,13 +62,7 @@ t.test('transmission flags advertise exactly the capabilities', async (t) => {
     description: '',
     size: 1,
     readOnly: false,
-    canFlush: true,
-    canFua: true,
-    canTrim: true,
-    canZero: true,
-    canFastZero: true,
-    canCache: true,
-    canMultiConn: true,
+    ...ALL_CAPABILITIES,
   };
   t.equal(transmissionFlags(info, false), 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0100 | 0x0400 | 0x0800);
   const ro = transmissionFlags({ ...info, readOnly: true }, false);
