@@ -167,7 +167,6 @@ export class PersistentStore implements ExceptionStore {
   async addSnapshot(rec: SnapshotRecord): Promise<void> {
     const first = this.alloc.allocOne(REF_META);
     this.chains[rec.slot] = this.newChain(rec, [first], { area: first, seq: 0, nonce: 0, count: 0, next: this.alloc.allocOne(REF_META) });
-    const out: MetaWrite[] = [];
     const header = this.headerUnsynced;
     if (!header && (!this.dev.writeDurable || this.committer.failed !== undefined)) {
       return this.committer.submit(
@@ -178,6 +177,7 @@ export class PersistentStore implements ExceptionStore {
         ),
       );
     }
+    const out: MetaWrite[] = [];
     this.slotWrite(rec, true, out);
     for (const w of out) await (header ? this.dev.write(w.buf, w.offset) : this.dev.writeDurable!(w.buf, w.offset));
     if (header) {

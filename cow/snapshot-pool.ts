@@ -44,16 +44,17 @@ export interface PoolStats {
   commitSeconds: number;
 }
 
-function commitCounter(stats: PoolStats, events: PoolEvents): CommitListener {
-  return (seconds, exceptions) => {
+/** A pool's counters, and the commit listener that keeps them, for the store made before the pool. */
+function counters(events: PoolEvents = {}): { stats: PoolStats; onCommit: CommitListener } {
+  const stats: PoolStats = { copies: 0, bytesCopied: 0, exceptions: 0, commits: 0, commitSeconds: 0 };
+  const onCommit: CommitListener = (seconds, exceptions) => {
     stats.commits++;
     stats.commitSeconds += seconds;
     stats.exceptions += exceptions;
     events.onCommit?.(seconds, exceptions);
   };
+  return { stats, onCommit };
 }
-
-const newStats = (): PoolStats => ({ copies: 0, bytesCopied: 0, exceptions: 0, commits: 0, commitSeconds: 0 });
 
 export class SnapshotPool {
   readonly chunkSize: number;
@@ -93,22 +94,22 @@ export class SnapshotPool {
     opts: PoolOptions & StoreGeometry,
     firstSnapshot = false,
   ): Promise<SnapshotPool> {
-    const stats = newStats();
-    const store = await PersistentStore.create(dev, opts, commitCounter(stats, opts.events ?? {}), firstSnapshot);
+    const { stats, onCommit } = counters(opts.events);
+    const store = await PersistentStore.create(dev, opts, onCommit, firstSnapshot);
     return new SnapshotPool(store, origin, opts, stats);
   }
 
   /** Replays a persistent pool. */
   static async open(dev: BlockDevice, origin: OriginView, opts: PoolOptions = {}): Promise<SnapshotPool> {
-    const stats = newStats();
-    const { store, records } = await PersistentStore.open(dev, origin.size, commitCounter(stats, opts.events ?? {}));
+    const { stats, onCommit } = counters(opts.events);
+    const { store, records } = await PersistentStore.open(dev, origin.size, onCommit);
     return new SnapshotPool(store, origin, opts, stats, records);
   }
 
   /** A pool whose exceptions live in memory only: gone on restart. */
   static transient(dev: BlockDevice, origin: OriginView, opts: PoolOptions & StoreGeometry): SnapshotPool {
-    const stats = newStats();
-    return new SnapshotPool(new TransientStore(dev, opts, commitCounter(stats, opts.events ?? {})), origin, opts, stats);
+    const { stats, onCommit } = counters(opts.events);
+    return new SnapshotPool(new TransientStore(dev, opts, onCommit), origin, opts, stats);
   }
 
   static unfinished(dev: BlockDevice): Promise<boolean> {
