@@ -12,6 +12,7 @@ import { startServe } from './serve.js';
 import { ExportAccess } from './access.js';
 import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
+import { backupCommands } from './backup-cli.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
 
@@ -103,11 +104,12 @@ function serveCommand(y: Argv) {
       type: 'string',
       describe: "per-export rules as JSON (allow, readOnly, allowUnix); usually the config file's exports section",
     })
+    .option('repo', { type: 'string', array: true, describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable' })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
 
-const REPEATABLE = new Set(['listen']);
+const REPEATABLE = new Set(['listen', 'repo', 'volumes']);
 
 await yargs(hideBin(process.argv))
   // A flag given twice means its last value, as in most CLIs; only flags declared as arrays repeat.
@@ -197,6 +199,9 @@ await yargs(hideBin(process.argv))
       )
       .demandCommand(1, 'name a snapshot command'),
   )
+  .command('backup', 'back up volumes to a repository, and list, verify, restore and prune backups', (y) =>
+    backupCommands(y, common, run),
+  )
   .command(
     'status',
     'every volume and snapshot, like lvs',
@@ -218,6 +223,7 @@ await yargs(hideBin(process.argv))
           maxConnections: cmd.requirePositive(a['max-connections'], '--max-connections'),
           maxConnectionsPerExport: cmd.requirePositive(a['max-connections-per-export'], '--max-connections-per-export'),
           maxTotalBytesInFlight: a['max-bytes-in-flight'] === '0' ? 0 : parseSizeNumber(a['max-bytes-in-flight']),
+          repos: a.repo,
           writeBehindBytes: a['write-behind'] === 'auto' ? undefined : a['write-behind'] === '0' ? 0 : parseSizeNumber(a['write-behind']),
           handshakeTimeoutMs: cmd.requirePositive(a['handshake-timeout'], '--handshake-timeout') * 1000,
           tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },

@@ -1,6 +1,8 @@
 // The control API's routes: a thin JSON face over the Service.
 import type { ControlServer } from './control-server.js';
 import { Errors } from './errors.js';
+import type { BackupReport } from '../backup/create.js';
+import { backupSource, snapshotForBackup } from './backup-snapshots.js';
 import type { Service } from './service.js';
 import { parseSizeNumber } from './sizes.js';
 
@@ -21,7 +23,13 @@ function bool(body: Record<string, unknown>, key: string): boolean {
   return v;
 }
 
-export function controlRoutes(c: ControlServer, svc: Service): void {
+function strings(body: Record<string, unknown>, key: string): string[] {
+  const v = body[key];
+  if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw Errors.notStrings(key);
+  return v as string[];
+}
+
+export function controlRoutes(c: ControlServer, svc: Service, backups?: { record(r: BackupReport): void }): void {
   c.route('GET', '/v1/volumes', async () => svc.volumes());
   c.route('POST', '/v1/volumes', async (_p, b) => svc.createVolume(str(b, 'name')!, parseSizeNumber(str(b, 'size')!, 512)));
   c.route('DELETE', '/v1/volumes/:name', async (p) => {
@@ -54,4 +62,15 @@ export function controlRoutes(c: ControlServer, svc: Service): void {
     return { removed: p.name };
   });
   c.route('GET', '/v1/status', async () => svc.status());
+  c.route('POST', '/v1/backup-snapshots', async (_p, b) => {
+    const size = str(b, 'size', false);
+    return snapshotForBackup(svc, strings(b, 'volumes'), size === undefined ? undefined : parseSizeNumber(size));
+  });
+  c.route('GET', '/v1/backup-snapshots/:name', async (p) => backupSource(svc, p.name!));
+  c.route('POST', '/v1/backup-reports', async (_p, b) => {
+    str(b, 'volume');
+    str(b, 'repository');
+    backups?.record(b as unknown as BackupReport);
+    return { recorded: true };
+  });
 }

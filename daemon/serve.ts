@@ -1,10 +1,13 @@
 // `cowbd serve`: lock the data directory, export every volume and snapshot,
 // run the control API and metrics, and stop cleanly on a signal.
-import { stat } from 'node:fs/promises';
+import { chmod, stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { Logger } from 'pino';
 import { DEFAULT_TOTAL_BYTES_IN_FLIGHT, NbdServer } from '../protocol/server.js';
 import { ExportAccess } from './access.js';
+import { BackupStatus } from './backup-status.js';
+import { privateSocketPath } from './backup-link.js';
+import { serveRepository } from './backup-exports.js';
 import { ControlServer } from './control-server.js';
 import { controlSocketPath } from './control-client.js';
 import { Errors } from './errors.js';
@@ -37,6 +40,8 @@ export interface ServeOptions {
   exports?: ExportAccess;
   /** Bytes of origin writes acknowledged per origin while their copies are made; default: cow's. */
   writeBehindBytes?: number;
+  /** Backup repositories whose backups are served as read-only exports. */
+  repos?: string[];
 }
 
 export function parseHostPort(text: string): { host: string; port: number } {
@@ -105,9 +110,34 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     );
     service.onExportRemoved = (name) => metrics.dropExport(name);
     metrics.watchServer(server);
+    const backups = await BackupStatus.open(opts.dataDir, log.child({ component: 'backup' }));
+    backups.register(metrics.registry);
+    const rescans: Array<() => Promise<void>> = [];
+    for (const repo of opts.repos ?? []) {
+      const served = await serveRepository(repo, service.registry, log.child({ component: 'backup-exports', repository: repo }));
+      cleanups.push(() => served.close());
+      rescans.push(() => served.rescan());
+    }
+
+    // The backup command's way in: no TLS and no export rules, for the data directory's owner only.
+    const own = new NbdServer(
+      Object.create(service.registry, { authorize: { value: () => true }, access: { value: undefined } }),
+      log.child({ component: 'private-nbd' }),
+      { maxConnections: 64, handshakeTimeoutMs: opts.handshakeTimeoutMs, maxConnectionsPerExport: 0, maxTotalBytesInFlight: 0 },
+      metrics.observer(),
+    );
+    const ownPath = privateSocketPath(opts.dataDir);
+    await own.listen({ path: ownPath });
+    await chmod(ownPath, 0o600);
+    cleanups.push(() => own.close());
 
     const control = new ControlServer(log.child({ component: 'control' }));
-    controlRoutes(control, service);
+    controlRoutes(control, service, {
+      record: (r) => {
+        backups.record(r);
+        for (const f of rescans) void f();
+      },
+    });
     await control.listen(controlSocketPath(opts.dataDir));
     cleanups.push(() => control.close());
 

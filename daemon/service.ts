@@ -4,6 +4,7 @@
 import { statfs, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { CowError, CowErrors, CowManager, type Origin, type Snapshot, type SnapshotUsage } from '../cow/index.js';
+import { ChangeContexts } from './change-contexts.js';
 import { Errors } from './errors.js';
 import { checkName } from './names.js';
 import { Registry } from './registry.js';
@@ -171,7 +172,11 @@ export class Service {
   }
 
   private exportSnapshot(s: Snapshot): void {
-    this.registry.add(new VolumeBackend(s, () => this.describeSnapshot(s), this.readOnlyExport(s.name) || s.readOnly));
+    const tracker = this.cow.tracker(s.origin.name);
+    const checkpoint = tracker?.checkpointOf(s.name);
+    // Only a read-only snapshot still reads exactly as the origin did at its checkpoint.
+    const changes = tracker && checkpoint !== undefined && s.readOnly ? new ChangeContexts(tracker, checkpoint, s.size) : undefined;
+    this.registry.add(new VolumeBackend(s, () => this.describeSnapshot(s), this.readOnlyExport(s.name) || s.readOnly, changes));
   }
 
   private nameFree(name: string): void {
@@ -216,6 +221,8 @@ export class Service {
     this.onExportRemoved?.(name);
     await this.cow.detachOrigin(name);
     await unlink(volumePath(this.opts.dataDir, name));
+    // Its change tracking describes a file that is gone; a new volume of that name starts afresh.
+    await unlink(this.cow.trackerPath(name)).catch(() => undefined);
     this.log.info({ volume: name }, 'volume removed');
   }
 
@@ -242,6 +249,24 @@ export class Service {
     }
     this.exportSnapshot(s);
     return s.usage();
+  }
+
+  /** Several snapshots at one instant (a consistency group), each exported; all or none. */
+  async createSnapshots(list: SnapshotCreate[]): Promise<Snapshot[]> {
+    for (const o of list) {
+      checkName(o.name);
+      checkName(o.origin);
+      this.nameFree(o.name);
+      if (!this.cow.origin(o.origin)) throw Errors.unknownVolume(o.origin);
+    }
+    let snaps: Snapshot[];
+    try {
+      snaps = await this.cow.createSnapshots(list);
+    } catch (err) {
+      throw toCowbdError(err, { volume: list[0]?.origin, snapshot: list[0]?.name });
+    }
+    for (const s of snaps) this.exportSnapshot(s);
+    return snaps;
   }
 
   /** lvextend: `size` is the new total, or added when `relative`. */

@@ -4,6 +4,7 @@
 import { ALL_CAPABILITIES, type Backend, type Extent, type ExportInfo, type KeepPayload, type ZeroFlags } from '../protocol/backend.js';
 import type { Volume } from '../cow/index.js';
 import { MAX_POOLED_BYTES, sharedPool } from '../protocol/buffer-pool.js';
+import { ALLOCATED, type ChangeContexts } from './change-contexts.js';
 import { Errors } from './errors.js';
 
 const CACHE_CHUNK = 4 * 1024 * 1024;
@@ -27,6 +28,8 @@ export class VolumeBackend implements Backend {
     readonly volume: Volume,
     describe: () => string,
     readOnly: boolean,
+    /** A read-only snapshot's change-tracking contexts (change-contexts.ts). */
+    private readonly changes?: ChangeContexts,
   ) {
     this.info = {
       name: volume.name,
@@ -72,7 +75,24 @@ export class VolumeBackend implements Backend {
     }
   }
 
+  metaContexts(query: string): string[] {
+    return this.changes?.metaContexts(query) ?? [];
+  }
+
+  contextExtents(context: string, offset: number, length: number): Promise<Extent[]> {
+    if (!this.changes) return Promise.reject(Errors.internal(`no context ${context}`));
+    return this.changes.contextExtents(context, offset, length);
+  }
+
   async extents(offset: number, length: number): Promise<Extent[]> {
+    // Chunks never written read as zeros: answered from the change tracking, unread.
+    const allocated = this.changes?.metaContexts(ALLOCATED).length ? await this.changes.contextExtents(ALLOCATED, offset, length) : undefined;
+    const first = allocated?.[0];
+    if (first && first.flags === 0) return [{ length: first.length, flags: STATE_HOLE_ZERO }];
+    return this.scan(offset, first ? first.length : length);
+  }
+
+  private async scan(offset: number, length: number): Promise<Extent[]> {
     const span = Math.min(length, STATUS_SCAN);
     const out: Extent[] = [];
     // Read in pooled pieces: a fresh buffer per request was up to 8 MiB of new memory

@@ -1,0 +1,64 @@
+// Reads the chunks a plan names from an NBD export, several requests in flight, and
+// hands each chunk to a consumer in volume order: runs of adjacent chunks are read as
+// one request of up to RUN_BYTES, into buffers reused from a small pool.
+export interface ChunkSource {
+  read(buf: Buffer, offset: number): Promise<void>;
+}
+
+/** Largest read: 16 chunks of 64 KiB amortise a request's cost; 8 in flight keep the daemon busy. */
+const RUN_BYTES = 1 << 20;
+const IN_FLIGHT = 8;
+
+/**
+ * Calls consume(index, data) for every chunk `want(index)` selects, in ascending order;
+ * `data` is valid until consume's promise resolves. The last chunk may be short.
+ */
+export async function readChunks(
+  src: ChunkSource,
+  size: number,
+  chunkSize: number,
+  want: (index: number) => boolean,
+  consume: (index: number, data: Buffer) => Promise<void> | void,
+): Promise<void> {
+  const count = Math.ceil(size / chunkSize);
+  const perRun = Math.max(1, Math.floor(RUN_BYTES / chunkSize));
+  const runs: Array<[number, number]> = [];
+  for (let i = 0; i < count; ) {
+    if (!want(i)) {
+      i++;
+      continue;
+    }
+    const first = i;
+    while (i < count && i - first < perRun && want(i)) i++;
+    runs.push([first, i]);
+  }
+  const free: Buffer[] = [];
+  const take = () => free.pop() ?? Buffer.allocUnsafe(perRun * chunkSize);
+  const reads: Array<Promise<Buffer>> = [];
+  const start = (r: [number, number]): Promise<Buffer> => {
+    const buf = take();
+    const bytes = Math.min(size, r[1] * chunkSize) - r[0] * chunkSize;
+    const view = buf.subarray(0, bytes);
+    return src.read(view, r[0] * chunkSize).then(() => buf);
+  };
+  let issued = 0;
+  while (issued < runs.length && issued < IN_FLIGHT) reads.push(start(runs[issued++]!));
+  try {
+    for (let k = 0; k < runs.length; k++) {
+      const buf = await reads[k]!;
+      const [a, b] = runs[k]!;
+      for (let i = a; i < b; i++) {
+        const off = (i - a) * chunkSize;
+        const end = Math.min(size - a * chunkSize, off + chunkSize);
+        const r = consume(i, buf.subarray(off, end));
+        if (r) await r;
+      }
+      free.push(buf);
+      reads[k] = undefined as unknown as Promise<Buffer>;
+      if (issued < runs.length) reads.push(start(runs[issued++]!));
+    }
+  } finally {
+    // Settle what is still in flight before the caller closes the connection.
+    await Promise.allSettled(reads.filter(Boolean));
+  }
+}

@@ -1,0 +1,125 @@
+// One volume's backup from its snapshot's export: read what the plan says, hash each
+// chunk, store what the repository lacks, and build the manifest's chunk table;
+// chunks unchanged since the parent are taken from the parent's manifest unread.
+import { createHash } from 'node:crypto';
+import type { Extent } from '../protocol/backend.js';
+import { readChunks } from './chunk-reader.js';
+import { ALLOCATED, changedSince, contextBits } from './plan.js';
+import type { ProgressFigures } from './progress.js';
+import { ChunkTable, type BlobWriter, type Manifest, type ManifestHeader, type Repository } from './repository.js';
+
+export interface SnapshotExport {
+  read(buf: Buffer, offset: number): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<Map<string, Extent[]>>;
+  readonly contexts: ReadonlyMap<string, number>;
+}
+
+export interface Checkpoint {
+  tracker: string;
+  generation: number;
+}
+
+export interface VolumeSource {
+  volume: string;
+  snapshot: string;
+  size: number;
+  /** The change-tracking checkpoint the snapshot's creation made, when tracked. */
+  checkpoint?: Checkpoint;
+}
+
+export type Stats = ManifestHeader['stats'];
+
+export interface BackupPlan {
+  /** How the chunks to read were chosen. */
+  mode: 'incremental' | 'allocated' | 'full';
+  parent?: Manifest;
+}
+
+/** Contexts to ask the snapshot's export for, given the parent backup this one builds on. */
+export function wantedContexts(src: VolumeSource, parent: Manifest | undefined, chunkSize: number): string[] {
+  const out = [ALLOCATED];
+  const p = parent?.checkpoint;
+  if (parent && p && src.checkpoint && p.tracker === src.checkpoint.tracker && p.generation < src.checkpoint.generation)
+    if (parent.size === src.size && parent.chunkSize === chunkSize) out.push(changedSince(p.generation));
+  return out;
+}
+
+const ZERO_CHUNK = new Map<number, Buffer>();
+function zeros(n: number): Buffer {
+  let z = ZERO_CHUNK.get(n);
+  if (!z) ZERO_CHUNK.set(n, (z = Buffer.alloc(n)));
+  return z;
+}
+
+export async function backupVolume(
+  repo: Repository,
+  writer: BlobWriter,
+  src: VolumeSource,
+  nbd: SnapshotExport,
+  parent: Manifest | undefined,
+  onProgress: (f: ProgressFigures) => void,
+): Promise<{ chunks: ChunkTable; stats: Stats; mode: BackupPlan['mode'] }> {
+  const started = Date.now();
+  const cs = repo.chunkSize;
+  const count = Math.ceil(src.size / cs);
+  const granted = wantedContexts(src, parent, cs).filter((c) => nbd.contexts.has(c));
+  const bits = await contextBits({ size: src.size, blockStatus: (o, l) => nbd.blockStatus(o, l) }, granted, cs);
+  const allocated = bits.get(ALLOCATED);
+  const changedName = granted.find((c) => c !== ALLOCATED);
+  const changed = changedName ? bits.get(changedName) : undefined;
+  const mode: BackupPlan['mode'] = changed ? 'incremental' : allocated ? 'allocated' : 'full';
+  const table = new ChunkTable(count);
+  const stats: Stats = { bytesRead: 0, newBytes: 0, dedupBytes: 0, storedBytes: 0, zeroChunks: 0, chunks: count, durationMs: 0 };
+  const f: ProgressFigures = { done: 0, total: src.size, read: 0, newBytes: 0, dedupBytes: 0 };
+  const chunkBytes = (i: number) => Math.min(cs, src.size - i * cs);
+  // Chunks not read: unchanged since the parent (its id, or zero), or never written.
+  const want = (i: number): boolean => {
+    if (changed && !changed.has(i)) return false;
+    if (allocated && !allocated.has(i)) return false;
+    return true;
+  };
+  for (let i = 0; i < count; i++) {
+    if (want(i)) continue;
+    const id = changed && !changed.has(i) ? parent!.chunks.get(i) : undefined;
+    if (id) {
+      table.set(i, id);
+      stats.dedupBytes += chunkBytes(i);
+    } else stats.zeroChunks++;
+    f.done += chunkBytes(i);
+  }
+  const seen = new Set<string>();
+  let lastReport = 0;
+  await readChunks(nbd, src.size, cs, want, async (i, data) => {
+    stats.bytesRead += data.length;
+    f.read += data.length;
+    f.done += data.length;
+    if (data.equals(zeros(data.length))) {
+      stats.zeroChunks++;
+    } else {
+      const id = createHash('sha256').update(data).digest();
+      table.set(i, id);
+      const key = id.toString('hex');
+      if (seen.has(key) || repo.has(id)) stats.dedupBytes += data.length;
+      else {
+        seen.add(key);
+        const r = await writer.add(id, data);
+        if (r.fresh) {
+          stats.newBytes += data.length;
+          stats.storedBytes += r.storedBytes;
+        } else stats.dedupBytes += data.length;
+      }
+    }
+    const now = Date.now();
+    if (now - lastReport >= 100) {
+      lastReport = now;
+      f.newBytes = stats.newBytes;
+      f.dedupBytes = stats.dedupBytes;
+      onProgress(f);
+    }
+  });
+  f.newBytes = stats.newBytes;
+  f.dedupBytes = stats.dedupBytes;
+  onProgress(f);
+  stats.durationMs = Date.now() - started;
+  return { chunks: table, stats, mode };
+}

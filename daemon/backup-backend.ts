@@ -1,0 +1,106 @@
+// One backup served as a read-only NBD export: reads fetch the chunks they touch from
+// the repository (verified, decompressed, kept in a bounded cache shared by every
+// backup served), zero chunks read as zeros and are holes in base:allocation.
+import { type Backend, type Extent, type ExportInfo, STATE_HOLE, STATE_ZERO } from '../protocol/backend.js';
+import type { Manifest, Repository } from '../backup/repository.js';
+import { Errors } from './errors.js';
+
+/** Decompressed chunks kept across reads: a sequential reader rereads a chunk per request otherwise. */
+export class ChunkCache {
+  private readonly map = new Map<string, Promise<Buffer>>();
+  constructor(private readonly maxEntries: number) {}
+
+  get(repo: Repository, id: Buffer): Promise<Buffer> {
+    const key = id.toString('hex');
+    let p = this.map.get(key);
+    if (p) {
+      // Most recently used last: Map keeps insertion order.
+      this.map.delete(key);
+      this.map.set(key, p);
+      return p;
+    }
+    p = repo.readBlob(id);
+    p.catch(() => this.map.delete(key));
+    this.map.set(key, p);
+    while (this.map.size > this.maxEntries) this.map.delete(this.map.keys().next().value!);
+    return p;
+  }
+}
+
+export class BackupBackend implements Backend {
+  readonly info: ExportInfo;
+
+  constructor(
+    name: string,
+    private readonly repo: Repository,
+    private readonly m: Manifest,
+    private readonly cache: ChunkCache,
+  ) {
+    this.info = {
+      name,
+      description: `backup ${m.id} of volume ${m.volume} taken at ${m.time}${m.group ? ` (group ${m.group})` : ''}, read-only`,
+      size: m.size,
+      readOnly: true,
+      canFlush: true,
+      canFua: false,
+      canTrim: false,
+      canZero: false,
+      canFastZero: false,
+      canCache: true,
+      canMultiConn: true,
+    };
+  }
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    const cs = this.m.chunkSize;
+    const end = offset + buf.length;
+    const parts: Promise<void>[] = [];
+    for (let i = Math.floor(offset / cs); i * cs < end; i++) {
+      const a = Math.max(offset, i * cs);
+      const b = Math.min(end, (i + 1) * cs);
+      const id = this.m.chunks.get(i);
+      if (!id) {
+        buf.fill(0, a - offset, b - offset);
+        continue;
+      }
+      parts.push(
+        this.cache.get(this.repo, id).then((data) => {
+          const from = a - i * cs;
+          if (data.length < b - i * cs) throw Errors.internal(`chunk ${i} of backup ${this.m.id} is short`);
+          data.copy(buf, a - offset, from, from + (b - a));
+        }),
+      );
+    }
+    await Promise.all(parts);
+  }
+
+  pwrite(): Promise<void> {
+    return Promise.reject(Errors.internal('backups are read-only'));
+  }
+  async flush(): Promise<void> {}
+  trim(): Promise<void> {
+    return this.pwrite();
+  }
+  zero(): Promise<void> {
+    return this.pwrite();
+  }
+  async cache(offset: number, length: number): Promise<void> {
+    await this.pread(Buffer.allocUnsafe(Math.min(length, 4 << 20)), offset);
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    const cs = this.m.chunkSize;
+    const end = Math.min(this.m.size, offset + length);
+    const out: Extent[] = [];
+    for (let at = offset; at < end; ) {
+      const i = Math.floor(at / cs);
+      const next = Math.min(end, (i + 1) * cs);
+      const flags = this.m.chunks.get(i) ? 0 : STATE_HOLE | STATE_ZERO;
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.length += next - at;
+      else out.push({ length: next - at, flags });
+      at = next;
+    }
+    return out;
+  }
+}
