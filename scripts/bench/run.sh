@@ -10,7 +10,7 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create memory engine"   which parts to run:
+#   SECTIONS="base cow rewrite snapread create memory engine backup"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
@@ -21,6 +21,7 @@
 #               round, which run on cowbd alone when base is not selected)
 #     create    snapshot creation latency, idle and under a random-write load
 #     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
+#     backup    cowbd backup against restic, fed the same snapshot (backup.sh)
 #     engine    the COW engine in process (engine.ts): first-write ratios with 0, 1
 #               and 4 snapshots and snapshot/origin read speed on ENGINE_SIZE
 #   ROUNDS=5 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
@@ -45,7 +46,7 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory engine"}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory engine backup"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
@@ -58,7 +59,7 @@ ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | memory | engine) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | cow | rewrite | snapread | create | memory | engine | backup) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -455,8 +456,14 @@ if has engine; then
   TS_NODE_TRANSPILE_ONLY=1 node --import @tapjs/typescript/import "$BENCH/engine.ts" "$WORK/engine" "$(bytes "$ENGINE_SIZE")" >"$RESULTS/engine.md"
 fi
 
+if has backup; then
+  log "backup: cowbd backup against restic"
+  bash "$BENCH/backup.sh" "$RESULTS" >/dev/null
+fi
+
 log "done"
 python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$BASE_JOBS" --base-targets "$BASE_TARGETS" \
   --sections "$SECTIONS" --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE" --chunk "$CHUNK" --rand-ios "$RAND_IOS" \
   --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))" --commit "$COMMIT"
 if has engine; then cat "$RESULTS/engine.md"; fi
+if has backup; then cat "$RESULTS/backup.md"; fi

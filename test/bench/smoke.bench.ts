@@ -25,6 +25,11 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     MEM_SIZE: '64M',
     RESTARTS: '1',
     ENGINE_SIZE: '32M',
+    BK_SIZE: '64M',
+    BK_DATA: '16M',
+    BK_HUGE: '8G',
+    BK_HUGE_DATA: '16M',
+    BK_FIO_SECONDS: '1',
   });
   t.equal(r.code, 0, `run.sh exit code (stderr tail: ${r.stderr.slice(-2000)})`);
   const rows = r.stdout.split('\n').filter((l) => l.startsWith('| '));
@@ -73,5 +78,10 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
   t.match(engine[0]?.[1], /^\d+ MiB\/s$/, 'first-write figure');
   for (const c of engine.slice(1)) t.match(c[1], RATIO, `ratio of "${c[0]}"`);
   for (const c of engine.slice(1, 3)) t.ok(c[3] === 'yes' || c[3] === 'no', `met column of "${c[0]}"`);
+  // Backups against restic: every row of the issue's list.
+  t.match(r.stdout, /### Backups: cowbd vs restic/, 'backup table');
+  const backups = rows.map(cells).filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
+  t.equal(backups.length, 7, `backup rows: ${backups.map((c) => c[0]).join('; ')}`);
+  for (const c of backups) t.match(c[1], /^\d+(\.\d+)?$/, `cowbd figure of "${c[0]}"`);
   t.notMatch(r.stdout, /\b(nan|NaN|None|undefined)\b/, 'no missing values (Python None, NaN)');
 });
