@@ -79,7 +79,8 @@ export class ChunkTable {
 
   /** The inverse of encode(); throws a plain Error naming what is wrong. */
   static decode(count: number, nonZero: number, body: Buffer): ChunkTable {
-    if (body.length !== nonZero * (4 + ID_BYTES)) throw new Error(`chunk table is ${body.length} bytes, ${nonZero} entries need ${nonZero * (4 + ID_BYTES)}`);
+    if (body.length !== nonZero * (4 + ID_BYTES))
+      throw new Error(`chunk table is ${body.length} bytes, ${nonZero} entries need ${nonZero * (4 + ID_BYTES)}`);
     const t = new ChunkTable(count, nonZero);
     let last = -1;
     for (let i = 0; i < nonZero; i++) {

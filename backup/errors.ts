@@ -70,7 +70,11 @@ export const BackupErrors = {
   ),
   damagedManifest: define('COWBD_BACKUP_DAMAGED_MANIFEST', 'EIO', (id: string, why: string) => `backup ${id} is damaged: ${why}`),
   badManifest: define('COWBD_BACKUP_BAD_MANIFEST', 'EINVAL', (why: string) => `cannot save backup: ${why}`),
-  badChunkIndex: define('COWBD_BACKUP_BAD_CHUNK_INDEX', 'EINVAL', (index: number, count: number) => `chunk ${index} is outside 0..${count - 1}`),
+  badChunkIndex: define(
+    'COWBD_BACKUP_BAD_CHUNK_INDEX',
+    'EINVAL',
+    (index: number, count: number) => `chunk ${index} is outside 0..${count - 1}`,
+  ),
 } as const;
 
 /** True for any BackupError, or with `of`, for one made by that factory's code. */

@@ -55,7 +55,8 @@ export function decodeTrailer(t: Buffer, packSize: number, pack: string): BlobEn
   const version = t.readUInt32LE(4);
   if (version !== PACK_VERSION) throw BackupErrors.damagedPack(pack, `trailer version ${version}, expected ${PACK_VERSION}`);
   const count = t.readUInt32LE(8);
-  if (HEAD_BYTES + count * ENTRY_BYTES !== t.length) throw BackupErrors.damagedPack(pack, `trailer counts ${count} blobs, its length disagrees`);
+  if (HEAD_BYTES + count * ENTRY_BYTES !== t.length)
+    throw BackupErrors.damagedPack(pack, `trailer counts ${count} blobs, its length disagrees`);
   const dataEnd = packSize - t.length - 4;
   const blobs: BlobEntry[] = [];
   for (let i = 0, at = HEAD_BYTES; i < count; i++, at += ENTRY_BYTES) {

@@ -58,7 +58,11 @@ export interface PackInfo {
 
 interface IndexFile {
   version: number;
-  packs: Array<{ id: string; size: number; blobs: Array<{ id: string; offset: number; length: number; rawLength: number; compressed: boolean }> }>;
+  packs: Array<{
+    id: string;
+    size: number;
+    blobs: Array<{ id: string; offset: number; length: number; rawLength: number; compressed: boolean }>;
+  }>;
 }
 
 export class Repository implements WriterHost {
@@ -126,7 +130,8 @@ export class Repository implements WriterHost {
     if (c.version > REPOSITORY_VERSION) throw BackupErrors.newerVersion(dir, c.version, REPOSITORY_VERSION);
     if (typeof c.id !== 'string' || !HEX64.test(c.id)) throw BackupErrors.damagedConfig(dir, 'id is not 64 hex digits');
     if (c.chunkSize !== CHUNK_SIZE) throw BackupErrors.damagedConfig(dir, `chunk size ${c.chunkSize}, expected ${CHUNK_SIZE}`);
-    if (c.hash !== 'sha256' || c.compression !== 'zstd') throw BackupErrors.damagedConfig(dir, `hash ${c.hash} / compression ${c.compression}`);
+    if (c.hash !== 'sha256' || c.compression !== 'zstd')
+      throw BackupErrors.damagedConfig(dir, `hash ${c.hash} / compression ${c.compression}`);
     return new Repository(dir, c.id, c.version, c.chunkSize);
   }
 
@@ -220,7 +225,8 @@ export class Repository implements WriterHost {
     this.packs.set(p.id, { size: p.size, blobs: p.blobs });
     for (const b of p.blobs) {
       const hex = b.id.toString('hex');
-      if (!this.blobs.has(hex)) this.blobs.set(hex, { pack: p.id, offset: b.offset, length: b.length, rawLength: b.rawLength, compressed: b.compressed });
+      if (!this.blobs.has(hex))
+        this.blobs.set(hex, { pack: p.id, offset: b.offset, length: b.length, rawLength: b.rawLength, compressed: b.compressed });
     }
   }
 
@@ -228,10 +234,12 @@ export class Repository implements WriterHost {
   dropPacks(ids: Iterable<string>): void {
     for (const id of ids) this.packs.delete(id);
     this.blobs.clear();
-    for (const [id, p] of this.packs) for (const b of p.blobs) {
-      const hex = b.id.toString('hex');
-      if (!this.blobs.has(hex)) this.blobs.set(hex, { pack: id, offset: b.offset, length: b.length, rawLength: b.rawLength, compressed: b.compressed });
-    }
+    for (const [id, p] of this.packs)
+      for (const b of p.blobs) {
+        const hex = b.id.toString('hex');
+        if (!this.blobs.has(hex))
+          this.blobs.set(hex, { pack: id, offset: b.offset, length: b.length, rawLength: b.rawLength, compressed: b.compressed });
+      }
   }
 
   /** Writes one index file naming `packs`; returns its name (the SHA-256 of its content). */
@@ -245,7 +253,13 @@ export class Repository implements WriterHost {
       packs: packs.map((p) => ({
         id: p.id,
         size: p.size,
-        blobs: p.blobs.map((b) => ({ id: b.id.toString('hex'), offset: b.offset, length: b.length, rawLength: b.rawLength, compressed: b.compressed })),
+        blobs: p.blobs.map((b) => ({
+          id: b.id.toString('hex'),
+          offset: b.offset,
+          length: b.length,
+          rawLength: b.rawLength,
+          compressed: b.compressed,
+        })),
       })),
     };
     const text = JSON.stringify(f);
@@ -275,7 +289,8 @@ export class Repository implements WriterHost {
     try {
       stored = Buffer.alloc(loc.length);
       const { bytesRead } = await fd.read(stored, 0, loc.length, loc.offset);
-      if (bytesRead !== loc.length) throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${bytesRead} of ${loc.length} bytes)`);
+      if (bytesRead !== loc.length)
+        throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${bytesRead} of ${loc.length} bytes)`);
     } finally {
       await fd.close();
     }
@@ -380,4 +395,3 @@ export class Repository implements WriterHost {
     await fsyncDir(path.join(this.dir, 'backups'));
   }
 }
-

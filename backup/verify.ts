@@ -17,7 +17,10 @@ export interface VerifyOptions {
   onProgress?(done: number, total: number): void;
 }
 
-export async function verifyRepository(repo: Repository, o: VerifyOptions): Promise<{ backups: number; chunks: number; damaged: Damage[] }> {
+export async function verifyRepository(
+  repo: Repository,
+  o: VerifyOptions,
+): Promise<{ backups: number; chunks: number; damaged: Damage[] }> {
   await repo.loadIndex();
   const damaged: Damage[] = [];
   let ids: string[];
@@ -59,7 +62,13 @@ export async function verifyRepository(repo: Repository, o: VerifyOptions): Prom
       continue;
     }
     if (!packSize.has(loc.pack)) {
-      packSize.set(loc.pack, await fs.stat(repo.packPath(loc.pack)).then((s) => s.size, () => undefined));
+      packSize.set(
+        loc.pack,
+        await fs.stat(repo.packPath(loc.pack)).then(
+          (s) => s.size,
+          () => undefined,
+        ),
+      );
     }
     const have = packSize.get(loc.pack);
     const want = repo.packs.get(loc.pack)?.size;
@@ -102,7 +111,8 @@ async function readPack(repo: Repository, pack: string, bad: Map<string, string>
     damaged.push({ what: 'pack', id: pack, reason: (e as Error).message });
     return;
   }
-  if (createHash('sha256').update(data).digest('hex') !== pack) damaged.push({ what: 'pack', id: pack, reason: 'its SHA-256 does not match its name' });
+  if (createHash('sha256').update(data).digest('hex') !== pack)
+    damaged.push({ what: 'pack', id: pack, reason: 'its SHA-256 does not match its name' });
   for (const b of repo.packs.get(pack)?.blobs ?? []) {
     const hex = b.id.toString('hex');
     const inUse = repo.locate(hex)?.pack === pack;

@@ -9,7 +9,10 @@ t.test('set, get, overwrite, clear and entries in any order', async (t) => {
   const c = new ChunkTable(100);
   for (const i of [5, 7, 99, 0, 6, 50]) c.set(i, id(i));
   t.equal(c.nonZero, 6);
-  t.same([...c.entries()].map(([i]) => i), [0, 5, 6, 7, 50, 99]);
+  t.same(
+    [...c.entries()].map(([i]) => i),
+    [0, 5, 6, 7, 50, 99],
+  );
   t.ok(c.get(50)!.equals(id(50)));
   t.equal(c.get(51), undefined, 'unset is zero');
   c.set(50, id(1000));
@@ -18,12 +21,18 @@ t.test('set, get, overwrite, clear and entries in any order', async (t) => {
   c.clear(6);
   c.clear(8);
   t.equal(c.get(6), undefined);
-  t.same([...c.entries()].map(([i]) => i), [0, 5, 7, 50, 99]);
+  t.same(
+    [...c.entries()].map(([i]) => i),
+    [0, 5, 7, 50, 99],
+  );
   t.throws(() => c.set(100, id(1)), { code: 'COWBD_BACKUP_BAD_CHUNK_INDEX' });
   t.throws(() => c.set(-1, id(1)), { code: 'COWBD_BACKUP_BAD_CHUNK_INDEX' });
   t.throws(() => c.set(1, Buffer.alloc(31)), { code: 'COWBD_BACKUP_BAD_MANIFEST' });
   const back = ChunkTable.decode(100, c.nonZero, c.encode());
-  t.same([...back.entries()].map(([i, b]) => [i, b.toString('hex')]), [...c.entries()].map(([i, b]) => [i, b.toString('hex')]));
+  t.same(
+    [...back.entries()].map(([i, b]) => [i, b.toString('hex')]),
+    [...c.entries()].map(([i, b]) => [i, b.toString('hex')]),
+  );
   t.throws(() => ChunkTable.decode(100, 2, Buffer.alloc(10)));
   const swapped = c.encode();
   swapped.writeUInt32LE(60, 0);

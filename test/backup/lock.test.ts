@@ -29,13 +29,19 @@ t.test('a lock of a dead process or not refreshed for 30 minutes is stale and re
   const now = new Date().toISOString();
   const old = new Date(Date.now() - 31 * 60 * 1000).toISOString();
   // A pid past the kernel's pid_max cannot be running.
-  await fs.writeFile(path.join(locks, 'dead'), JSON.stringify({ exclusive: true, host: os.hostname(), pid: 2 ** 30, time: now, purpose: 'prune' }));
+  await fs.writeFile(
+    path.join(locks, 'dead'),
+    JSON.stringify({ exclusive: true, host: os.hostname(), pid: 2 ** 30, time: now, purpose: 'prune' }),
+  );
   await fs.writeFile(path.join(locks, 'old'), JSON.stringify({ exclusive: true, host: 'elsewhere', pid: 1, time: old, purpose: 'prune' }));
   await fs.writeFile(path.join(locks, 'torn'), '{"exclus');
   const l = await repo.lock(true, 'prune');
   t.same(readdirSync(locks).sort(), [...readdirSync(locks).filter((n) => /^[0-9a-f]{32}$/.test(n)), 'torn'].sort(), 'stale ones removed');
   await l.release();
 
-  await fs.writeFile(path.join(locks, 'live'), JSON.stringify({ exclusive: false, host: 'elsewhere', pid: 1, time: now, purpose: 'backup vm9' }));
+  await fs.writeFile(
+    path.join(locks, 'live'),
+    JSON.stringify({ exclusive: false, host: 'elsewhere', pid: 1, time: now, purpose: 'backup vm9' }),
+  );
   await t.rejects(repo.lock(true, 'prune'), { message: /"backup vm9" on elsewhere, pid 1/ }, 'a fresh lock of another host is respected');
 });

@@ -81,7 +81,11 @@ t.test('prune deletes unused packs, rewrites mostly unused ones, and kept backup
   t.equal(r.packsRewritten, 1, "b1's pack: its chunks 0..6 are used by no one");
   t.ok(r.bytesFreed > 65536, `${r.bytesFreed} bytes freed`);
   const files = readdirSync(path.join(repo.dir, 'data'), { recursive: true }).map(String);
-  for (const p of oldPacks) t.notOk(files.some((f) => f.endsWith(p)), `old pack ${p.slice(0, 8)} deleted`);
+  for (const p of oldPacks)
+    t.notOk(
+      files.some((f) => f.endsWith(p)),
+      `old pack ${p.slice(0, 8)} deleted`,
+    );
   t.equal(readdirSync(path.join(repo.dir, 'index')).length, 1, 'one index names what is left');
 
   const fresh = await Repository.open(repo.dir);

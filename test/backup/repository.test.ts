@@ -9,8 +9,6 @@ import { PACK_TARGET_BYTES } from '../../backup/pack-format.js';
 import { Repository } from '../../backup/repository.js';
 import { backupVolume, CHUNK, restore, sampleVolume, sha } from './helpers.js';
 
-const code = (of: { code: string }) => (e: unknown) => isBackupError(e, of);
-
 t.test('init makes a repository that open reads; init refuses a non-empty directory', async (t) => {
   const dir = path.join(t.testdir(), 'repo');
   const repo = await Repository.init(dir);
@@ -55,11 +53,17 @@ t.test('1000 random chunks and duplicates: written once, read back after reopeni
   let fresh = 0;
   let stored = 0;
   const adds: Promise<{ fresh: boolean; storedBytes: number }>[] = [];
+  const tally = (rs: { fresh: boolean; storedBytes: number }[]) => {
+    for (const r of rs) {
+      if (r.fresh) fresh++;
+      stored += r.storedBytes;
+    }
+  };
   for (const c of [...chunks, ...chunks.slice(0, 100)]) {
     adds.push(w.add(sha(c), c));
-    if (adds.length === 8) for (const r of await Promise.all(adds.splice(0))) (fresh += r.fresh ? 1 : 0), (stored += r.storedBytes);
+    if (adds.length === 8) tally(await Promise.all(adds.splice(0)));
   }
-  for (const r of await Promise.all(adds)) (fresh += r.fresh ? 1 : 0), (stored += r.storedBytes);
+  tally(await Promise.all(adds));
   const distinct = new Set(chunks.map((c) => sha(c).toString('hex'))).size;
   t.equal(fresh, distinct, 'each distinct chunk stored once');
   const r = await w.finish();
@@ -144,12 +148,18 @@ t.test('manifests: saved, listed, found by prefix, removed', async (t) => {
   const back = await repo.loadManifest(m.id.slice(0, 8));
   t.equal(back.chunks.count, 7);
   t.equal(back.chunks.nonZero, m.chunks.nonZero);
-  t.same([...back.chunks.entries()].map(([i]) => i), [0, 1, 3, 4, 6]);
+  t.same(
+    [...back.chunks.entries()].map(([i]) => i),
+    [0, 1, 3, 4, 6],
+  );
   await t.rejects(repo.loadManifest('ffffffff'), { code: 'COWBD_BACKUP_UNKNOWN' });
   await t.rejects(repo.loadManifest(''), { code: 'COWBD_BACKUP_UNKNOWN' });
   if (m.id[0] === n.id[0]) await t.rejects(repo.loadManifest(m.id[0]!), { code: 'COWBD_BACKUP_AMBIGUOUS_ID' });
   await repo.removeManifest(m.id);
-  t.same((await repo.listManifests()).headers.map((h) => h.id), [n.id]);
+  t.same(
+    (await repo.listManifests()).headers.map((h) => h.id),
+    [n.id],
+  );
   await t.rejects(repo.removeManifest(m.id), { code: 'COWBD_BACKUP_UNKNOWN' });
   await t.rejects(repo.saveManifest({ ...n, size: 1 }), { code: 'COWBD_BACKUP_BAD_MANIFEST' });
 });

@@ -2,22 +2,17 @@
 // a missing pack and a damaged manifest are each named, with the backups they hurt.
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { Repository } from '../../backup/repository.js';
 import { verifyRepository } from '../../backup/verify.js';
 import { backupVolume, restore, sampleVolume } from './helpers.js';
 
-async function setup(t: Tap.Test) {
+async function setup(t: Test) {
   const repo = await Repository.init(path.join(t.testdir(), 'repo'));
   const a = await backupVolume(repo, 'vm1', sampleVolume(12, 1));
   const b = await backupVolume(repo, 'vm2', sampleVolume(12, 2));
   await repo.loadIndex();
   return { repo, a, b };
-}
-
-type Tap = typeof t;
-declare namespace Tap {
-  type Test = Parameters<Parameters<Tap['test']>[1] & ((t: never) => unknown)>[0];
 }
 
 t.test('a sound repository verifies clean, with and without reading data', async (t) => {
@@ -50,7 +45,10 @@ t.test('a flipped byte in a pack: verify names the chunk and the backup, readBlo
     { what: 'chunk', id: hex, reason: new RegExp(`used by backups ${a.id}`) },
     { what: 'backup', id: a.id, reason: /1 of its chunks/ },
   ]);
-  t.notOk(r.damaged.some((d) => d.id === b.id), 'the other backup is sound');
+  t.notOk(
+    r.damaged.some((d) => d.id === b.id),
+    'the other backup is sound',
+  );
   await t.rejects(repo.readBlob(victim.id), { code: 'COWBD_BACKUP_DAMAGED_CHUNK', message: new RegExp(`${hex}.*${pack}`) });
   await t.rejects(restore(repo, a.id), { code: 'COWBD_BACKUP_DAMAGED_CHUNK' });
   t.ok((await restore(repo, b.id)).equals(sampleVolume(12, 2)));
@@ -64,7 +62,10 @@ t.test('a truncated pack, then a missing one', async (t) => {
   await fs.truncate(file, Math.floor(size / 2));
   const r = await verifyRepository(repo, { readData: false });
   t.ok(r.damaged.some((d) => d.what === 'backup' && d.id === a.id));
-  t.notOk(r.damaged.some((d) => d.id === b.id), 'the other backup has its own pack');
+  t.notOk(
+    r.damaged.some((d) => d.id === b.id),
+    'the other backup has its own pack',
+  );
   t.ok(r.damaged.some((d) => d.what === 'chunk' && /is \d+ bytes, the index says/.test(d.reason)));
   const last = [...a.chunks.entries()].at(-1)![1];
   await t.rejects(repo.readBlob(last), { code: 'COWBD_BACKUP_DAMAGED_CHUNK' });
@@ -83,12 +84,19 @@ t.test('a damaged manifest: listed as damaged, verify names it, load fails', asy
   await fs.writeFile(file, bytes);
   await t.rejects(repo.loadManifest(a.id), { code: 'COWBD_BACKUP_DAMAGED_MANIFEST', message: /checksum/ });
   const r = await verifyRepository(repo, { readData: false });
-  t.same(r.damaged.map((d) => [d.what, d.id]), [['backup', a.id]]);
+  t.same(
+    r.damaged.map((d) => [d.what, d.id]),
+    [['backup', a.id]],
+  );
   t.equal(r.backups, 1);
 
   const bb = path.join(repo.dir, 'backups', b.id);
   await fs.writeFile(bb, Buffer.from('CBMF\xff\xff\x00\x00{', 'latin1'));
   const list = await repo.listManifests();
-  t.same(list.damaged.map((d) => d.file), [b.id], 'an unreadable header is listed as damaged');
+  t.same(
+    list.damaged.map((d) => d.file),
+    [b.id],
+    'an unreadable header is listed as damaged',
+  );
   t.equal(list.headers.length, 1);
 });
