@@ -1,0 +1,83 @@
+// The backup repository's one table of errors, in the manner of fastify's errors.js. Each error
+// has a stable `code` for callers and logs, and an errno-style `kind` so a CLI or the daemon can
+// map it to an exit status or an NBD error without knowing every code.
+
+export type BackupErrno = 'EIO' | 'ENOSPC' | 'EINVAL' | 'EEXIST' | 'ENOENT' | 'EBUSY' | 'ENOTSUP';
+
+export class BackupError extends Error {
+  constructor(
+    readonly code: string,
+    readonly kind: BackupErrno,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'BackupError';
+  }
+}
+
+type Factory<A extends unknown[]> = ((...args: A) => BackupError) & { code: string; kind: BackupErrno };
+
+function define<A extends unknown[]>(code: string, kind: BackupErrno, format: (...args: A) => string): Factory<A> {
+  return Object.assign((...args: A) => new BackupError(code, kind, format(...args)), { code, kind });
+}
+
+export const BackupErrors = {
+  // Opening and creating a repository.
+  noRepository: define('COWBD_BACKUP_NO_REPOSITORY', 'ENOENT', (dir: string) => `${dir} is not a backup repository (no config)`),
+  notEmpty: define('COWBD_BACKUP_NOT_EMPTY', 'EEXIST', (dir: string) => `${dir} is not empty; a new repository needs an empty directory`),
+  foreign: define(
+    'COWBD_BACKUP_FOREIGN',
+    'EINVAL',
+    (dir: string, why: string) => `${dir} is not a cowbd backup repository (${why}); refusing to touch it`,
+  ),
+  newerVersion: define(
+    'COWBD_BACKUP_NEWER_VERSION',
+    'ENOTSUP',
+    (dir: string, found: number, supported: number) =>
+      `repository ${dir} has format version ${found}; this cowbd reads version ${supported} at most, upgrade cowbd`,
+  ),
+  damagedConfig: define('COWBD_BACKUP_DAMAGED_CONFIG', 'EIO', (dir: string, why: string) => `repository ${dir}: config is damaged: ${why}`),
+
+  // Locks.
+  locked: define(
+    'COWBD_BACKUP_LOCKED',
+    'EBUSY',
+    (kind: string, purpose: string, host: string, pid: number, since: string) =>
+      `repository is locked (${kind}) by "${purpose}" on ${host}, pid ${pid}, since ${since}`,
+  ),
+
+  // Data.
+  diskFull: define(
+    'COWBD_BACKUP_DISK_FULL',
+    'ENOSPC',
+    (dir: string) => `repository disk full writing to ${dir}; the partial pack was removed, packs already written are kept`,
+  ),
+  missingChunk: define('COWBD_BACKUP_MISSING_CHUNK', 'ENOENT', (chunk: string, pack: string) => `chunk ${chunk} is missing: ${pack}`),
+  damagedChunk: define(
+    'COWBD_BACKUP_DAMAGED_CHUNK',
+    'EIO',
+    (chunk: string, pack: string, why: string) => `chunk ${chunk} in pack ${pack} is damaged: ${why}`,
+  ),
+  damagedPack: define('COWBD_BACKUP_DAMAGED_PACK', 'EIO', (pack: string, why: string) => `pack ${pack} is damaged: ${why}`),
+  writerClosed: define('COWBD_BACKUP_WRITER_CLOSED', 'EINVAL', () => 'this blob writer has finished or was aborted'),
+
+  // Backups (manifests).
+  unknownBackup: define('COWBD_BACKUP_UNKNOWN', 'ENOENT', (id: string) => `no backup ${id}`),
+  ambiguousId: define(
+    'COWBD_BACKUP_AMBIGUOUS_ID',
+    'EINVAL',
+    (prefix: string, ids: string[]) => `backup id ${prefix} is ambiguous: ${ids.join(', ')}`,
+  ),
+  damagedManifest: define('COWBD_BACKUP_DAMAGED_MANIFEST', 'EIO', (id: string, why: string) => `backup ${id} is damaged: ${why}`),
+  badManifest: define('COWBD_BACKUP_BAD_MANIFEST', 'EINVAL', (why: string) => `cannot save backup: ${why}`),
+  badChunkIndex: define(
+    'COWBD_BACKUP_BAD_CHUNK_INDEX',
+    'EINVAL',
+    (index: number, count: number) => `chunk ${index} is outside 0..${count - 1}`,
+  ),
+} as const;
+
+/** True for any BackupError, or with `of`, for one made by that factory's code. */
+export function isBackupError(e: unknown, of?: { code: string }): e is BackupError {
+  return e instanceof BackupError && (!of || e.code === of.code);
+}
