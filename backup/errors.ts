@@ -75,6 +75,36 @@ export const BackupErrors = {
     'EINVAL',
     (index: number, count: number) => `chunk ${index} is outside 0..${count - 1}`,
   ),
+
+  // Taking and reading the snapshot.
+  freezeFailed: define('COWBD_BACKUP_FREEZE_FAILED', 'EINVAL', (mountpoint: string, why: string) => `cannot freeze ${mountpoint}: ${why}`),
+  thawFailed: define(
+    'COWBD_BACKUP_THAW_FAILED',
+    'EIO',
+    (mountpoint: string, why: string) => `cannot thaw ${mountpoint}: ${why}; run fsfreeze -u ${mountpoint}`,
+  ),
+  freezeTimedOut: define(
+    'COWBD_BACKUP_FREEZE_TIMED_OUT',
+    'EIO',
+    (mountpoint: string, ms: number) =>
+      `${mountpoint} was thawed by the ${ms / 1000} s bound before the snapshot was taken; the backup was not made (raise --freeze-timeout)`,
+  ),
+  snapshotInvalidated: define(
+    'COWBD_BACKUP_SNAPSHOT_INVALID',
+    'EIO',
+    (snapshot: string, why: string) =>
+      `snapshot ${snapshot} became invalid during the backup: ${why}; nothing was listed, the origin is untouched; retry with a larger --snapshot-size`,
+  ),
+  shortChunk: define(
+    'COWBD_BACKUP_SHORT_CHUNK',
+    'EIO',
+    (chunk: string, index: number, got: number, want: number) => `chunk ${chunk} holds ${got} bytes; chunk ${index} of the volume needs ${want}`,
+  ),
+  restoreMismatch: define(
+    'COWBD_BACKUP_RESTORE_MISMATCH',
+    'EIO',
+    (offset: number) => `the data read back at byte ${offset} of the target is not what was written: the target is not reliable`,
+  ),
 } as const;
 
 /** True for any BackupError, or with `of`, for one made by that factory's code. */

@@ -53,7 +53,7 @@ export function progress(mode: 'bar' | 'json' | 'none', label: string, out: Node
       etaBuffer: 50,
       fps: 5,
     },
-    { barCompleteChar: '#', barIncompleteChar: '.' },
+    { format: '', barCompleteChar: '#', barIncompleteChar: '.' },
   );
   let startedBar = false;
   return {

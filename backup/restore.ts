@@ -41,7 +41,7 @@ export async function restoreImage(
       const [i, id] = entries[next++]!;
       const data = await repo.readBlob(id);
       const expect = Math.min(m.chunkSize, m.size - i * m.chunkSize);
-      if (data.length !== expect) throw BackupErrors.damagedChunk(id.toString('hex'), `holds ${data.length} bytes, chunk ${i} needs ${expect}`);
+      if (data.length !== expect) throw BackupErrors.shortChunk(id.toString('hex'), i, data.length, expect);
       await target.write(data, i * m.chunkSize);
       stats.bytesWritten += data.length;
       f.read += data.length;

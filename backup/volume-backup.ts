@@ -78,15 +78,18 @@ export async function backupVolume(
     if (allocated && !allocated.has(i)) return false;
     return true;
   };
+  // The table is sorted: entries go in by one ascending merge of these two lists.
+  const kept: number[] = [];
   for (let i = 0; i < count; i++) {
     if (want(i)) continue;
-    const id = changed && !changed.has(i) ? parent!.chunks.get(i) : undefined;
-    if (id) {
-      table.set(i, id);
+    if (changed && !changed.has(i) && parent!.chunks.get(i)) {
+      kept.push(i);
       stats.dedupBytes += chunkBytes(i);
     } else stats.zeroChunks++;
     f.done += chunkBytes(i);
   }
+  const readIdx: number[] = [];
+  const readIds: Buffer[] = [];
   const seen = new Set<string>();
   let lastReport = 0;
   await readChunks(nbd, src.size, cs, want, async (i, data) => {
@@ -97,7 +100,8 @@ export async function backupVolume(
       stats.zeroChunks++;
     } else {
       const id = createHash('sha256').update(data).digest();
-      table.set(i, id);
+      readIdx.push(i);
+      readIds.push(id);
       const key = id.toString('hex');
       if (seen.has(key) || repo.has(id)) stats.dedupBytes += data.length;
       else {
@@ -120,6 +124,15 @@ export async function backupVolume(
   f.newBytes = stats.newBytes;
   f.dedupBytes = stats.dedupBytes;
   onProgress(f);
+  for (let a = 0, b = 0; a < kept.length || b < readIdx.length; ) {
+    if (b >= readIdx.length || (a < kept.length && kept[a]! < readIdx[b]!)) {
+      const i = kept[a++]!;
+      table.set(i, parent!.chunks.get(i)!);
+    } else {
+      table.set(readIdx[b]!, readIds[b]!);
+      b++;
+    }
+  }
   stats.durationMs = Date.now() - started;
   return { chunks: table, stats, mode };
 }

@@ -34,7 +34,7 @@ export class BackupBackend implements Backend {
     name: string,
     private readonly repo: Repository,
     private readonly m: Manifest,
-    private readonly cache: ChunkCache,
+    private readonly chunks: ChunkCache,
   ) {
     this.info = {
       name,
@@ -64,7 +64,7 @@ export class BackupBackend implements Backend {
         continue;
       }
       parts.push(
-        this.cache.get(this.repo, id).then((data) => {
+        this.chunks.get(this.repo, id).then((data) => {
           const from = a - i * cs;
           if (data.length < b - i * cs) throw Errors.internal(`chunk ${i} of backup ${this.m.id} is short`);
           data.copy(buf, a - offset, from, from + (b - a));

@@ -5,6 +5,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createLogger, type LogFormat } from './logger.js';
 import { isCowbdError } from './errors.js';
+import { isBackupError } from '../backup/errors.js';
 import { loadConfig } from './config.js';
 import { parseSizeNumber } from './sizes.js';
 import { checkName } from './names.js';
@@ -27,7 +28,7 @@ function common<T>(y: Argv<T>) {
 }
 
 function fail(err: unknown): never {
-  if (isCowbdError(err)) {
+  if (isCowbdError(err) || isBackupError(err)) {
     process.stderr.write(`cowbd: ${err.message}\n`);
     process.exit(2);
   }
