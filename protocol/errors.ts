@@ -60,6 +60,7 @@ function define<A extends unknown[]>(id: string, code: string, format: (...args:
 /** The protocol layer's own errors; toNbdError maps them by code like any other. */
 export const ProtocolErrors = {
   noExtents: define('NBD_NO_EXTENTS', 'EIO', () => 'backend returned no extents'),
+  noContextExtents: define('NBD_NO_CONTEXT_EXTENTS', 'EIO', (context: string) => `backend offers no extents for meta context "${context}"`),
 } as const;
 
 /**
