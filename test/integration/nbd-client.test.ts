@@ -156,10 +156,13 @@ t.test('our server: contexts, holes in reads, error replies', async (t) => {
   t.teardown(() => server.close());
 
   const c = await NbdClient.connect({ path, exportName: 'snap', metaContexts: [C.BASE_ALLOCATION, EVEN_CONTEXT, 'nosuch:x'] });
-  t.same([...c.contexts], [
-    [C.BASE_ALLOCATION, C.BASE_ALLOCATION_ID],
-    [EVEN_CONTEXT, 2],
-  ]);
+  t.same(
+    [...c.contexts],
+    [
+      [C.BASE_ALLOCATION, C.BASE_ALLOCATION_ID],
+      [EVEN_CONTEXT, 2],
+    ],
+  );
   const st = await c.blockStatus(32 * 1024, 128 * 1024);
   t.same(st.get(C.BASE_ALLOCATION), [
     { length: 64 * 1024, flags: 0 },
