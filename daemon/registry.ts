@@ -58,6 +58,10 @@ export class Registry implements ExportRegistry {
     return this.resolve(name)?.info;
   }
 
+  metaContexts(exportName: string, query: string): string[] {
+    return this.resolve(exportName)?.metaContexts?.(query) ?? [];
+  }
+
   open(name: string): Backend | undefined {
     const b = this.resolve(name);
     if (!b) return undefined;

@@ -70,6 +70,10 @@ export interface Backend {
   cache(offset: number, length: number): Promise<void>;
   /** base:allocation extents covering at least the start of the range. */
   extents(offset: number, length: number): Promise<Extent[]>;
+  /** Meta contexts besides base:allocation that a query selects: an exact name, or a namespace prefix such as 'cowbd:' (every context of it, for listing). */
+  metaContexts?(query: string): string[];
+  /** Extents of a negotiated context other than base:allocation, covering at least the start of the range; flags are the context's own bits. */
+  contextExtents?(context: string, offset: number, length: number): Promise<Extent[]>;
   /** Called when a connection using this backend ends. */
   release?(): void;
   /** Set by the registry: fired when the export goes away, so sessions close cleanly. */
@@ -82,6 +86,11 @@ export interface ExportRegistry {
   /** '' selects the default export. Returns undefined for an unknown name. */
   info(name: string): ExportInfo | undefined;
   open(name: string): Backend | undefined;
+  /**
+   * The meta contexts besides base:allocation that `query` selects on an export (by its
+   * real name); '' selects every one. Absent: base:allocation is the only context.
+   */
+  metaContexts?(exportName: string, query: string): string[];
   /**
    * Checked at NBD_OPT_GO and NBD_OPT_EXPORT_NAME, by the export's real name: a
    * reason to refuse this connection now (NBD_REP_ERR_POLICY; a hang-up for

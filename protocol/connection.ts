@@ -219,6 +219,7 @@ export class Connection extends EventEmitter {
       backend: n.backend,
       structured: n.structured,
       baseAllocation: n.baseAllocation,
+      contexts: n.contexts,
       pool: this.pool,
       log: this.log,
     };

@@ -60,7 +60,50 @@ function define<A extends unknown[]>(id: string, code: string, format: (...args:
 /** The protocol layer's own errors; toNbdError maps them by code like any other. */
 export const ProtocolErrors = {
   noExtents: define('NBD_NO_EXTENTS', 'EIO', () => 'backend returned no extents'),
+  // Faults the client (client.ts) meets; a server's error reply is an NbdClientError instead.
+  clientNotNbd: define('NBD_CLIENT_NOT_NBD', 'EPROTO', (why: string) => `not a fixed-newstyle NBD server: ${why}`),
+  clientOptionRefused: define(
+    'NBD_CLIENT_OPTION_REFUSED',
+    'EPROTO',
+    (option: string, reply: string, message: string) => `${option} refused with ${reply}${message ? `: ${message}` : ''}`,
+  ),
+  clientUnknownExport: define(
+    'NBD_CLIENT_UNKNOWN_EXPORT',
+    'ENOENT',
+    (name: string, message: string) => `the server has no export "${name}"${message ? `: ${message}` : ''}`,
+  ),
+  clientAccessDenied: define(
+    'NBD_CLIENT_ACCESS_DENIED',
+    'EACCES',
+    (option: string, reply: string, message: string) => `${option} refused with ${reply}${message ? `: ${message}` : ''}`,
+  ),
+  clientNoStructuredReplies: define(
+    'NBD_CLIENT_NO_STRUCTURED_REPLIES',
+    'ENOTSUP',
+    () => 'the server does not do structured replies, which meta contexts need',
+  ),
+  clientBadReply: define('NBD_CLIENT_BAD_REPLY', 'EPROTO', (why: string) => `malformed reply from the server: ${why}`),
+  clientClosed: define('NBD_CLIENT_CLOSED', 'ECONNRESET', (why: string) => `NBD connection lost: ${why}`),
+  clientTimeout: define('NBD_CLIENT_TIMEOUT', 'ETIMEDOUT', (ms: number) => `NBD connect and handshake took over ${ms} ms`),
+  clientTooLarge: define('NBD_CLIENT_TOO_LARGE', 'EINVAL', (length: number, max: number) => `request of ${length} bytes exceeds ${max}`),
+  clientNoContext: define('NBD_CLIENT_NO_CONTEXT', 'EINVAL', () => 'block status needs a meta context the server granted'),
+  noContextExtents: define('NBD_NO_CONTEXT_EXTENTS', 'EIO', (context: string) => `backend offers no extents for meta context "${context}"`),
 } as const;
+
+/** An error reply from an NBD server to one request (client.ts); `code` is its errno name ('EIO', 'ENOSPC', ...). */
+export class NbdClientError extends Error {
+  readonly code: string;
+  constructor(
+    readonly errno: number,
+    what: string,
+    detail = '',
+  ) {
+    const code = NBD_ERROR_NAMES[errno] ?? 'EIO';
+    super(`${what}: ${code}${detail ? ` (${detail})` : ''}`);
+    this.name = 'NbdClientError';
+    this.code = code;
+  }
+}
 
 /**
  * Maps any thrown value to an NBD error after logging the real error.

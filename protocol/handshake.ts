@@ -4,6 +4,7 @@ import * as C from './constants.js';
 import type { Backend, ExportInfo, ExportRegistry } from './backend.js';
 import type { ByteQueue } from './byte-queue.js';
 import type { Logger } from './logger.js';
+import type { MetaContext } from './requests.js';
 import type { ClientInfo, TlsMode } from './tls.js';
 import { decodeOptionHeader, encodeOptionReply, lengthPrefixed, OPTION_HEADER_SIZE } from './wire.js';
 
@@ -13,6 +14,8 @@ export interface Negotiated {
   structured: boolean;
   /** base:allocation selected with SET_META_CONTEXT. */
   baseAllocation: boolean;
+  /** The backend's own contexts selected with SET_META_CONTEXT, in reply order. */
+  contexts: MetaContext[];
   flags: number;
 }
 
@@ -98,6 +101,11 @@ export class Handshake {
   private noZeroes = false;
   private structured = false;
   private baseAllocation = false;
+  /** The backend contexts of the last SET_META_CONTEXT, and the export (real name) it named. */
+  private contexts: MetaContext[] = [];
+  private contextsExport = '';
+  /** Per-connection ids: a context keeps its id across SETs; base:allocation has BASE_ALLOCATION_ID. */
+  private readonly contextIds = new Map<string, number>();
   private option = 0;
   private optionLength = 0;
   private drainLeft = 0;
@@ -220,6 +228,7 @@ export class Handshake {
     // the middle could have injected it.
     this.structured = false;
     this.baseAllocation = false;
+    this.contexts = [];
     this.client.tls = true;
     return { kind: 'starttls' };
   }
@@ -289,6 +298,8 @@ export class Handshake {
       backend,
       structured: this.structured,
       baseAllocation: this.structured && this.baseAllocation,
+      // A backend's contexts belong to the export SET named: another export may not have them.
+      contexts: this.structured && this.contextsExport === backend.info.name ? this.contexts : [],
       flags,
     };
   }
@@ -338,6 +349,29 @@ export class Handshake {
     return { kind: 'go', negotiated: this.negotiated(backend, flags) };
   }
 
+  /**
+   * The contexts one query selects on an export. base: is ours; any other query is the
+   * backend's. A namespace selects all of it for LIST only: SET grants exact names.
+   */
+  private select(exportName: string, query: string, listing: boolean): string[] {
+    const out: string[] = [];
+    if (query === C.BASE_ALLOCATION || (listing && (query === '' || query === 'base:'))) out.push(C.BASE_ALLOCATION);
+    if (query.startsWith('base:')) return out;
+    for (const n of this.registry.metaContexts?.(exportName, query) ?? []) {
+      if (!n.startsWith('base:') && (listing || n === query)) out.push(n);
+    }
+    return out;
+  }
+
+  private contextId(name: string): number {
+    let id = this.contextIds.get(name);
+    if (id === undefined) {
+      id = this.contextIds.size + C.BASE_ALLOCATION_ID + 1;
+      this.contextIds.set(name, id);
+    }
+    return id;
+  }
+
   private metaContext(set: boolean, data: Buffer): HandshakeResult {
     if (set && !this.structured) {
       return this.error(C.NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first');
@@ -357,17 +391,28 @@ export class Handshake {
     const info = this.registry.info(name);
     if (!info) return this.error(C.NBD_REP_ERR_UNKNOWN, `unknown export "${name}"`);
     if (!this.allowed(info)) return this.error(C.NBD_REP_ERR_POLICY, `access to export "${info.name}" denied`);
-    let match: boolean;
-    if (set) {
-      match = queries.includes(C.BASE_ALLOCATION);
-      this.baseAllocation = match;
+    const selected: string[] = [];
+    const add = (q: string, listing: boolean) => {
+      for (const n of this.select(info.name, q, listing)) if (!selected.includes(n)) selected.push(n);
+    };
+    if (count === 0) {
+      // LIST with no query: every context; SET with none selects none.
+      if (!set) add('', true);
     } else {
-      match = count === 0 || queries.some((q) => q === 'base:' || q === C.BASE_ALLOCATION);
+      for (const q of queries) add(q, !set);
     }
-    if (match) {
-      const b = Buffer.allocUnsafe(4 + C.BASE_ALLOCATION.length);
-      b.writeUInt32BE(set ? C.BASE_ALLOCATION_ID : 0, 0);
-      b.write(C.BASE_ALLOCATION, 4, 'utf8');
+    if (set) {
+      // The new set replaces the previous one.
+      this.baseAllocation = selected.includes(C.BASE_ALLOCATION);
+      this.contexts = selected.filter((n) => n !== C.BASE_ALLOCATION).map((n) => ({ id: this.contextId(n), name: n }));
+      this.contextsExport = info.name;
+    }
+    for (const n of selected) {
+      const body = Buffer.from(n, 'utf8');
+      const b = Buffer.allocUnsafe(4 + body.length);
+      // LIST's ids are reserved: zero.
+      b.writeUInt32BE(!set ? 0 : n === C.BASE_ALLOCATION ? C.BASE_ALLOCATION_ID : this.contextId(n), 0);
+      body.copy(b, 4);
       this.reply(C.NBD_REP_META_CONTEXT, b);
     }
     this.reply(C.NBD_REP_ACK);

@@ -26,7 +26,11 @@ export function encodeReply(req: Request, out: Outcome, structured: boolean): Bu
   if (req.type === NBD_CMD_READ && out.data) {
     return encodeReadChunks(req, Number(req.offset), out.data, (req.flags & NBD_CMD_FLAG_DF) !== 0);
   }
-  if (req.type === NBD_CMD_BLOCK_STATUS && out.extents) return [encodeBlockStatus(req, BASE_ALLOCATION_ID, out.extents)];
+  if (req.type === NBD_CMD_BLOCK_STATUS) {
+    if (out.extents) return [encodeBlockStatus(req, BASE_ALLOCATION_ID, out.extents)];
+    const s = out.statuses;
+    if (s) return s.map((c, i) => encodeBlockStatus(req, c.id, c.extents, i === s.length - 1));
+  }
   return [encodeStructuredNone(req)];
 }
 

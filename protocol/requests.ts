@@ -15,13 +15,29 @@ export interface Outcome {
   errorOffset?: number;
   /** READ data: a pool buffer the connection returns after sending. */
   data?: Buffer;
+  /** BLOCK_STATUS with base:allocation alone. */
   extents?: Extent[];
+  /** BLOCK_STATUS with other contexts: one entry per negotiated context, in reply order. */
+  statuses?: ContextExtents[];
+}
+
+/** A meta context granted on a connection, with its per-connection id. */
+export interface MetaContext {
+  id: number;
+  name: string;
+}
+
+export interface ContextExtents {
+  id: number;
+  extents: Extent[];
 }
 
 export interface RequestContext {
   backend: Backend;
   structured: boolean;
   baseAllocation: boolean;
+  /** Negotiated contexts besides base:allocation; absent or empty keeps block status on its one-context path. */
+  contexts?: readonly MetaContext[];
   pool: BufferPool;
   log: Logger;
 }
@@ -63,7 +79,7 @@ export function validate(req: Request, ctx: RequestContext): Outcome | undefined
       return refuse(ctx.structured ? C.NBD_EOVERFLOW : C.NBD_EINVAL, `request of ${req.length} bytes exceeds ${C.MAX_REQUEST_SIZE}`);
     }
   }
-  if (req.type === C.NBD_CMD_BLOCK_STATUS && !ctx.baseAllocation) {
+  if (req.type === C.NBD_CMD_BLOCK_STATUS && !ctx.baseAllocation && !ctx.contexts?.length) {
     return refuse(C.NBD_EINVAL, 'block status without a negotiated meta context');
   }
   if (req.type === C.NBD_CMD_WRITE_ZEROES && req.flags & C.NBD_CMD_FLAG_FAST_ZERO && !info.canFastZero) {
@@ -148,11 +164,11 @@ export async function execute(req: Request, payload: Buffer | undefined, ctx: Re
       case C.NBD_CMD_CACHE:
         await b.cache(offset, req.length);
         return { error: 0 };
-      case C.NBD_CMD_BLOCK_STATUS:
-        return {
-          error: 0,
-          extents: clampExtents(await b.extents(offset, req.length), req.length, (req.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0),
-        };
+      case C.NBD_CMD_BLOCK_STATUS: {
+        const one = (req.flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
+        if (!ctx.contexts?.length) return { error: 0, extents: clampExtents(await b.extents(offset, req.length), req.length, one) };
+        return { error: 0, statuses: await contextStatuses(ctx, offset, req.length, one) };
+      }
       default:
         throw new NbdRequestError(C.NBD_EINVAL, `unknown command ${req.type}`);
     }
@@ -171,6 +187,20 @@ export async function execute(req: Request, payload: Buffer | undefined, ctx: Re
       errorOffset: typeof at === 'number' ? at : undefined,
     };
   }
+}
+
+/** Every negotiated context's extents, asked for at once; one failure fails the request. */
+async function contextStatuses(ctx: RequestContext, offset: number, length: number, one: boolean): Promise<ContextExtents[]> {
+  const b = ctx.backend;
+  const asks: Promise<ContextExtents>[] = [];
+  if (ctx.baseAllocation) {
+    asks.push(b.extents(offset, length).then((e) => ({ id: C.BASE_ALLOCATION_ID, extents: clampExtents(e, length, one) })));
+  }
+  for (const c of ctx.contexts!) {
+    if (!b.contextExtents) throw ProtocolErrors.noContextExtents(c.name);
+    asks.push(b.contextExtents(c.name, offset, length).then((e) => ({ id: c.id, extents: clampExtents(e, length, one) })));
+  }
+  return Promise.all(asks);
 }
 
 /** Trims a backend's extent list to the request, merging equal neighbours. */

@@ -133,10 +133,11 @@ export function encodeStructuredError(req: Cookie, error: number, message: strin
   return b;
 }
 
-export function encodeBlockStatus(req: Cookie, contextId: number, extents: { length: number; flags: number }[]): Buffer {
+/** One context's BLOCK_STATUS chunk; with several contexts only the last is `done`. */
+export function encodeBlockStatus(req: Cookie, contextId: number, extents: { length: number; flags: number }[], done = true): Buffer {
   const len = 4 + 8 * extents.length;
   const b = Buffer.allocUnsafe(STRUCTURED_HEADER_SIZE + len);
-  structuredHeader(b, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, req, len);
+  structuredHeader(b, done ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, req, len);
   b.writeUInt32BE(contextId, STRUCTURED_HEADER_SIZE);
   let at = STRUCTURED_HEADER_SIZE + 4;
   for (const e of extents) {

@@ -15,6 +15,10 @@ export class MemoryBackend implements Backend {
   flushes = 0;
   /** Set to an errno code to make the next operations fail. */
   failWith?: string;
+  /** Set: the backend offers EVEN_CONTEXT, chunks of this many bytes whose flags alternate. */
+  contextChunk?: number;
+  /** Set to an errno code to make EVEN_CONTEXT's extents fail (base:allocation still works). */
+  contextFailWith?: string;
 
   constructor(name: string, size: number, readOnly = false) {
     this.data = Buffer.alloc(size);
@@ -62,7 +66,30 @@ export class MemoryBackend implements Backend {
       { length: length - half, flags: 3 },
     ].filter((e) => e.length > 0);
   }
+
+  metaContexts(query: string): string[] {
+    if (this.contextChunk === undefined) return [];
+    return query === '' || query === 'test:' || query === EVEN_CONTEXT ? [EVEN_CONTEXT] : [];
+  }
+  /** EVEN_CONTEXT: flag 1 on even-numbered chunks, 0 on odd ones. */
+  async contextExtents(context: string, offset: number, length: number): Promise<Extent[]> {
+    if (this.contextFailWith) throw Object.assign(new Error(`injected ${this.contextFailWith}`), { code: this.contextFailWith });
+    if (context !== EVEN_CONTEXT || this.contextChunk === undefined)
+      throw Object.assign(new Error(`no context ${context}`), { code: 'EINVAL' });
+    const chunk = this.contextChunk;
+    const out: Extent[] = [];
+    for (let at = offset; at < offset + length; ) {
+      const index = Math.floor(at / chunk);
+      const end = Math.min((index + 1) * chunk, offset + length);
+      out.push({ length: end - at, flags: index % 2 === 0 ? 1 : 0 });
+      at = end;
+    }
+    return out;
+  }
 }
+
+/** The meta context a MemoryBackend with contextChunk offers. */
+export const EVEN_CONTEXT = 'test:even';
 
 export class MemoryRegistry implements ExportRegistry {
   constructor(readonly backends: MemoryBackend[]) {}
@@ -74,6 +101,9 @@ export class MemoryRegistry implements ExportRegistry {
   }
   open(name: string): Backend | undefined {
     return this.find(name);
+  }
+  metaContexts(exportName: string, query: string): string[] {
+    return this.find(exportName)?.metaContexts(query) ?? [];
   }
   private find(name: string): MemoryBackend | undefined {
     return name === '' ? this.backends[0] : this.backends.find((b) => b.info.name === name);
