@@ -23,7 +23,7 @@ export class ChangeContexts {
   /** Checkpoints N for which cowbd:changed-since:N is exact. */
   private available(): number[] {
     const out: number[] = [];
-    for (let n = this.checkpoint - 1; n >= 0 && this.tracker.keeps(n); n--) out.push(n);
+    for (let n = this.checkpoint - 1; n >= 0 && n >= this.tracker.oldest; n--) out.push(n);
     return out;
   }
 
@@ -35,19 +35,18 @@ export class ChangeContexts {
     const m = CHANGED.exec(query);
     if (m) {
       const n = Number(m[1]);
-      return n < this.checkpoint && this.tracker.keeps(n) ? [query] : [];
+      return n < this.checkpoint && n >= this.tracker.oldest ? [query] : [];
     }
     return [];
   }
 
   /** The bitmap behind a context: immutable once the snapshot exists, so read once. */
   bits(context: string): Promise<Uint8Array | undefined> {
-    let p = this.cache.get(context);
-    if (!p) {
-      const m = CHANGED.exec(context);
-      p = m ? this.tracker.changedBetween(Number(m[1]), this.checkpoint) : this.tracker.allocatedBefore(this.checkpoint);
-      this.cache.set(context, p);
-    }
+    const cached = this.cache.get(context);
+    if (cached) return cached;
+    const m = CHANGED.exec(context);
+    const p = m ? this.tracker.changedBetween(Number(m[1]), this.checkpoint) : this.tracker.allocatedBefore(this.checkpoint);
+    this.cache.set(context, p);
     return p;
   }
 

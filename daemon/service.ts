@@ -113,6 +113,8 @@ export class Service {
       onCommit: opts.onCommit ? (s) => opts.onCommit!(s) : undefined,
       wrapDevice: testFaults(log),
       writeBehindBytes: opts.writeBehindBytes,
+      // Incremental backups read only the chunks written since their parent's snapshot.
+      changeTracking: true,
     });
     const svc = new Service(cow, opts, log);
     try {
