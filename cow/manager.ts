@@ -35,6 +35,8 @@ export interface CowManagerOptions {
   maxCopies?: number;
   /** Bytes of origin writes each origin may acknowledge before their copies land (write-behind.ts). */
   writeBehindBytes?: number;
+  /** Keep a changed-chunk tracker (cow/NAME.cbt) per attached origin, for incremental backups. */
+  changeTracking?: boolean;
   /** TEST-ONLY: wraps every file opened here (origins and stores), e.g. in a FaultDevice. */
   wrapDevice?: (dev: FileDevice) => ManagedDevice;
   /** TEST-ONLY: replaces syncDirectory, to see when directories are made durable. */
@@ -113,7 +115,7 @@ interface Planned {
 /** An attached origin with the pools of its snapshots. */
 interface Attached {
   origin: Origin;
-  tracker: ChangeTracker;
+  tracker: ChangeTracker | undefined;
   pools: OriginPools;
   entries: PoolEntry[];
 }
@@ -197,9 +199,9 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     if (existing) return existing.origin;
     const volPath = join(this.dataDir, `${name}.vol`);
     const dev = await this.openDevice(volPath);
-    let tracker: ChangeTracker;
+    let tracker: ChangeTracker | undefined;
     try {
-      tracker = await this.openTracker(name, volPath, dev.size);
+      if (this.opts.changeTracking) tracker = await this.openTracker(name, volPath, dev.size);
     } catch (e) {
       await dev.close();
       throw e;
@@ -241,7 +243,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     } catch (e) {
       for (const s of entries) await s.pool.close();
       await dev.close();
-      await tracker.close();
+      await tracker?.close();
       throw e;
     }
     this.origins.set(name, { origin, tracker, pools, entries });
@@ -300,7 +302,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     this.origins.delete(name);
     await a.origin.close();
     // After the volume file is closed: the clean record holds its final mtime.
-    await a.tracker.close();
+    await a.tracker?.close();
   }
 
   origin(name: string): Origin | undefined {
@@ -346,7 +348,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       await this.quiesceAll(involved, async () => {
         for (const p of plan) {
           // Before the creation: a checkpoint with no snapshot is harmless, the reverse is not.
-          await p.attached.tracker.checkpoint(p.o.name);
+          await p.attached.tracker?.checkpoint(p.o.name);
           const rec = await p.entry.pool.createSnapshot({
             name: p.o.name,
             capacityChunks: p.capacityChunks,
