@@ -1,11 +1,14 @@
 // The changed-chunk tracker alone (over memory devices) and wired into the manager (files):
 // marks, checkpoints, ring reuse past GENERATIONS, reopen, trust rules, consistency groups.
 import t from 'tap';
-import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ChangeTracker, type VolumeFileState } from '../../cow/change-tracker.js';
 import { MemDevice } from '../../cow/mem-device.js';
+import { FileDevice } from '../../cow/device.js';
+import { Origin } from '../../cow/origin.js';
+import { OriginPools } from '../../cow/origin-copy.js';
 import { CowManager } from '../../cow/manager.js';
 import { GENERATIONS } from '../../cow/tracker-format.js';
 import { rng32, seeds } from './helpers.js';
@@ -248,4 +251,57 @@ t.test('manager: a consistency group is one instant; racing writes are in every 
   t.not(m.tracker('a')!.id, id);
   t.equal(m.tracker('a')!.trusted, false);
   await m.close();
+});
+
+// Figures for docs/tuning.md, CHANGE_TRACKER; prints, asserts nothing about time.
+t.test('hot path cost of tracking (COWBD_TRACKER_PERF=1)', { skip: process.env.COWBD_TRACKER_PERF !== '1' }, async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'cowbd-cbt-perf-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const VOL = 1 << 30;
+  const run = async (label: string, tracked: boolean, fresh: boolean, n: number, depth: number): Promise<number> => {
+    const vp = join(dir, `${label}.vol`);
+    await writeFile(vp, '');
+    await truncate(vp, VOL);
+    const dev = await FileDevice.open(vp);
+    let tr: ChangeTracker | undefined;
+    if (tracked) {
+      tr = await ChangeTracker.open(await FileDevice.open(join(dir, `${label}.cbt`), { create: true }), {
+        volumeSize: VOL,
+        volumeState: async () => ({ ...(await stat(vp)) }),
+      });
+      if (!fresh) await tr.mark(0, 64 * CHUNK);
+    }
+    const o = new Origin('o', dev, new OriginPools(), { marks: tr });
+    const buf = Buffer.alloc(4096, 7);
+    let x = 12345;
+    let i = 0;
+    const t0 = performance.now();
+    await Promise.all(
+      Array.from({ length: depth }, async () => {
+        while (i++ < n) {
+          x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+          const off = fresh ? (x % (VOL / CHUNK)) * CHUNK : (x % 64) * CHUNK + (x % 16) * 4096;
+          await o.write(buf, off, false);
+        }
+      }),
+    );
+    const us = ((performance.now() - t0) * 1000) / n;
+    await o.close();
+    await tr?.close();
+    await rm(vp);
+    return us;
+  };
+  await run('warm', true, false, 20000, 1);
+  for (const [what, fresh, n] of [
+    ['already marked', false, 100000],
+    ['fresh chunks', true, 3000],
+  ] as const) {
+    for (const depth of [1, 16]) {
+      const a = await run('a', false, fresh, n, depth);
+      const b = await run('b', true, fresh, n, depth);
+      const a2 = await run('c', false, fresh, n, depth);
+      t.comment(`${what}, ${depth} in flight: untracked ${((a + a2) / 2).toFixed(1)} us/write, tracked ${b.toFixed(1)} us/write`);
+    }
+  }
+  t.pass('figures printed');
 });
