@@ -11,6 +11,7 @@ import { Origin } from '../../cow/origin.js';
 import { OriginPools } from '../../cow/origin-copy.js';
 import { CowManager } from '../../cow/manager.js';
 import { GENERATIONS } from '../../cow/tracker-format.js';
+import { FaultDevice, FaultPlan } from '../../cow/fault-device.js';
 import { rng32, seeds } from './helpers.js';
 
 const CHUNK = 65536;
@@ -162,6 +163,23 @@ t.test('a trusted tracker reset by a changed size', async (t) => {
   t.not(re.id, tr.id);
   t.equal(re.trusted, false);
   t.equal(re.chunks, 2 * CHUNKS);
+});
+
+t.test('a mark that cannot be made durable fails the write before its data is written', async (t) => {
+  const plan = new FaultPlan();
+  const tr = await ChangeTracker.open(new FaultDevice(new MemDevice(0), 'o.cbt', () => plan), { volumeSize: SIZE, volumeState: vol().volumeState });
+  const originDev = new MemDevice(SIZE);
+  const o = new Origin('o', originDev, new OriginPools(), { marks: tr });
+  plan.set([{ file: '.cbt', op: 'sync' }]);
+  let wrote = 0;
+  originDev.onIo = (k) => {
+    if (k === 'write') wrote++;
+  };
+  await t.rejects(o.write(Buffer.alloc(4096, 1), 3 * CHUNK, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
+  await t.rejects(o.writeZeroes(0, 4096, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
+  t.equal(wrote, 0, 'the volume was not written');
+  plan.set([]);
+  await t.rejects(tr.checkpoint('a'), { id: 'COW_TRACKER_FAILED', code: 'EIO' }, 'a failed tracker takes no checkpoint: no snapshot claims a chain it cannot keep');
 });
 
 const MiB = 1 << 20;
