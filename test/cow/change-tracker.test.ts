@@ -72,7 +72,11 @@ t.test('checkpoints, changedBetween and allocatedBefore across ring reuse, reope
       }
       const all = new Set<number>();
       for (const s of model) for (const c of s) all.add(c);
-      t.same(bits(await tr.allocatedBefore(g + 1)), [...all].sort((a, b) => a - b), `${what}: allocatedBefore`);
+      t.same(
+        bits(await tr.allocatedBefore(g + 1)),
+        [...all].sort((a, b) => a - b),
+        `${what}: allocatedBefore`,
+      );
     };
     for (let i = 0; i < 2 * GENERATIONS + 7; i++) {
       const n = 1 + Math.floor(r() * 3);
@@ -167,7 +171,10 @@ t.test('a trusted tracker reset by a changed size', async (t) => {
 
 t.test('a mark that cannot be made durable fails the write before its data is written', async (t) => {
   const plan = new FaultPlan();
-  const tr = await ChangeTracker.open(new FaultDevice(new MemDevice(0), 'o.cbt', () => plan), { volumeSize: SIZE, volumeState: vol().volumeState });
+  const tr = await ChangeTracker.open(new FaultDevice(new MemDevice(0), 'o.cbt', () => plan), {
+    volumeSize: SIZE,
+    volumeState: vol().volumeState,
+  });
   const originDev = new MemDevice(SIZE);
   const o = new Origin('o', originDev, new OriginPools(), { marks: tr });
   plan.set([{ file: '.cbt', op: 'sync' }]);
@@ -179,7 +186,11 @@ t.test('a mark that cannot be made durable fails the write before its data is wr
   await t.rejects(o.writeZeroes(0, 4096, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
   t.equal(wrote, 0, 'the volume was not written');
   plan.set([]);
-  await t.rejects(tr.checkpoint('a'), { id: 'COW_TRACKER_FAILED', code: 'EIO' }, 'a failed tracker takes no checkpoint: no snapshot claims a chain it cannot keep');
+  await t.rejects(
+    tr.checkpoint('a'),
+    { id: 'COW_TRACKER_FAILED', code: 'EIO' },
+    'a failed tracker takes no checkpoint: no snapshot claims a chain it cannot keep',
+  );
 });
 
 const MiB = 1 << 20;
@@ -199,7 +210,7 @@ t.test('manager: a consistency group is one instant; racing writes are in every 
   t.equal(ta.trusted, true);
   t.equal(m.trackerPath('a'), join(dir, 'cow', 'a.cbt'));
   const r = rng32(7);
-  const CH = 8 * MiB / CHUNK;
+  const CH = (8 * MiB) / CHUNK;
   let inBoth = 0;
   let inNone = 0;
   for (let round = 0; round < 24; round++) {
