@@ -48,6 +48,8 @@ export const CowErrors = {
   deviceClosed: define('COW_DEVICE_CLOSED', 'EBADF', () => 'device closed'),
   punchPath: define('COW_PUNCH_PATH', 'EINVAL', (path: string) => `cannot punch holes in a path with a newline: ${JSON.stringify(path)}`),
   punchHelper: define('COW_PUNCH_HELPER', 'EIO', (why: string) => `cannot start the hole punch helper: ${why}`),
+  trackerFailed: define('COW_TRACKER_FAILED', 'EIO', (why: string) => `change tracking failed: ${why}`),
+  trackerRange: define('COW_TRACKER_RANGE', 'EINVAL', (from: number, to: number) => `no generations from ${from} to ${to}`),
   punchFailed: define('COW_PUNCH_FAILED', 'EIO', (path: string, why: string) => `fallocate --punch-hole ${path}: ${why}`),
 } as const;
 

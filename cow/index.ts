@@ -10,6 +10,8 @@
  *                                           policy: 'invalidate' | 'overflow', transient = false, readOnly = false })
  *   cow.snapshot(name) / cow.origin(name) / cow.snapshotsOf(origin?) / cow.list(): SnapshotUsage[]
  *   await cow.extendSnapshot(name, newSizeBytes)       // lvextend; clears 'overflow'
+ *   await cow.createSnapshots([opts, ...])           // a consistency group: one instant for all
+ *   cow.tracker(origin): ChangeTracker                 // changed chunks between checkpoints (cow/NAME.cbt)
  *   await cow.removeSnapshot(name)                     // frees space at once (holes punched, file truncated or deleted)
  *   await cow.detachOrigin(name); await cow.close()    // idempotent
  *   cow.stats(): CowStats                              // copies, bytesCopied, exceptionsCommitted, commits, commitSecondsTotal, ...
@@ -35,7 +37,9 @@ export { Snapshot, type SnapshotUsage } from './snapshot.js';
 export { SnapshotPool, type PoolEvents, type PoolOptions, type NewSnapshot } from './snapshot-pool.js';
 export { OriginPools } from './origin-copy.js';
 export type { ExceptionStore } from './exception-store.js';
-export type { CopyOnWrite, OriginView } from './origin-contract.js';
+export type { ChangeMarks, CopyOnWrite, OriginView } from './origin-contract.js';
+export { ChangeTracker, type ChangeTrackerOptions, type VolumeFileState, type TrackerDevice } from './change-tracker.js';
+export { GENERATIONS, TRACKER_CHUNK } from './tracker-format.js';
 export {
   CowManager,
   validName,

@@ -2,15 +2,18 @@
 //   DATA_DIR/NAME.vol                      origin volume (the daemon's; opened here, never created)
 //   DATA_DIR/cow/NAME.<K>k.cows            persistent exception store of origin NAME for chunk size K KiB
 //   DATA_DIR/cow/NAME.<K>k.transient       transient store: data only, deleted at open
+//   DATA_DIR/cow/NAME.cbt                  changed-chunk tracker of origin NAME (change-tracker.ts)
 // A store holds every snapshot of one origin with one chunk size (up to 127).
 import { EventEmitter } from 'node:events';
-import { mkdir, readdir, unlink } from 'node:fs/promises';
+import { mkdir, readdir, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileDevice, syncDirectory, syncMadeDirectories, type BlockDevice, type FileDeviceOptions } from './device.js';
 import { CowErrors } from './errors.js';
 import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
 import { isValidName } from './names.js';
 import { Origin } from './origin.js';
+import { ChangeTracker } from './change-tracker.js';
+import type { SnapshotRecord } from './snapshot-record.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
 import { checkGeometry } from './exception-store.js';
 import { OriginPools } from './origin-copy.js';
@@ -32,6 +35,8 @@ export interface CowManagerOptions {
   maxCopies?: number;
   /** Bytes of origin writes each origin may acknowledge before their copies land (write-behind.ts). */
   writeBehindBytes?: number;
+  /** Keep a changed-chunk tracker (cow/NAME.cbt) per attached origin, for incremental backups. */
+  changeTracking?: boolean;
   /** TEST-ONLY: wraps every file opened here (origins and stores), e.g. in a FaultDevice. */
   wrapDevice?: (dev: FileDevice) => ManagedDevice;
   /** TEST-ONLY: replaces syncDirectory, to see when directories are made durable. */
@@ -96,9 +101,21 @@ interface PoolEntry {
   path: string;
 }
 
+/** A snapshot of a group about to be created, with the pool it goes into. */
+interface Planned {
+  o: CreateSnapshotOptions;
+  attached: Attached;
+  entry: PoolEntry;
+  /** The pool was made for it: dropped again if no snapshot ends up in it. */
+  created: boolean;
+  capacityChunks: number;
+  chunkSize: number;
+}
+
 /** An attached origin with the pools of its snapshots. */
 interface Attached {
   origin: Origin;
+  tracker: ChangeTracker | undefined;
   pools: OriginPools;
   entries: PoolEntry[];
 }
@@ -180,9 +197,18 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     if (!validName(name)) throw CowErrors.invalidName('volume', name);
     const existing = this.origins.get(name);
     if (existing) return existing.origin;
-    const dev = await this.openDevice(join(this.dataDir, `${name}.vol`));
+    const volPath = join(this.dataDir, `${name}.vol`);
+    const dev = await this.openDevice(volPath);
+    let tracker: ChangeTracker | undefined;
+    try {
+      if (this.opts.changeTracking) tracker = await this.openTracker(name, volPath, dev.size);
+    } catch (e) {
+      await dev.close();
+      throw e;
+    }
     const pools = new OriginPools();
     const origin = new Origin(name, dev, pools, {
+      marks: tracker,
       writeBehindBytes: this.opts.writeBehindBytes,
       onLost: (err, offset, length) => this.opts.logger?.error({ err, origin: name, offset, length }, 'acknowledged origin write lost'),
     });
@@ -217,15 +243,46 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     } catch (e) {
       for (const s of entries) await s.pool.close();
       await dev.close();
+      await tracker?.close();
       throw e;
     }
-    this.origins.set(name, { origin, pools, entries });
+    this.origins.set(name, { origin, tracker, pools, entries });
     for (const { pool } of entries) {
       pools.add(pool);
       for (const rec of pool.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, pool, rec));
     }
     this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.pool.snapshotCount, 0) }, 'origin attached');
     return origin;
+  }
+
+  /** Where origin NAME's changed-chunk tracker lives (deleted with the volume). */
+  trackerPath(originName: string): string {
+    return join(this.cowDir, `${originName}.cbt`);
+  }
+
+  tracker(originName: string): ChangeTracker | undefined {
+    return this.origins.get(originName)?.tracker;
+  }
+
+  private async openTracker(name: string, volPath: string, volumeSize: number): Promise<ChangeTracker> {
+    const path = this.trackerPath(name);
+    const tdev = await this.openDevice(path, { create: true });
+    const fresh = tdev.size === 0;
+    try {
+      const tracker = await ChangeTracker.open(tdev, {
+        volumeSize,
+        volumeState: async () => {
+          const st = await stat(volPath);
+          return { blocks: st.blocks, mtimeMs: st.mtimeMs, size: st.size };
+        },
+      });
+      // A lost name would cost trust (a volume with data and no tracker), not correctness.
+      if (fresh) await this.syncDir(this.cowDir);
+      return tracker;
+    } catch (e) {
+      await tdev.close();
+      throw e;
+    }
   }
 
   private poolOpts(originName: string) {
@@ -244,6 +301,8 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     }
     this.origins.delete(name);
     await a.origin.close();
+    // After the volume file is closed: the clean record holds its final mtime.
+    await a.tracker?.close();
   }
 
   origin(name: string): Origin | undefined {
@@ -264,9 +323,69 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   }
 
   async createSnapshot(o: CreateSnapshotOptions): Promise<Snapshot> {
+    return (await this.createSnapshots([o]))[0]!;
+  }
+
+  /**
+   * Creates several snapshots (of one origin or several) at one instant: every origin
+   * involved is quiesced at once, so a write is in all of them or in none. On any failure
+   * the ones made are removed and the error is rethrown.
+   */
+  async createSnapshots(list: CreateSnapshotOptions[]): Promise<Snapshot[]> {
     this.checkOpen();
-    if (!validName(o.name)) throw CowErrors.invalidName('snapshot', o.name);
-    if (this.snaps.has(o.name) || this.origins.has(o.name)) throw CowErrors.nameTaken(o.name);
+    const names = new Set<string>();
+    for (const o of list) {
+      if (!validName(o.name)) throw CowErrors.invalidName('snapshot', o.name);
+      if (names.has(o.name) || this.snaps.has(o.name) || this.origins.has(o.name)) throw CowErrors.nameTaken(o.name);
+      names.add(o.name);
+      if (!this.origins.has(o.origin)) throw CowErrors.unknownOrigin(o.origin);
+    }
+    const plan: Planned[] = [];
+    const made: Array<{ p: Planned; rec: SnapshotRecord }> = [];
+    try {
+      for (const o of list) plan.push(await this.preparePool(o));
+      const involved = [...new Set(plan.map((p) => p.attached))].sort((a, b) => (a.origin.name < b.origin.name ? -1 : 1));
+      await this.quiesceAll(involved, async () => {
+        for (const p of plan) {
+          // Before the creation: a checkpoint with no snapshot is harmless, the reverse is not.
+          await p.attached.tracker?.checkpoint(p.o.name);
+          const rec = await p.entry.pool.createSnapshot({
+            name: p.o.name,
+            capacityChunks: p.capacityChunks,
+            policy: p.o.policy ?? 'invalidate',
+            readOnly: p.o.readOnly ?? false,
+          });
+          made.push({ p, rec });
+        }
+      });
+      for (const { p } of made) if (this.snaps.has(p.o.name)) throw CowErrors.nameTaken(p.o.name);
+    } catch (e) {
+      for (const { p, rec } of made) await p.entry.pool.remove(rec).catch(() => {});
+      for (const p of plan) {
+        if (p.created && p.entry.pool.snapshotCount === 0 && p.attached.entries.includes(p.entry)) await this.dropPool(p.attached, p.entry);
+      }
+      throw e;
+    }
+    return made.map(({ p, rec }) => {
+      const snap = new Snapshot(p.attached.origin, p.entry.pool, rec);
+      this.snaps.set(p.o.name, snap);
+      const { chunkSize, capacityChunks } = p;
+      this.opts.logger?.info(
+        { snapshot: p.o.name, origin: p.o.origin, capacityChunks, chunkSize, transient: !p.entry.pool.store.persistent },
+        'snapshot created',
+      );
+      return snap;
+    });
+  }
+
+  /** Runs fn with every origin quiesced, nested in the given (name) order so two groups never deadlock. */
+  private quiesceAll(list: Attached[], fn: () => Promise<void>, i = 0): Promise<void> {
+    if (i === list.length) return fn();
+    return list[i]!.origin.quiesced(() => this.quiesceAll(list, fn, i + 1));
+  }
+
+  /** Finds or makes the pool a new snapshot goes into, before any origin is quiesced. */
+  private async preparePool(o: CreateSnapshotOptions): Promise<Planned> {
     const attached = this.origins.get(o.origin);
     if (!attached) throw CowErrors.unknownOrigin(o.origin);
     const { origin, entries } = attached;
@@ -275,50 +394,33 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const geometry = { chunkSize, originSize: origin.size, originName: origin.name };
     checkGeometry(geometry);
     const capacityChunks = Math.floor(o.size / chunkSize);
-    let entry = entries.find(
+    const entry = entries.find(
       (e) => e.pool.chunkSize === chunkSize && e.pool.store.persistent === persistent && e.pool.snapshotCount < MAX_SNAPSHOTS,
     );
-    const created = !entry;
-    if (!entry) {
-      const path = this.storePath(o.origin, chunkSize, !persistent);
-      const sdev = await this.openDevice(path, { create: true });
-      const opts = { ...this.poolOpts(origin.name), ...geometry };
-      let ours = false;
-      try {
-        if (sdev.size > 0 && persistent) throw CowErrors.fileExists(path);
-        ours = true;
-        if (!persistent) await sdev.truncate(0);
-        const pool = persistent ? await SnapshotPool.create(sdev, origin, opts, true) : SnapshotPool.transient(sdev, origin, opts);
-        entry = { pool, path };
-        // Before any snapshot in it is acknowledged: the file's sync does not cover its name.
-        // A crash between the two leaves a nameable but unfinished store, removed at attach.
-        if (persistent) await this.syncDir(this.cowDir);
-      } catch (e) {
-        await (entry ? entry.pool.close() : sdev.close());
-        // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
-        if (ours) await unlink(path).catch(() => {});
-        throw e;
-      }
-      entries.push(entry);
-      attached.pools.add(entry.pool);
-    }
-    const pool = entry.pool;
+    if (entry) return { o, attached, entry, created: false, capacityChunks, chunkSize };
+    const path = this.storePath(o.origin, chunkSize, !persistent);
+    const sdev = await this.openDevice(path, { create: true });
+    const opts = { ...this.poolOpts(origin.name), ...geometry };
+    let ours = false;
+    let made: PoolEntry | undefined;
     try {
-      const rec = await origin.quiesced(() =>
-        pool.createSnapshot({ name: o.name, capacityChunks, policy: o.policy ?? 'invalidate', readOnly: o.readOnly ?? false }),
-      );
-      if (this.snaps.has(o.name)) {
-        await pool.remove(rec);
-        throw CowErrors.nameTaken(o.name);
-      }
-      const snap = new Snapshot(origin, pool, rec);
-      this.snaps.set(o.name, snap);
-      this.opts.logger?.info({ snapshot: o.name, origin: o.origin, capacityChunks, chunkSize, transient: !persistent }, 'snapshot created');
-      return snap;
+      if (sdev.size > 0 && persistent) throw CowErrors.fileExists(path);
+      ours = true;
+      if (!persistent) await sdev.truncate(0);
+      const pool = persistent ? await SnapshotPool.create(sdev, origin, opts, true) : SnapshotPool.transient(sdev, origin, opts);
+      made = { pool, path };
+      // Before any snapshot in it is acknowledged: the file's sync does not cover its name.
+      // A crash between the two leaves a nameable but unfinished store, removed at attach.
+      if (persistent) await this.syncDir(this.cowDir);
     } catch (e) {
-      if (created && pool.snapshotCount === 0) await this.dropPool(attached, entry);
+      await (made ? made.pool.close() : sdev.close());
+      // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
+      if (ours) await unlink(path).catch(() => {});
       throw e;
     }
+    entries.push(made);
+    attached.pools.add(made.pool);
+    return { o, attached, entry: made, created: true, capacityChunks, chunkSize };
   }
 
   /** Grows a snapshot to newSize bytes (lvextend). An overflowed snapshot becomes writable again. */

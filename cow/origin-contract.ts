@@ -28,3 +28,9 @@ export interface CopyOnWrite {
   /** Byte ranges within [offset, offset+length) that no snapshot reads from the origin any more. */
   discardable(offset: number, length: number): Array<[number, number]>;
 }
+
+/** Changed-chunk tracking (change-tracker.ts): a write's chunks are marked before its data is written. */
+export interface ChangeMarks {
+  /** Undefined when the range is already durably marked; else resolves once it is. */
+  mark(offset: number, length: number): Promise<void> | undefined;
+}

@@ -5,7 +5,7 @@ import { totalmem } from 'node:os';
 import type { BlockDevice } from './device.js';
 import { ZEROS } from './buffer-pool.js';
 import { CowErrors } from './errors.js';
-import type { CopyOnWrite, OriginView } from './origin-contract.js';
+import type { ChangeMarks, CopyOnWrite, OriginView } from './origin-contract.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { KeepBuffer, Volume } from './volume.js';
 import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
@@ -18,6 +18,8 @@ export interface OriginOptions {
   writeBehindBytes?: number;
   /** An acknowledged write could not land: the next FLUSH fails; this says so at once. */
   onLost?(err: Error, offset: number, length: number): void;
+  /** Marks each write's chunks durably before its data is written (change-tracker.ts). */
+  marks?: ChangeMarks;
 }
 
 export class Origin implements Volume, OriginView {
@@ -94,6 +96,10 @@ export class Origin implements Volume, OriginView {
     }
     let held: HeldWrite | undefined;
     try {
+      // Inside the quiesce window: a write the next snapshot holds marks the generation
+      // before its checkpoint, any other one a later generation.
+      const marked = this.opts.marks?.mark(offset, buf.length);
+      if (marked) await marked;
       if (this.behind.empty && !this.snapshots.active) await this.dev.write(buf, offset);
       else {
         const r = this.writeCow(buf, offset, fua, keep);
@@ -194,6 +200,8 @@ export class Origin implements Volume, OriginView {
     if (!this.dev.punchHoles) return;
     await this.enter();
     try {
+      const marked = this.opts.marks?.mark(offset, length);
+      if (marked) await marked;
       await this.settleBefore(offset, length);
       if (!this.snapshots.active) {
         const a = Math.ceil(offset / 4096) * 4096;
@@ -214,6 +222,8 @@ export class Origin implements Volume, OriginView {
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
     await this.enter();
     try {
+      const marked = this.opts.marks?.mark(offset, length);
+      if (marked) await marked;
       await this.settleBefore(offset, length);
       await this.snapshots.beforeWrite(offset, length);
       for (let at = 0; at < length; at += ZEROS.length) {
