@@ -23,7 +23,7 @@ function define<A extends unknown[]>(code: string, kind: BackupErrno, format: (.
 
 export const BackupErrors = {
   // Opening and creating a repository.
-  noRepository: define('COWBD_BACKUP_NO_REPOSITORY', 'ENOENT', (dir: string) => `${dir} is not a backup repository (no config)`),
+  noRepository: define('COWBD_BACKUP_NO_REPOSITORY', 'ENOENT', (dir: string) => `${dir} is not a backup repository (no config); create one with: cowbd backup init --repo ${dir}`),
   notEmpty: define('COWBD_BACKUP_NOT_EMPTY', 'EEXIST', (dir: string) => `${dir} is not empty; a new repository needs an empty directory`),
   foreign: define(
     'COWBD_BACKUP_FOREIGN',

@@ -108,7 +108,7 @@ export async function backupVerify(o: RepoArg & { id?: string; readData: boolean
 }
 
 async function fileTarget(path: string, size: number, force: boolean) {
-  const fh = await open(path, force ? 'w' : 'wx', 0o600);
+  const fh = await open(path, force ? 'w+' : 'wx+', 0o600);
   await fh.truncate(size);
   const target: RestoreTarget = {
     write: async (buf, offset) => {

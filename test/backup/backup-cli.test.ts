@@ -62,10 +62,12 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
 
   // The change map over NBD, for third-party copiers.
   const map = await execFileP('nbdinfo', [`--map=cowbd:changed-since:${s1.checkpoint!.generation}`, d.uri(s2.snapshot)]);
+  // Rows are: offset length type; type 1 marks changed chunks.
   const marked = map.stdout
     .split('\n')
-    .filter((l) => /\s1\s/.test(l))
-    .reduce((n, l) => n + Number(l.trim().split(/\s+/)[1]), 0);
+    .map((l) => l.trim().split(/\s+/).map(Number))
+    .filter((c) => c[2] === 1)
+    .reduce((n, c) => n + c[1]!, 0);
   t.equal(marked, changed.length * CHUNK, 'nbdinfo --map shows the changed chunks');
 
   const list = await run(d, 'backup', 'list', '--repo', repo, '--json');
