@@ -89,7 +89,8 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
 
   // A damaged pack: verify names it, restore refuses.
   const packs: string[] = [];
-  for (const sub of await readdir(join(repo, 'data'))) for (const f of await readdir(join(repo, 'data', sub))) packs.push(join(repo, 'data', sub, f));
+  for (const sub of await readdir(join(repo, 'data'), { withFileTypes: true }))
+    if (sub.isDirectory()) for (const f of await readdir(join(repo, 'data', sub.name))) packs.push(join(repo, 'data', sub.name, f));
   const victim = packs[0]!;
   const bytes = await readFile(victim);
   bytes[100] = (bytes[100] ?? 0) ^ 0xff;

@@ -12,7 +12,8 @@ t.setTimeout(300_000);
 
 async function packCount(repo: string): Promise<number> {
   let n = 0;
-  for (const sub of await readdir(join(repo, 'data')).catch(() => [])) n += (await readdir(join(repo, 'data', sub))).length;
+  for (const sub of await readdir(join(repo, 'data'), { withFileTypes: true }).catch(() => []))
+    if (sub.isDirectory()) n += (await readdir(join(repo, 'data', sub.name))).length;
   return n;
 }
 
