@@ -62,17 +62,19 @@ async function takeSnapshots(link: DaemonLink, o: CreateOptions): Promise<Volume
   if (o.fromSnapshot) return [await link.snapshotSource(o.fromSnapshot)];
   if (!o.freeze) return link.snapshotVolumes(o.volumes, o.storeBytes);
   const frozen = await freeze(o.freeze.mountpoint, o.freeze.timeoutMs);
-  let sources: VolumeSource[] | undefined;
+  let sources: VolumeSource[];
   try {
     sources = await link.snapshotVolumes(o.volumes, o.storeBytes);
-  } finally {
-    try {
-      await frozen.thaw();
-    } catch (err) {
-      // Thawed by the bound before the snapshots were taken: they may not be consistent.
-      if (sources) for (const s of sources) await link.removeSnapshot(s.snapshot).catch(() => undefined);
-      throw err;
-    }
+  } catch (err) {
+    await frozen.thaw().catch(() => undefined);
+    throw err;
+  }
+  try {
+    await frozen.thaw();
+  } catch (err) {
+    // Thawed by the bound before the snapshots were taken: they may not be consistent.
+    for (const s of sources) await link.removeSnapshot(s.snapshot).catch(() => undefined);
+    throw err;
   }
   return sources;
 }

@@ -23,7 +23,11 @@ function define<A extends unknown[]>(code: string, kind: BackupErrno, format: (.
 
 export const BackupErrors = {
   // Opening and creating a repository.
-  noRepository: define('COWBD_BACKUP_NO_REPOSITORY', 'ENOENT', (dir: string) => `${dir} is not a backup repository (no config); create one with: cowbd backup init --repo ${dir}`),
+  noRepository: define(
+    'COWBD_BACKUP_NO_REPOSITORY',
+    'ENOENT',
+    (dir: string) => `${dir} is not a backup repository (no config); create one with: cowbd backup init --repo ${dir}`,
+  ),
   notEmpty: define('COWBD_BACKUP_NOT_EMPTY', 'EEXIST', (dir: string) => `${dir} is not empty; a new repository needs an empty directory`),
   foreign: define(
     'COWBD_BACKUP_FOREIGN',
@@ -98,7 +102,8 @@ export const BackupErrors = {
   shortChunk: define(
     'COWBD_BACKUP_SHORT_CHUNK',
     'EIO',
-    (chunk: string, index: number, got: number, want: number) => `chunk ${chunk} holds ${got} bytes; chunk ${index} of the volume needs ${want}`,
+    (chunk: string, index: number, got: number, want: number) =>
+      `chunk ${chunk} holds ${got} bytes; chunk ${index} of the volume needs ${want}`,
   ),
   restoreMismatch: define(
     'COWBD_BACKUP_RESTORE_MISMATCH',

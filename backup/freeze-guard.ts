@@ -13,7 +13,7 @@ const FSFREEZE = process.env.COWBD_FSFREEZE ?? 'fsfreeze';
 function fsfreeze(flag: '-f' | '-u'): string | undefined {
   const r = spawnSync(FSFREEZE, [flag, mountpoint!], { encoding: 'utf8' });
   if (r.error) return r.error.message;
-  return r.status === 0 ? undefined : (r.stderr.trim() || `fsfreeze ${flag} exited ${r.status}`);
+  return r.status === 0 ? undefined : r.stderr.trim() || `fsfreeze ${flag} exited ${r.status}`;
 }
 
 let thawed = false;

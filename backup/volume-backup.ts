@@ -47,7 +47,10 @@ export function wantedContexts(src: VolumeSource, parent: Manifest | undefined, 
 const ZERO_CHUNK = new Map<number, Buffer>();
 function zeros(n: number): Buffer {
   let z = ZERO_CHUNK.get(n);
-  if (!z) ZERO_CHUNK.set(n, (z = Buffer.alloc(n)));
+  if (!z) {
+    z = Buffer.alloc(n);
+    ZERO_CHUNK.set(n, z);
+  }
   return z;
 }
 

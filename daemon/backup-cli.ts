@@ -25,7 +25,10 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
           .positional('volumes', { type: 'string', array: true, demandOption: true })
           .option('from-snapshot', { type: 'string', describe: 'back up this existing snapshot instead of taking one' })
           .option('keep-snapshot', { type: 'boolean', default: false, describe: 'keep the snapshot the backup read' })
-          .option('snapshot-size', { type: 'string', describe: "exception store of the backup's snapshot (default a fifth of the volume, at least 64M)" })
+          .option('snapshot-size', {
+            type: 'string',
+            describe: "exception store of the backup's snapshot (default a fifth of the volume, at least 64M)",
+          })
           .option('freeze', { type: 'string', describe: 'freeze this mounted file system (fsfreeze) while the snapshot is taken' })
           .option('freeze-timeout', { type: 'number', default: 10, describe: 'seconds writers may be held frozen at most' }),
       run((a) =>

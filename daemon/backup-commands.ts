@@ -31,7 +31,11 @@ function progressMode(o: { json: boolean; progress: boolean }): 'bar' | 'json' |
 
 export async function backupInit(o: RepoArg): Promise<void> {
   const repo = await Repository.init(o.repo);
-  print(o.json, { repository: resolve(o.repo), id: repo.id, version: repo.version }, () => `created backup repository ${repo.id} at ${o.repo}`);
+  print(
+    o.json,
+    { repository: resolve(o.repo), id: repo.id, version: repo.version },
+    () => `created backup repository ${repo.id} at ${o.repo}`,
+  );
 }
 
 export async function backupCreate(
@@ -156,8 +160,11 @@ export async function backupRestore(
     }
   }
   const where = o.toFile ? `file ${o.toFile}` : `volume ${o.toVolume}`;
-  print(o.json, { backup: m.id, to: where, ...stats }, () =>
-    `restored backup ${m.id} of ${m.volume} (${formatSize(m.size)}) to ${where}: wrote ${formatSize(stats.bytesWritten)}, ` +
+  print(
+    o.json,
+    { backup: m.id, to: where, ...stats },
+    () =>
+      `restored backup ${m.id} of ${m.volume} (${formatSize(m.size)}) to ${where}: wrote ${formatSize(stats.bytesWritten)}, ` +
       `${stats.zeroChunks} zero chunk(s) left sparse, ${o.verify ? 'verified, ' : ''}in ${(stats.durationMs / 1000).toFixed(1)} s`,
   );
 }

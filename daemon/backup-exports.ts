@@ -13,7 +13,11 @@ export function exportName(volume: string, id: string): string {
   return `${volume}@${id.slice(0, 8)}`;
 }
 
-export async function serveRepository(dir: string, registry: Registry, log: Logger): Promise<{ rescan(): Promise<void>; close(): Promise<void> }> {
+export async function serveRepository(
+  dir: string,
+  registry: Registry,
+  log: Logger,
+): Promise<{ rescan(): Promise<void>; close(): Promise<void> }> {
   const repo = await Repository.open(dir);
   const cache = new ChunkCache(CACHE_CHUNKS);
   const served = new Map<string, string>();

@@ -105,7 +105,11 @@ function serveCommand(y: Argv) {
       type: 'string',
       describe: "per-export rules as JSON (allow, readOnly, allowUnix); usually the config file's exports section",
     })
-    .option('repo', { type: 'string', array: true, describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable' })
+    .option('repo', {
+      type: 'string',
+      array: true,
+      describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable',
+    })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
@@ -200,9 +204,7 @@ await yargs(hideBin(process.argv))
       )
       .demandCommand(1, 'name a snapshot command'),
   )
-  .command('backup', 'back up volumes to a repository, and list, verify, restore and prune backups', (y) =>
-    backupCommands(y, common, run),
-  )
+  .command('backup', 'back up volumes to a repository, and list, verify, restore and prune backups', (y) => backupCommands(y, common, run))
   .command(
     'status',
     'every volume and snapshot, like lvs',

@@ -86,7 +86,9 @@ export class VolumeBackend implements Backend {
 
   async extents(offset: number, length: number): Promise<Extent[]> {
     // Chunks never written read as zeros: answered from the change tracking, unread.
-    const allocated = this.changes?.metaContexts(ALLOCATED).length ? await this.changes.contextExtents(ALLOCATED, offset, length) : undefined;
+    const allocated = this.changes?.metaContexts(ALLOCATED).length
+      ? await this.changes.contextExtents(ALLOCATED, offset, length)
+      : undefined;
     const first = allocated?.[0];
     if (first && first.flags === 0) return [{ length: first.length, flags: STATE_HOLE_ZERO }];
     return this.scan(offset, first ? first.length : length);

@@ -28,7 +28,9 @@ t.test('a backup killed part way lists nothing, and the rerun reuses its chunks'
   const repo = join(await tempDir('cowbd-repo-'), 'repo');
   await run(d, 'backup', 'init', '--repo', repo);
   await writeChunks(d, 'vol', scattered(2048, 4096, 3));
-  const child = spawn(process.execPath, [CLI, 'backup', 'create', 'vol', '--repo', repo, '--data-dir', d.dataDir, '--json'], { stdio: 'ignore' });
+  const child = spawn(process.execPath, [CLI, 'backup', 'create', 'vol', '--repo', repo, '--data-dir', d.dataDir, '--json'], {
+    stdio: 'ignore',
+  });
   await until(async () => (await packCount(repo)) >= 2);
   child.kill('SIGKILL');
   await new Promise((r) => child.once('exit', r));

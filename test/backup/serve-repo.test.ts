@@ -33,7 +33,9 @@ t.test('backups served over NBD', async (t) => {
   t.equal(await fileHash(out), await exportHash(d, s1.snapshot), 'nbdcopy of the served backup equals its snapshot');
   const map = await execFileP('nbdinfo', ['--map', served.uri(name)]);
   t.match(map.stdout, /hole,zero/, 'zero chunks are holes in base:allocation');
-  const w = await execFileP('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', served.uri(name)]).catch((e: { stderr: string; stdout: string }) => e);
+  const w = await execFileP('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', served.uri(name)]).catch(
+    (e: { stderr: string; stdout: string }) => e,
+  );
   t.match(`${w.stdout}${w.stderr}`, /read-only|Operation not permitted|denied/i, 'writes are refused');
 
   // A backup made afterwards is served once the served daemon rescans (on its report, or within a minute).
@@ -46,5 +48,8 @@ t.test('backups served over NBD', async (t) => {
   const again = await startDaemon({ args: ['--repo', repo], logLevel: 'info' });
   t.teardown(() => again.stop());
   const l2 = await execFileP('nbdinfo', ['--list', '--json', again.uri()]);
-  t.ok((JSON.parse(l2.stdout).exports as Array<{ 'export-name': string }>).some((e) => e['export-name'] === name2), `${name2} is served`);
+  t.ok(
+    (JSON.parse(l2.stdout).exports as Array<{ 'export-name': string }>).some((e) => e['export-name'] === name2),
+    `${name2} is served`,
+  );
 });

@@ -80,7 +80,9 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
   for (const c of engine.slice(1, 3)) t.ok(c[3] === 'yes' || c[3] === 'no', `met column of "${c[0]}"`);
   // Backups against restic: every row of the issue's list.
   t.match(r.stdout, /### Backups: cowbd vs restic/, 'backup table');
-  const backups = rows.map(cells).filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
+  const backups = rows
+    .map(cells)
+    .filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
   t.equal(backups.length, 7, `backup rows: ${backups.map((c) => c[0]).join('; ')}`);
   for (const c of backups) t.match(c[1], /^\d+(\.\d+)?$/, `cowbd figure of "${c[0]}"`);
   t.notMatch(r.stdout, /\b(nan|NaN|None|undefined)\b/, 'no missing values (Python None, NaN)');
