@@ -19,6 +19,8 @@ export class MemDevice implements BlockDevice {
   private _size: number;
   private durableSize: number;
   private pending: PendingWrite[] = [];
+  /** Batches a sync has taken and not yet made durable. */
+  private readonly syncing = new Set<PendingWrite[]>();
   /** Called before every write and sync: the crash tests take crash images from here. */
   onIo: ((kind: 'write' | 'sync') => void) | undefined;
   /** Simulated I/O latency in event-loop turns, so concurrent requests interleave. */
@@ -89,7 +91,9 @@ export class MemDevice implements BlockDevice {
     // Only writes completed before the sync started are guaranteed, as with fdatasync.
     const done = this.pending;
     this.pending = [];
+    this.syncing.add(done);
     await this.turn();
+    this.syncing.delete(done);
     for (const w of done) w.data.copy(this.durable, w.offset);
     this.durableSize = Math.max(this.durableSize, this._size);
   }
@@ -116,7 +120,8 @@ export class MemDevice implements BlockDevice {
     if (end > offset) {
       this.cur.fill(0, offset, end);
       this.durable.fill(0, offset, end);
-      for (const w of this.pending) {
+      // Writes a sync in progress is about to make durable must not bring the bytes back.
+      for (const w of [this.pending, ...this.syncing].flat()) {
         const a = Math.max(offset, w.offset);
         const b = Math.min(end, w.offset + w.data.length);
         if (b > a) w.data.fill(0, a - w.offset, b - w.offset);

@@ -67,6 +67,10 @@ export async function backupCreate(
   }
   for (const { header: h, mode } of made) {
     const s = h.stats;
+    if (mode === 'full')
+      console.log(
+        `${h.volume}: the change tracking cannot vouch for this volume (written while no daemon tracked it, or tracked since too short a time): every chunk was read`,
+      );
     console.log(
       `backup ${h.id} of ${h.volume} (${mode}${h.parent ? `, parent ${h.parent.slice(0, 8)}` : ''}): ` +
         `${formatSize(h.size)} volume, read ${formatSize(s.bytesRead)}, new ${formatSize(s.newBytes)} ` +

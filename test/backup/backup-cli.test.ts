@@ -6,7 +6,8 @@ import { execFile } from 'node:child_process';
 import { stat, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { startDaemon } from '../helpers/daemon.js';
+import { startDaemon, waitForLog } from '../helpers/daemon.js';
+import { sample, scrape } from '../helpers/snapshot-checks.js';
 import { CHUNK, backup, exportHash, fileHash, run, scattered, tempDir, writeChunks } from './backup-helpers.js';
 
 const execFileP = promisify(execFile);
@@ -78,6 +79,17 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
   );
   r = await run(d, 'backup', 'verify', '--repo', repo, '--read-data');
   t.equal(r.code, 0, r.stdout + r.stderr);
+
+  // Watched like any backup: metrics by volume and repository, and a log event with the figures.
+  const labels = { volume: 'vol', repository: repo };
+  const metrics = await scrape(d);
+  t.ok((sample(metrics, 'cowbd_backup_last_success_timestamp_seconds', labels) ?? 0) > Date.now() / 1000 - 600, 'last success time');
+  t.equal(sample(metrics, 'cowbd_backups_total', labels), 2);
+  t.equal(sample(metrics, 'cowbd_backup_read_bytes_total', labels), s1.stats.bytesRead + s2.stats.bytesRead);
+  t.ok(await waitForLog(d, (l) => l.backup === s2.id && l.bytesRead === s2.stats.bytesRead), 'the backup is a log event with its figures');
+  const bad = await backup(d, 'nosuch', repo);
+  t.not(bad.code, 0);
+  t.equal(sample(await scrape(d), 'cowbd_backup_failures_total', { volume: 'nosuch', repository: repo }), 1, 'failures are counted');
 
   r = await run(d, 'backup', 'prune', '--repo', repo, '--keep-last', '1', '--json');
   t.equal(r.code, 0, r.stderr);

@@ -2,7 +2,7 @@
 // already backed up, and a rerun succeeds (reusing what the failed run stored).
 import t from 'tap';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir, open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CLI, startDaemon } from '../helpers/daemon.js';
 import { NbdClient } from '../helpers/nbd-client.js';
@@ -178,4 +178,59 @@ t.test('a full repository disk fails the backup clearly; with room the rerun suc
   const ok = await backup(d, 'vol', repo);
   t.equal(ok.code, 0, ok.stderr);
   t.equal((await run(d, 'backup', 'verify', '--repo', repo, '--read-data')).code, 0);
+});
+
+t.test('the daemon dies during a backup; prune waits for a running backup', async (t) => {
+  const dataDir = await tempDir('cowbd-data-');
+  let d = await startDaemon({ dataDir, volumes: [{ name: 'vol', size: '256M' }], logLevel: 'info' });
+  const repo = join(await tempDir('cowbd-repo-'), 'repo');
+  await run(d, 'backup', 'init', '--repo', repo);
+  await writeChunks(d, 'vol', scattered(2048, 4096, 23));
+  const out: Buffer[] = [];
+  const err: Buffer[] = [];
+  const child = spawn(process.execPath, [CLI, 'backup', 'create', 'vol', '--repo', repo, '--data-dir', d.dataDir, '--json']);
+  child.stdout.on('data', (b: Buffer) => out.push(b));
+  child.stderr.on('data', (b: Buffer) => err.push(b));
+  const exited = new Promise<number | null>((r) => child.once('exit', r));
+  await until(async () => (await packCount(repo)) >= 1);
+  const p = await run(d, 'backup', 'prune', '--repo', repo, '--keep-last', '1');
+  t.not(p.code, 0, 'prune refuses while a backup holds the repository');
+  t.match(p.stderr, /locked/i, p.stderr);
+  d.proc.kill('SIGKILL');
+  await new Promise((r) => d.proc.once('exit', r));
+  const code = await exited;
+  t.not(code, 0, 'the backup fails when the daemon dies');
+  t.match(Buffer.concat(err).toString(), /cowbd: .+/, `a clear message: ${Buffer.concat(err).toString().trim()}`);
+  t.same(JSON.parse((await run(d, 'backup', 'list', '--repo', repo, '--json')).stdout), [], 'nothing listed');
+  d = await startDaemon({ dataDir, logLevel: 'info' });
+  t.teardown(() => d.stop());
+  const again = await backup(d, 'vol', repo);
+  t.equal(again.code, 0, again.stderr);
+  t.equal(again.summaries[0]!.stats.newBytes + again.summaries[0]!.stats.dedupBytes, 2048 * CHUNK);
+  const pr = await run(d, 'backup', 'prune', '--repo', repo, '--keep-last', '1');
+  t.equal(pr.code, 0, `prune runs once no backup holds the lock: ${pr.stderr}`);
+});
+
+t.test('a volume written while no daemon tracked it is read whole, and the backup says why', async (t) => {
+  const dataDir = await tempDir('cowbd-data-');
+  let d = await startDaemon({ dataDir, volumes: [{ name: 'vol', size: '16M' }], logLevel: 'info' });
+  const repo = join(await tempDir('cowbd-repo-'), 'repo');
+  await run(d, 'backup', 'init', '--repo', repo);
+  await writeChunks(d, 'vol', [1, 2, 3]);
+  t.equal((await backup(d, 'vol', repo)).code, 0);
+  await d.stop();
+  // Behind the daemon's back: the file changes while nothing tracks it.
+  const fh = await open(join(dataDir, 'vol.vol'), 'r+');
+  await fh.write(Buffer.alloc(4096, 0x77), 100 * CHUNK);
+  await fh.close();
+  d = await startDaemon({ dataDir, logLevel: 'info' });
+  t.teardown(() => d.stop());
+  const r = await run(d, 'backup', 'create', 'vol', '--repo', repo, '--keep-snapshot');
+  t.equal(r.code, 0, r.stderr);
+  t.match(r.stdout, /change tracking/i, `the backup says it read everything: ${r.stdout.trim()}`);
+  const list = JSON.parse((await run(d, 'backup', 'list', '--repo', repo, '--json')).stdout) as Array<{ id: string; snapshot: string }>;
+  const last = list.at(-1)!;
+  const img = join(await tempDir('cowbd-restore-'), 'img');
+  t.equal((await run(d, 'backup', 'restore', last.id, '--repo', repo, '--to-file', img)).code, 0);
+  t.equal(await fileHash(img), await exportHash(d, last.snapshot), 'the full read restores exactly, the outside write included');
 });
