@@ -113,15 +113,12 @@ t.test('backups of a live ext4 volume, served and restored', { skip: await guest
   const [s1, s2] = summaries as [Summary, Summary];
   t.match(r1.log, new RegExp(`^COWBD-LIVE-ID ${s1.id}\\r?$`, 'm'), 'the guest got the first backup id');
   t.match(r1.log, new RegExp(`^COWBD-FROZEN-ID ${s2.id}\\r?$`, 'm'), 'the guest got the second backup id');
-  t.equal(s1.volume, 'vol');
+  t.equal(s1.volume, 'vol', 'the summary names the volume');
   t.equal(s1.mode, 'allocated', 'the first backup of a new volume reads only what was written');
   t.equal(s2.mode, 'incremental', 'the second backup is incremental');
   t.equal(s2.parent, s1.id, 'from the first');
   t.ok(s1.stats.bytesRead >= 9 << 20, `the first backup read the files' data (${s1.stats.bytesRead} bytes)`);
-  t.ok(
-    s2.stats.bytesRead * 8 < s1.stats.bytesRead,
-    `the incremental read far less (${s2.stats.bytesRead} vs ${s1.stats.bytesRead} bytes)`,
-  );
+  t.ok(s2.stats.bytesRead * 4 < s1.stats.bytesRead, `the incremental read far less (${s2.stats.bytesRead} vs ${s1.stats.bytesRead} bytes)`);
 
   // The backups served read-only by a daemon of their own; the frozen one restored by the first.
   served = await startDaemon({ readOnly: true, args: ['--repo', repo], logLevel: 'info' });
@@ -168,6 +165,7 @@ EOF
       # Freezing flushed the journal, so the frozen backup is a clean file system; the
       # live one is a crash image.
       if dumpe2fs -h /dev/nbd1 2>/dev/null | grep -q needs_recovery; then echo "COWBD-FAIL: frozen backup needs recovery"; exit 1; fi
+      echo COWBD-FROZEN-NO-RECOVERY
       if dumpe2fs -h /dev/nbd2 2>/dev/null | grep -q needs_recovery; then echo COWBD-LIVE-NEEDS-RECOVERY; fi
       # Before anything mounts it.
       fsck.ext4 -fn /dev/nbd3
@@ -207,7 +205,7 @@ EOF
   t.equal(r2.exitCode, 0, 'boot 2: backups, restore and origin checked', { log: tail(r2.log, 80) });
   const log = r2.log.replace(/\r/g, '');
   t.match(log, /^COWBD-DEVICES-OK$/m, 'served backups attach read-only, the restored volume writable, all at full size');
-  t.notMatch(log, /COWBD-FAIL/, 'the frozen backup needs no journal recovery');
+  t.match(log, /^COWBD-FROZEN-NO-RECOVERY$/m, 'the frozen backup needs no journal recovery');
   t.match(log, /^COWBD-RESTORED-FSCK-CLEAN$/m, 'fsck.ext4 -fn is clean on the restored volume before it is mounted');
   t.match(log, /^COWBD-FROZEN-FSCK-CLEAN$/m, 'fsck.ext4 -fn is clean on the served frozen backup');
   const okLines = (log.match(/^\.\/\S+: OK$/gm) ?? []).length;
@@ -217,11 +215,7 @@ EOF
   );
   t.match(log, /^\.\/precious\.txt: OK[\s\S]*^COWBD-FROZEN-SAME-FILES$/m, 'the precious file is in the served frozen backup, unchanged');
   t.match(log, /^COWBD-FROZEN-SAME-FILES[\s\S]*^\.\/precious\.txt: OK[\s\S]*^COWBD-LIVE-SAME-FILES$/m, 'and in the live one');
-  t.match(
-    log,
-    /^COWBD-LIVE-SAME-FILES[\s\S]*^\.\/precious\.txt: OK[\s\S]*^COWBD-RESTORED-SAME-FILES$/m,
-    'and in the restored volume',
-  );
+  t.match(log, /^COWBD-LIVE-SAME-FILES[\s\S]*^\.\/precious\.txt: OK[\s\S]*^COWBD-RESTORED-SAME-FILES$/m, 'and in the restored volume');
   t.match(log, /^COWBD-VOL-SAME-FILES$/m, 'the origin has exactly its later files, without the precious one');
   t.match(log, /^COWBD-RESTORED-FSCK-CLEAN-AGAIN$/m, 'the restored volume is still clean after mounting it');
   t.notMatch(log, /I\/O error|EXT4-fs error/, 'the kernel logged no I/O or ext4 errors');
