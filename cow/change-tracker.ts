@@ -52,6 +52,8 @@ export class ChangeTracker implements ChangeMarks {
   /** Bits of the current generation known durable: the hot path reads only this. */
   private readonly durable: Buffer;
   private readonly base: Buffer;
+  /** Chunks that may hold data (base and every generation), while allocation is known. */
+  private readonly ever: Buffer;
   private readonly dirty: Uint8Array;
   private dirtyPages: number[] = [];
   private running: Promise<void> | null = null;
@@ -71,6 +73,7 @@ export class ChangeTracker implements ChangeMarks {
     this.cur = Buffer.alloc(this.bytes);
     this.durable = Buffer.alloc(this.bytes);
     this.base = Buffer.alloc(this.bytes);
+    this.ever = Buffer.alloc(this.bytes);
     this.dirty = new Uint8Array(this.bytes / PAGE);
   }
 
@@ -132,6 +135,11 @@ export class ChangeTracker implements ChangeMarks {
       await dev.read(t.base, baseOffset());
       await dev.read(t.cur, slotOffset(t.bytes, h.generation));
       t.cur.copy(t.durable);
+      if (h.allocationKnown) {
+        t.base.copy(t.ever);
+        const scratch = Buffer.alloc(t.bytes);
+        for (let g = h.foldedBelow; g <= h.generation; g++) await t.orGeneration(t.ever, g, scratch);
+      }
     }
     // Before any write this tracker lets through: an unclean stop then keeps the marks.
     await t.writeHeader();
@@ -157,14 +165,34 @@ export class ChangeTracker implements ChangeMarks {
     return undefined;
   }
 
+  /**
+   * mark() for a range made zero: a chunk that never held data reads as zeros before and
+   * after, so it stays unmarked (mkfs's discard of a new volume then costs a backup nothing).
+   */
+  markZeroing(offset: number, length: number): Promise<void> | undefined {
+    if (!this.h.allocationKnown || length <= 0) return this.mark(offset, length);
+    const last = Math.min(this.chunks - 1, Math.floor((offset + length - 1) / TRACKER_CHUNK));
+    let waits: Set<Promise<void>> | undefined;
+    for (let c = Math.floor(offset / TRACKER_CHUNK); c <= last; c++) {
+      if (!hasBit(this.ever, c)) continue;
+      const first = c;
+      while (c < last && hasBit(this.ever, c + 1)) c++;
+      const p = this.mark(first * TRACKER_CHUNK, (c - first + 1) * TRACKER_CHUNK);
+      if (p) (waits ??= new Set()).add(p);
+    }
+    return waits && Promise.all(waits).then(noop);
+  }
+
   private markSlow(first: number, last: number): Promise<void> {
     if (this.failed) return Promise.reject(CowErrors.trackerFailed(this.failed.message));
     let queued = false;
     for (let c = first; c <= last; c++) {
       if (hasBit(this.durable, c)) continue;
       const page = Math.floor(c / BITS_PER_PAGE);
-      if (!hasBit(this.cur, c)) setBit(this.cur, c);
-      else if (!this.dirty[page] && this.running) continue; // the commit in flight writes it
+      if (!hasBit(this.cur, c)) {
+        setBit(this.cur, c);
+        setBit(this.ever, c);
+      } else if (!this.dirty[page] && this.running) continue; // the commit in flight writes it
       if (!this.dirty[page]) {
         this.dirty[page] = 1;
         this.dirtyPages.push(page);

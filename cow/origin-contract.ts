@@ -33,4 +33,6 @@ export interface CopyOnWrite {
 export interface ChangeMarks {
   /** Undefined when the range is already durably marked; else resolves once it is. */
   mark(offset: number, length: number): Promise<void> | undefined;
+  /** The same for a range made zero (TRIM, WRITE_ZEROES): chunks that never held data are left unmarked. */
+  markZeroing?(offset: number, length: number): Promise<void> | undefined;
 }

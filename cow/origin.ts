@@ -200,7 +200,8 @@ export class Origin implements Volume, OriginView {
     if (!this.dev.punchHoles) return;
     await this.enter();
     try {
-      const marked = this.opts.marks?.mark(offset, length);
+      const m = this.opts.marks;
+      const marked = m?.markZeroing ? m.markZeroing(offset, length) : m?.mark(offset, length);
       if (marked) await marked;
       await this.settleBefore(offset, length);
       if (!this.snapshots.active) {
@@ -222,7 +223,8 @@ export class Origin implements Volume, OriginView {
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
     await this.enter();
     try {
-      const marked = this.opts.marks?.mark(offset, length);
+      const m = this.opts.marks;
+      const marked = m?.markZeroing ? m.markZeroing(offset, length) : m?.mark(offset, length);
       if (marked) await marked;
       await this.settleBefore(offset, length);
       await this.snapshots.beforeWrite(offset, length);

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 # Writes random data to an NBD export through libnbd, for the backup benchmark:
 #   backup-writes.py URI fill BYTES STRIDE      BYTES of random data in 1 MiB pieces, one every STRIDE bytes
 #   backup-writes.py URI scatter N CHUNK SEED   N distinct CHUNK-sized pieces at seeded random chunk offsets

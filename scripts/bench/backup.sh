@@ -63,7 +63,7 @@ mkdir -p "$D"
 start_daemon "$D" "$PORT"
 URI="nbd://127.0.0.1:$PORT"
 log "writing $BK_DATA of random data into $BK_SIZE"
-python3 "$BENCH/backup-writes.py" "$URI/vol" fill "$(bytes "$BK_DATA")" $((2 << 20))
+/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/vol" fill "$(bytes "$BK_DATA")" $((2 << 20))
 
 "${COWBD[@]}" backup init --repo "$W/cowbd-repo" >/dev/null
 restic init -q -r "$W/restic-repo" >/dev/null
@@ -87,7 +87,7 @@ restic_repo=$(dusize "$W/restic-repo")
 # Incremental after 1% of the chunks rewritten, scattered.
 chunks=$(($(bytes "$BK_SIZE") / 65536))
 changed=$((chunks / 100))
-python3 "$BENCH/backup-writes.py" "$URI/vol" scatter "$changed" 65536 42
+/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/vol" scatter "$changed" 65536 42
 log "incremental: cowbd ($changed chunks changed)"
 t0=$(now)
 "${COWBD[@]}" backup create vol --repo "$W/cowbd-repo" --json --data-dir "$D" >"$W/inc.json"
@@ -124,7 +124,7 @@ fio_iops() { # out
 log "random writes alone"
 iops_alone=$(fio_iops "$W/fio-alone.json")
 log "random writes during a backup"
-python3 "$BENCH/backup-writes.py" "$URI/vol" scatter "$changed" 65536 7
+/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/vol" scatter "$changed" 65536 7
 "${COWBD[@]}" backup create vol --repo "$W/cowbd-repo" --json --data-dir "$D" --snapshot-size "$BK_SIZE" >"$W/during.json" &
 bpid=$!
 iops_during=$(fio_iops "$W/fio-during.json")
@@ -134,7 +134,7 @@ during_read=$(summary_field "$W/during.json" bytesRead)
 # The daemon's RSS while it backs up a huge sparse volume.
 "${COWBD[@]}" volume create huge --size "$BK_HUGE" --data-dir "$D" >/dev/null
 log "writing $BK_HUGE_DATA into a $BK_HUGE volume"
-python3 "$BENCH/backup-writes.py" "$URI/huge" fill "$(bytes "$BK_HUGE_DATA")" $(( $(bytes "$BK_HUGE") / ($(bytes "$BK_HUGE_DATA") >> 20) ))
+/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/huge" fill "$(bytes "$BK_HUGE_DATA")" $(( $(bytes "$BK_HUGE") / ($(bytes "$BK_HUGE_DATA") >> 20) ))
 rss_peak=0
 t0=$(now)
 "${COWBD[@]}" backup create huge --repo "$W/cowbd-repo" --json --data-dir "$D" >"$W/huge.json" &

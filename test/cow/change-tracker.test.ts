@@ -50,6 +50,31 @@ t.test('marks are durable before mark resolves; marked chunks cost nothing', asy
   t.equal(re.id, tr.id);
 });
 
+t.test('zeroing what never held data marks nothing (mkfs discards a new volume)', async (t) => {
+  const dev = new MemDevice(0);
+  const v = vol();
+  let tr = await ChangeTracker.open(dev, { volumeSize: SIZE, volumeState: v.volumeState });
+  t.equal(tr.markZeroing(0, SIZE), undefined, 'a whole-volume TRIM of a new volume marks nothing');
+  await tr.mark(5 * CHUNK, 10);
+  await tr.markZeroing(0, SIZE);
+  t.same(bits(await tr.changedBetween(0, 1)), [5], 'only the chunk that held data');
+  await tr.checkpoint('s1');
+  await tr.markZeroing(4 * CHUNK, 3 * CHUNK);
+  t.same(bits(await tr.changedBetween(1, 2)), [5], 'a chunk written in an earlier generation is marked when zeroed');
+  // Reopened, the chunks that may hold data are known again.
+  await tr.close();
+  tr = await ChangeTracker.open(new MemDevice(0, dev.durableImage()), { volumeSize: SIZE, volumeState: v.volumeState });
+  await tr.checkpoint('s2');
+  t.equal(tr.markZeroing(0, 5 * CHUNK), undefined);
+  await tr.markZeroing(5 * CHUNK, CHUNK);
+  t.same(bits(await tr.changedBetween(2, 3)), [5]);
+  // Untrusted allocation: every zeroed chunk is marked.
+  const u = await ChangeTracker.open(new MemDevice(0), { volumeSize: SIZE, volumeState: vol({ blocks: 8 }).volumeState });
+  await u.checkpoint('first');
+  await u.markZeroing(0, 2 * CHUNK);
+  t.same(bits(await u.changedBetween(1, 2)), [0, 1]);
+});
+
 t.test('checkpoints, changedBetween and allocatedBefore across ring reuse, reopen and crash', async (t) => {
   for (const seed of seeds(2)) {
     const r = rng32(seed);
@@ -183,7 +208,8 @@ t.test('a mark that cannot be made durable fails the write before its data is wr
     if (k === 'write') wrote++;
   };
   await t.rejects(o.write(Buffer.alloc(4096, 1), 3 * CHUNK, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
-  await t.rejects(o.writeZeroes(0, 4096, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
+  // Chunk 3 may hold data now (its write was attempted): zeroing it needs a mark too.
+  await t.rejects(o.writeZeroes(3 * CHUNK, 4096, false), { id: 'COW_TRACKER_FAILED', code: 'EIO' });
   t.equal(wrote, 0, 'the volume was not written');
   plan.set([]);
   await t.rejects(
