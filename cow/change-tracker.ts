@@ -178,7 +178,10 @@ export class ChangeTracker implements ChangeMarks {
       const first = c;
       while (c < last && hasBit(this.ever, c + 1)) c++;
       const p = this.mark(first * TRACKER_CHUNK, (c - first + 1) * TRACKER_CHUNK);
-      if (p) (waits ??= new Set()).add(p);
+      if (p) {
+        waits ??= new Set();
+        waits.add(p);
+      }
     }
     return waits && Promise.all(waits).then(noop);
   }

@@ -221,7 +221,7 @@ t.test('a volume written while no daemon tracked it is read whole, and the backu
   await d.stop();
   // Behind the daemon's back: the file changes while nothing tracks it.
   const fh = await open(join(dataDir, 'vol.vol'), 'r+');
-  await fh.write(Buffer.alloc(4096, 0x77), 100 * CHUNK);
+  await fh.write(Buffer.alloc(4096, 0x77), 0, 4096, 100 * CHUNK);
   await fh.close();
   d = await startDaemon({ dataDir, logLevel: 'info' });
   t.teardown(() => d.stop());
