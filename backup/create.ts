@@ -51,11 +51,16 @@ export interface CreatedBackup {
   mode: string;
 }
 
-function latestOf(headers: ManifestHeader[], volume: string): ManifestHeader | undefined {
-  return headers
-    .filter((h) => h.volume === volume)
-    .sort((a, b) => a.time.localeCompare(b.time))
-    .at(-1);
+/**
+ * The backup to build on: the newest of the volume whose checkpoint the daemon's tracking
+ * can diff against (same tracker, earlier checkpoint), else the newest of the volume.
+ */
+function parentOf(headers: ManifestHeader[], src: VolumeSource): ManifestHeader | undefined {
+  const mine = headers.filter((h) => h.volume === src.volume).sort((a, b) => b.time.localeCompare(a.time));
+  const c = src.checkpoint;
+  const usable =
+    c && mine.find((h) => h.checkpoint?.tracker === c.tracker && h.checkpoint.generation < c.generation && h.size === src.size);
+  return usable || mine[0];
 }
 
 async function takeSnapshots(link: DaemonLink, o: CreateOptions): Promise<VolumeSource[]> {
@@ -96,7 +101,7 @@ export async function createBackup(link: DaemonLink, o: CreateOptions): Promise<
     let before = { done: 0, read: 0, newBytes: 0, dedupBytes: 0 };
     try {
       for (const src of sources) {
-        const ph = latestOf(headers, src.volume);
+        const ph = parentOf(headers, src);
         const parent = ph ? await repo.loadManifest(ph.id).catch(() => undefined) : undefined;
         const nbd = await link.open(src.snapshot, wantedContexts(src, parent, repo.chunkSize));
         let out: Awaited<ReturnType<typeof backupVolume>>;
