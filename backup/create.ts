@@ -64,7 +64,12 @@ function parentOf(headers: ManifestHeader[], src: VolumeSource): ManifestHeader 
 }
 
 async function takeSnapshots(link: DaemonLink, o: CreateOptions): Promise<VolumeSource[]> {
-  if (o.fromSnapshot) return [await link.snapshotSource(o.fromSnapshot)];
+  if (o.fromSnapshot) {
+    const src = await link.snapshotSource(o.fromSnapshot);
+    if (o.volumes.length !== 1 || src.volume !== o.volumes[0])
+      throw BackupErrors.wrongOrigin(o.fromSnapshot, src.volume, o.volumes.join(' '));
+    return [src];
+  }
   if (!o.freeze) return link.snapshotVolumes(o.volumes, o.storeBytes);
   const frozen = await freeze(o.freeze.mountpoint, o.freeze.timeoutMs);
   let sources: VolumeSource[];

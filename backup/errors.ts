@@ -99,6 +99,11 @@ export const BackupErrors = {
     (snapshot: string, why: string) =>
       `snapshot ${snapshot} became invalid during the backup: ${why}; nothing was listed, the origin is untouched; retry with a larger --snapshot-size`,
   ),
+  wrongOrigin: define(
+    'COWBD_BACKUP_WRONG_ORIGIN',
+    'EINVAL',
+    (snapshot: string, origin: string, named: string) => `snapshot ${snapshot} is of volume ${origin}, not of ${named}`,
+  ),
   shortChunk: define(
     'COWBD_BACKUP_SHORT_CHUNK',
     'EIO',

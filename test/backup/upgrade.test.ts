@@ -48,6 +48,9 @@ t.test('an old data directory: served as it was, backed up whole once, then incr
   t.equal(first.summaries[0]!.mode, 'full', 'data from before tracking: everything is read');
   const fromOld = await backup(d, 'old', repo, '--from-snapshot', 'oldsnap');
   t.equal(fromOld.code, 0, fromOld.stderr);
+  const wrong = await backup(d, 'other', repo, '--from-snapshot', 'oldsnap');
+  t.not(wrong.code, 0);
+  t.match(wrong.stderr, /snapshot oldsnap is of volume old, not of other/);
   const dir = await tempDir('cowbd-restore-');
   for (const [s, want] of [
     [first.summaries[0]!, origin],
