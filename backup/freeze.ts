@@ -6,8 +6,11 @@ import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 import { BackupErrors } from './errors.js';
 
-// The guard beside this module, in the same form (compiled .js, or .ts under a test's loader).
-const GUARD = fileURLToPath(new URL(`./freeze-guard${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url));
+// The guard beside this module, in the same form: compiled .js, or .ts under a test's
+// loader, whose flags the guard then needs too.
+const FROM_SOURCE = import.meta.url.endsWith('.ts');
+const GUARD = fileURLToPath(new URL(`./freeze-guard${FROM_SOURCE ? '.ts' : '.js'}`, import.meta.url));
+const GUARD_FLAGS = FROM_SOURCE ? process.execArgv : [];
 
 export interface Frozen {
   /** Thaws; rejects when the bound passed before (the snapshot may then not be consistent). */
@@ -15,7 +18,7 @@ export interface Frozen {
 }
 
 export async function freeze(mountpoint: string, timeoutMs: number): Promise<Frozen> {
-  const child = spawn(process.execPath, [...process.execArgv, GUARD, mountpoint, String(timeoutMs)], {
+  const child = spawn(process.execPath, [...GUARD_FLAGS, GUARD, mountpoint, String(timeoutMs)], {
     detached: true,
     stdio: ['pipe', 'pipe', 'inherit'],
   });
