@@ -69,3 +69,26 @@ export function sample(text: string, name: string, labels: Record<string, string
 export function attachLater(port: number, name: string, device: string, timeoutS = 30): string {
   return `echo "${port} ${device} ${name} 1 ${timeoutS}" >> /cowbd/exports\n      cowbd-attach ${device}`;
 }
+
+/** `sha256sum` output as { "./path": hash }. */
+export function parseSums(text: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const line of text.split('\n')) {
+    const r = /^([0-9a-f]{64})\s+(\S+)$/.exec(line.trim());
+    if (r) m.set(r[2]!, r[1]!);
+  }
+  return m;
+}
+
+/** Guest shell: every regular file but lost+found's, with its checksum, in a stable order. */
+export const SUMS = `find . -type f ! -path './lost+found/*' | sort | xargs sha256sum`;
+
+/** Guest shell: a file system's worth of files in /mnt (random data, a precious one, many small ones). */
+export const POPULATE = `
+      mkdir /mnt/dir /mnt/many
+      echo "the only copy of something important" > /mnt/precious.txt
+      seq 1 50000 > /mnt/dir/seq.txt
+      head -c $((6 << 20)) /dev/urandom > /mnt/random.bin
+      head -c $((2 << 20)) /dev/urandom > /mnt/dir/photo.bin
+      head -c $((1 << 20)) /dev/urandom > /mnt/keep.bin
+      for i in $(seq 1 64); do echo "file $i" > /mnt/many/f$i; done`;

@@ -9,26 +9,14 @@ import t from 'tap';
 import { join } from 'node:path';
 import { startDaemon } from '../helpers/daemon.js';
 import { startHostHooks } from '../helpers/host-hooks.js';
+import { POPULATE, SUMS, parseSums } from '../helpers/snapshot-checks.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 import { backup, run, tempDir, type Summary } from '../backup/backup-helpers.js';
-
-/** `sha256sum` output as { "./path": hash }. */
-function parseSums(text: string): Map<string, string> {
-  const m = new Map<string, string>();
-  for (const line of text.split('\n')) {
-    const r = /^([0-9a-f]{64})\s+(\S+)$/.exec(line.trim());
-    if (r) m.set(r[2]!, r[1]!);
-  }
-  return m;
-}
 
 /** The sums back in `sha256sum -c` form, for a guest heredoc. */
 function sumsFile(sums: Map<string, string>): string {
   return [...sums].map(([f, h]) => `${h}  ${f}`).join('\n');
 }
-
-// Every regular file but lost+found's, with its checksum, in a stable order.
-const SUMS = `find . -type f ! -path './lost+found/*' | sort | xargs sha256sum`;
 
 t.test('backups of a live ext4 volume, served and restored', { skip: await guestSkipReason() }, async (t) => {
   const t0 = Date.now();
@@ -66,13 +54,7 @@ t.test('backups of a live ext4 volume, served and restored', { skip: await guest
     script: `
       mkfs.ext4 -q -L live /dev/nbd0
       mount -t ext4 /dev/nbd0 /mnt
-      mkdir /mnt/dir /mnt/many
-      echo "the only copy of something important" > /mnt/precious.txt
-      seq 1 50000 > /mnt/dir/seq.txt
-      head -c $((6 << 20)) /dev/urandom > /mnt/random.bin
-      head -c $((2 << 20)) /dev/urandom > /mnt/dir/photo.bin
-      head -c $((1 << 20)) /dev/urandom > /mnt/keep.bin
-      for i in $(seq 1 64); do echo "file $i" > /mnt/many/f$i; done
+      ${POPULATE}
       (cd /mnt && ${SUMS}) > /root/live
       sync
       # Still mounted and writable: this backup is of a live file system.
