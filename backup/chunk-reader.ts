@@ -39,7 +39,10 @@ export async function readChunks(
     const buf = take();
     const bytes = Math.min(size, r[1] * chunkSize) - r[0] * chunkSize;
     const view = buf.subarray(0, bytes);
-    return src.read(view, r[0] * chunkSize).then(() => buf);
+    const p = src.read(view, r[0] * chunkSize).then(() => buf);
+    // Awaited in order later; a failure of a later read must not count as unhandled meanwhile.
+    p.catch(() => undefined);
+    return p;
   };
   let issued = 0;
   while (issued < runs.length && issued < IN_FLIGHT) reads.push(start(runs[issued++]!));

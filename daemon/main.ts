@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { createLogger, type LogFormat } from './logger.js';
 import { isCowbdError } from './errors.js';
 import { isBackupError } from '../backup/errors.js';
+import { NbdClientError, ProtocolError } from '../protocol/errors.js';
 import { loadConfig } from './config.js';
 import { parseSizeNumber } from './sizes.js';
 import { checkName } from './names.js';
@@ -28,7 +29,8 @@ function common<T>(y: Argv<T>) {
 }
 
 function fail(err: unknown): never {
-  if (isCowbdError(err) || isBackupError(err)) {
+  // Errors the program describes itself need no stack: the message says what happened.
+  if (isCowbdError(err) || isBackupError(err) || err instanceof ProtocolError || err instanceof NbdClientError) {
     process.stderr.write(`cowbd: ${err.message}\n`);
     process.exit(2);
   }
@@ -113,6 +115,9 @@ function serveCommand(y: Argv) {
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
     .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
 }
+
+// A rejection nobody awaited (a connection lost under requests in flight) ends the command as any failure does.
+process.on('unhandledRejection', (err) => fail(err));
 
 const REPEATABLE = new Set(['listen', 'repo', 'volumes']);
 
