@@ -36,7 +36,6 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
   t.equal(s1.mode, 'allocated', 'a new volume is tracked from its creation: only written chunks are read');
   t.equal(s1.stats.bytesRead, written.length * CHUNK, 'read exactly the written chunks');
   t.equal(s1.stats.zeroChunks, COUNT - written.length);
-  t.ok(full.progress.length >= 0);
 
   const img1 = join(await tempDir('cowbd-restore-'), 'img1');
   r = await run(d, 'backup', 'restore', s1.id.slice(0, 8), '--repo', repo, '--to-file', img1);
