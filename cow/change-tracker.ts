@@ -147,7 +147,11 @@ export class ChangeTracker implements ChangeMarks {
   }
 
   private async writeHeader(): Promise<void> {
-    await this.dev.write(encodeHeader(this.h), headerOffset(this.h.seq));
+    // Through the O_DSYNC descriptor where there is one, so it is open from the start, as
+    // every other descriptor the daemon holds; the sync also covers what came before.
+    const b = encodeHeader(this.h);
+    const at = headerOffset(this.h.seq);
+    await (this.dev.writeDurable ? this.dev.writeDurable(b, at) : this.dev.write(b, at));
     await this.dev.sync();
   }
 
