@@ -113,8 +113,9 @@ export class Service {
       onCommit: opts.onCommit ? (s) => opts.onCommit!(s) : undefined,
       wrapDevice: testFaults(log),
       writeBehindBytes: opts.writeBehindBytes,
-      // Incremental backups read only the chunks written since their parent's snapshot.
-      changeTracking: true,
+      // Incremental backups read only the chunks written since their parent's snapshot. A
+      // read-only daemon writes nothing, and nothing it serves changes.
+      changeTracking: !opts.readOnly,
     });
     const svc = new Service(cow, opts, log);
     try {
