@@ -15,6 +15,8 @@ export interface DaemonLink {
   /** An existing snapshot as a source (its origin, size, and checkpoint if it has one). */
   snapshotSource(name: string): Promise<VolumeSource>;
   removeSnapshot(name: string): Promise<void>;
+  /** Byte ranges of a snapshot the backup took and has read: its origin's writes stop copying them. */
+  release(name: string, ranges: Array<[number, number]>): Promise<void>;
   /** The snapshot's export over the daemon's private NBD socket, with the contexts granted of those asked. */
   open(exportName: string, contexts: string[]): Promise<SnapshotExport & { close(): Promise<void> }>;
   /** Why a snapshot's reads fail, when it was invalidated (its store filled). */
@@ -112,7 +114,9 @@ export async function createBackup(link: DaemonLink, o: CreateOptions): Promise<
         let out: Awaited<ReturnType<typeof backupVolume>>;
         try {
           const base = before;
-          out = await backupVolume(repo, writer, src, nbd, parent, (f: ProgressFigures) =>
+          // Only a snapshot this backup took and removes may give up chunks it has read.
+          const release = o.fromSnapshot || o.keepSnapshot ? undefined : (r: Array<[number, number]>) => link.release(src.snapshot, r);
+          out = await backupVolume(repo, writer, src, nbd, parent, release, (f: ProgressFigures) =>
             o.progress.update({
               done: base.done + f.done,
               total,

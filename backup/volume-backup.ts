@@ -44,6 +44,9 @@ export function wantedContexts(src: VolumeSource, parent: Manifest | undefined, 
   return out;
 }
 
+/** Chunks read between two releases: 16 MiB, a control call per 16 MiB of reading. */
+const RELEASE_EVERY = 256;
+
 const ZERO_CHUNK = new Map<number, Buffer>();
 function zeros(n: number): Buffer {
   let z = ZERO_CHUNK.get(n);
@@ -60,6 +63,7 @@ export async function backupVolume(
   src: VolumeSource,
   nbd: SnapshotExport,
   parent: Manifest | undefined,
+  release: ((ranges: Array<[number, number]>) => Promise<void>) | undefined,
   onProgress: (f: ProgressFigures) => void,
 ): Promise<{ chunks: ChunkTable; stats: Stats; mode: BackupPlan['mode'] }> {
   const started = Date.now();
@@ -91,6 +95,19 @@ export async function backupVolume(
     } else stats.zeroChunks++;
     f.done += chunkBytes(i);
   }
+  // What the backup will not read, and then what it has read, the snapshot need not keep
+  // any more: origin writes there stop paying for copies (a failed release only costs that).
+  const releaser = release && new Releaser(release, cs);
+  if (releaser) {
+    const unwanted: Array<[number, number]> = [];
+    for (let i = 0; i < count; i++) {
+      if (want(i)) continue;
+      const first = i;
+      while (i + 1 < count && !want(i + 1)) i++;
+      unwanted.push([first * cs, (i - first + 1) * cs]);
+    }
+    releaser.add(unwanted);
+  }
   const readIdx: number[] = [];
   const readIds: Buffer[] = [];
   const seen = new Set<string>();
@@ -116,6 +133,7 @@ export async function backupVolume(
         } else stats.dedupBytes += data.length;
       }
     }
+    releaser?.readUpTo(i + 1);
     const now = Date.now();
     if (now - lastReport >= 100) {
       lastReport = now;
@@ -124,6 +142,7 @@ export async function backupVolume(
       onProgress(f);
     }
   });
+  await releaser?.done();
   f.newBytes = stats.newBytes;
   f.dedupBytes = stats.dedupBytes;
   onProgress(f);
@@ -138,4 +157,31 @@ export async function backupVolume(
   }
   stats.durationMs = Date.now() - started;
   return { chunks: table, stats, mode };
+}
+
+/** Releases read chunks in batches, one call at a time, never holding up the reading. */
+class Releaser {
+  private chain: Promise<void> = Promise.resolve();
+  private from = 0;
+
+  constructor(
+    private readonly release: (ranges: Array<[number, number]>) => Promise<void>,
+    private readonly cs: number,
+  ) {}
+
+  add(ranges: Array<[number, number]>): void {
+    if (!ranges.length) return;
+    this.chain = this.chain.then(() => this.release(ranges)).catch(() => undefined);
+  }
+
+  /** Chunks below `end` have been read; released once RELEASE_EVERY of them are. */
+  readUpTo(end: number): void {
+    if (end - this.from < RELEASE_EVERY) return;
+    this.add([[this.from * this.cs, (end - this.from) * this.cs]]);
+    this.from = end;
+  }
+
+  done(): Promise<void> {
+    return this.chain;
+  }
 }

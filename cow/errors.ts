@@ -41,6 +41,11 @@ export const CowErrors = {
   snapshotShrink: define('COW_SNAPSHOT_SHRINK', 'EINVAL', () => 'a snapshot cannot shrink'),
   snapshotRemoved: define('COW_SNAPSHOT_REMOVED', 'EIO', (name: string) => `snapshot ${name} was removed`),
   snapshotInvalid: define('COW_SNAPSHOT_INVALID', 'EIO', (name: string) => `snapshot ${name} is invalid`),
+  releaseWritable: define(
+    'COW_RELEASE_WRITABLE',
+    'EINVAL',
+    (name: string) => `snapshot ${name} is writable: only a read-only snapshot's chunks can be released to a backup`,
+  ),
   snapshotReadOnly: define('COW_SNAPSHOT_READ_ONLY', 'EPERM', (name: string) => `snapshot ${name} is read-only`),
   snapshotFull: define('COW_SNAPSHOT_FULL', 'ENOSPC', (name: string) => `snapshot ${name} is full`),
   snapshotInvalidated: define('COW_SNAPSHOT_INVALIDATED', 'EIO', (name: string) => `snapshot ${name} is full and was invalidated`),

@@ -431,6 +431,29 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     return s.usage();
   }
 
+  /**
+   * A backup has read these byte ranges of a read-only snapshot: origin writes stop
+   * copying their whole chunks for it (SnapshotRecord.released). Returns the chunks released.
+   */
+  releaseChunks(name: string, ranges: ReadonlyArray<readonly [offset: number, length: number]>): number {
+    const s = this.snaps.get(name);
+    if (!s) throw CowErrors.unknownSnapshot(name);
+    if (!s.readOnly) throw CowErrors.releaseWritable(name);
+    const cs = s.pool.chunkSize;
+    const n = Math.ceil(s.origin.size / cs);
+    s.record.released ??= new Uint8Array(Math.ceil(n / 8));
+    const bits = s.record.released;
+    let count = 0;
+    for (const [offset, length] of ranges) {
+      const end = Math.min(n, Math.floor((offset + length) / cs) + (offset + length >= s.origin.size ? 1 : 0));
+      for (let c = Math.max(0, Math.ceil(offset / cs)); c < end; c++) {
+        if (((bits[c >>> 3]! >>> (c & 7)) & 1) === 0) count++;
+        bits[c >>> 3]! |= 1 << (c & 7);
+      }
+    }
+    return count;
+  }
+
   /** Frees the snapshot's space at once; the origin and other snapshots are untouched. */
   async removeSnapshot(name: string): Promise<void> {
     const s = this.snaps.get(name);

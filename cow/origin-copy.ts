@@ -3,7 +3,6 @@
 // pool's store once, shared by every snapshot that lacks it, and committed.
 import type { Allocator } from './allocator.js';
 import { copyBuffers, ZEROS } from './buffer-pool.js';
-import { ABSENT } from './chunk-map.js';
 import { type ChunkLocks, Limiter, type ReaderTable } from './chunk-locks.js';
 import { chunkRanges, firstChunk, lastChunk } from './chunks.js';
 import type { ExceptionStore } from './exception-store.js';
@@ -45,7 +44,7 @@ export class OriginCopy {
 
   /** True when some live snapshot of an epoch up to `epoch` has no exception for the chunk. */
   private anyLacks(chunk: number, epoch = Infinity): boolean {
-    for (const r of this.pool.live) if (r.map.get(chunk) === ABSENT && r.epoch <= epoch) return true;
+    for (const r of this.pool.live) if (r.lacks(chunk) && r.epoch <= epoch) return true;
     return false;
   }
 
@@ -111,7 +110,7 @@ export class OriginCopy {
     for (const c of chunks) {
       const who: SnapshotRecord[] = [];
       for (const r of pool.live) {
-        if (r.map.get(c) !== ABSENT || r.epoch > epoch) continue;
+        if (!r.lacks(c) || r.epoch > epoch) continue;
         if (r.state === 'invalid') {
           marks.add(r); // invalidated earlier, its mark not yet durable
           continue;

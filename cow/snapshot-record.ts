@@ -1,6 +1,6 @@
 // What the store knows about one snapshot: identity, limits, its exception map and the
 // chunk accounting that makes its bounded size exact.
-import { ChunkMap } from './chunk-map.js';
+import { ABSENT, ChunkMap } from './chunk-map.js';
 import type { OverflowPolicy, SnapshotStateName } from './format.js';
 
 export class SnapshotRecord {
@@ -16,6 +16,12 @@ export class SnapshotRecord {
   epoch = 0;
   /** Highest usage threshold (percent) already reported. */
   reportedPct = 0;
+  /**
+   * Chunks a backup has finished reading (one bit each, in memory only): origin writes no
+   * longer copy them for this snapshot, as qemu's backup job stops its copy-before-write
+   * for blocks it has copied. Reads of them then see the origin.
+   */
+  released: Uint8Array | undefined;
 
   constructor(
     readonly slot: number,
@@ -29,6 +35,13 @@ export class SnapshotRecord {
     /** Exceptions per metadata area, 0 where metadata costs no store chunks (transient stores). */
     private readonly perArea: number,
   ) {}
+
+  /** The snapshot still reads chunk c from the origin: a write there needs its copy first. */
+  lacks(c: number): boolean {
+    if (this.map.get(c) !== ABSENT) return false;
+    const r = this.released;
+    return r === undefined || ((r[c >>> 3]! >>> (c & 7)) & 1) === 0;
+  }
 
   /**
    * Metadata chunks for e entries: the areas holding them (at least one) plus the chunk

@@ -9,6 +9,8 @@ import type { SnapshotUsage } from '../cow/index.js';
 import { call } from './control-client.js';
 
 export const PRIVATE_NBD_SOCKET = 'nbd.sock';
+/** [offset, length] pairs per release call: well under the control API's 64 KiB body. */
+const RELEASE_BATCH = 2000;
 
 export function privateSocketPath(dataDir: string): string {
   return join(dataDir, PRIVATE_NBD_SOCKET);
@@ -22,6 +24,13 @@ export function daemonLink(dataDir: string): DaemonLink {
         ...(storeBytes === undefined ? {} : { size: String(storeBytes) }),
       }),
     snapshotSource: (name) => call<VolumeSource>(dataDir, 'GET', `/v1/backup-snapshots/${encodeURIComponent(name)}`),
+    release: async (name, ranges) => {
+      // Batched under the control API's body limit.
+      for (let i = 0; i < ranges.length; i += RELEASE_BATCH)
+        await call(dataDir, 'POST', `/v1/backup-snapshots/${encodeURIComponent(name)}/release`, {
+          ranges: ranges.slice(i, i + RELEASE_BATCH),
+        });
+    },
     removeSnapshot: async (name) => {
       await call(dataDir, 'DELETE', `/v1/snapshots/${encodeURIComponent(name)}`);
     },

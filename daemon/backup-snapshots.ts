@@ -6,6 +6,7 @@ import type { VolumeSource } from '../backup/volume-backup.js';
 import { Errors } from './errors.js';
 import { checkName } from './names.js';
 import type { Service } from './service.js';
+import { toCowbdError } from './service.js';
 
 /** A backup's snapshot holds the origin writes made while it is read: a fifth of the volume by default, at least this. */
 const MIN_BACKUP_STORE = 64 * 1024 * 1024;
@@ -44,4 +45,13 @@ export async function snapshotForBackup(svc: Service, volumes: string[], storeBy
   }));
   const snaps = await svc.createSnapshots(list);
   return snaps.map((s) => backupSource(svc, s.name));
+}
+
+/** The backup has read these ranges: origin writes stop copying them for its snapshot. */
+export function releaseForBackup(svc: Service, name: string, ranges: Array<[number, number]>): number {
+  try {
+    return svc.cow.releaseChunks(name, ranges);
+  } catch (err) {
+    throw toCowbdError(err, { snapshot: name });
+  }
 }

@@ -60,6 +60,7 @@ export const Errors = {
   missingField: define('COWBD_BAD_REQUEST', 400, (key: string) => `missing "${key}"`),
   notString: define('COWBD_BAD_REQUEST', 400, (key: string) => `"${key}" must be a string`),
   notStrings: define('COWBD_BAD_REQUEST', 400, (key: string) => `"${key}" must be a list of strings`),
+  badRanges: define('COWBD_BAD_REQUEST', 400, () => '"ranges" must be a list of [offset, length] pairs of non-negative integers'),
   notBoolean: define('COWBD_BAD_REQUEST', 400, (key: string) => `"${key}" must be true or false`),
   badPolicy: define('COWBD_BAD_REQUEST', 400, (policy: string) => `policy must be invalidate or overflow, not "${policy}"`),
   internal: define('COWBD_INTERNAL', 500, (why: string) => why),

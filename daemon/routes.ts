@@ -2,7 +2,7 @@
 import type { ControlServer } from './control-server.js';
 import { Errors } from './errors.js';
 import type { BackupReport } from '../backup/create.js';
-import { backupSource, snapshotForBackup } from './backup-snapshots.js';
+import { backupSource, releaseForBackup, snapshotForBackup } from './backup-snapshots.js';
 import type { Service } from './service.js';
 import { parseSizeNumber } from './sizes.js';
 
@@ -67,6 +67,13 @@ export function controlRoutes(c: ControlServer, svc: Service, backups?: { record
     return snapshotForBackup(svc, strings(b, 'volumes'), size === undefined ? undefined : parseSizeNumber(size));
   });
   c.route('GET', '/v1/backup-snapshots/:name', async (p) => backupSource(svc, p.name!));
+  c.route('POST', '/v1/backup-snapshots/:name/release', async (p, b) => {
+    const ranges = b.ranges;
+    const ok = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
+    if (!Array.isArray(ranges) || !ranges.every((r) => Array.isArray(r) && r.length === 2 && ok(r[0]) && ok(r[1])))
+      throw Errors.badRanges();
+    return { released: releaseForBackup(svc, p.name!, ranges as Array<[number, number]>) };
+  });
   c.route('POST', '/v1/backup-reports', async (_p, b) => {
     str(b, 'volume');
     str(b, 'repository');
