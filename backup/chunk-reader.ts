@@ -10,8 +10,9 @@ const RUN_BYTES = 1 << 20;
 const IN_FLIGHT = 8;
 
 /**
- * Calls consume(index, data) for every chunk `want(index)` selects, in ascending order;
- * `data` is valid until consume's promise resolves. The last chunk may be short.
+ * Calls consume(index, data) for every chunk `want(index)` selects, in ascending order,
+ * without waiting for the promise it may return; `data` stays valid until that promise
+ * resolves. At most IN_FLIGHT runs are read ahead and IN_FLIGHT runs being consumed.
  */
 export async function readChunks(
   src: ChunkSource,
@@ -46,22 +47,37 @@ export async function readChunks(
   };
   let issued = 0;
   while (issued < runs.length && issued < IN_FLIGHT) reads.push(start(runs[issued++]!));
+  // Runs whose chunks are still being consumed; their buffers come back when they are done.
+  const consuming: Promise<void>[] = [];
   try {
     for (let k = 0; k < runs.length; k++) {
       const buf = await reads[k]!;
       const [a, b] = runs[k]!;
+      let pending: Promise<void>[] | undefined;
       for (let i = a; i < b; i++) {
         const off = (i - a) * chunkSize;
         const end = Math.min(size - a * chunkSize, off + chunkSize);
         const r = consume(i, buf.subarray(off, end));
-        if (r) await r;
+        if (r) {
+          pending ??= [];
+          pending.push(r);
+        }
       }
-      free.push(buf);
       reads[k] = undefined as unknown as Promise<Buffer>;
+      if (!pending) free.push(buf);
+      else {
+        const done = Promise.all(pending).then(() => {
+          free.push(buf);
+        });
+        done.catch(() => undefined);
+        consuming.push(done);
+        if (consuming.length >= IN_FLIGHT) await consuming.shift();
+      }
       if (issued < runs.length) reads.push(start(runs[issued++]!));
     }
+    await Promise.all(consuming);
   } finally {
     // Settle what is still in flight before the caller closes the connection.
-    await Promise.allSettled(reads.filter(Boolean));
+    await Promise.allSettled([...reads.filter(Boolean), ...consuming]);
   }
 }

@@ -112,27 +112,18 @@ export async function backupVolume(
   const readIds: Buffer[] = [];
   const seen = new Set<string>();
   let lastReport = 0;
-  await readChunks(nbd, src.size, cs, want, async (i, data) => {
+  const stored = (bytes: number, r: { fresh: boolean; storedBytes: number }) => {
+    if (r.fresh) {
+      stats.newBytes += bytes;
+      stats.storedBytes += r.storedBytes;
+    } else stats.dedupBytes += bytes;
+  };
+  // Synchronous but for the store: chunks are hashed and listed in volume order, and many
+  // stores run at once (the writer bounds them), each holding its chunk's buffer.
+  await readChunks(nbd, src.size, cs, want, (i, data) => {
     stats.bytesRead += data.length;
     f.read += data.length;
     f.done += data.length;
-    if (data.equals(zeros(data.length))) {
-      stats.zeroChunks++;
-    } else {
-      const id = createHash('sha256').update(data).digest();
-      readIdx.push(i);
-      readIds.push(id);
-      const key = id.toString('hex');
-      if (seen.has(key) || repo.has(id)) stats.dedupBytes += data.length;
-      else {
-        seen.add(key);
-        const r = await writer.add(id, data);
-        if (r.fresh) {
-          stats.newBytes += data.length;
-          stats.storedBytes += r.storedBytes;
-        } else stats.dedupBytes += data.length;
-      }
-    }
     releaser?.readUpTo(i + 1);
     const now = Date.now();
     if (now - lastReport >= 100) {
@@ -141,6 +132,21 @@ export async function backupVolume(
       f.dedupBytes = stats.dedupBytes;
       onProgress(f);
     }
+    if (data.equals(zeros(data.length))) {
+      stats.zeroChunks++;
+      return undefined;
+    }
+    const id = createHash('sha256').update(data).digest();
+    readIdx.push(i);
+    readIds.push(id);
+    const key = id.toString('hex');
+    if (seen.has(key) || repo.has(id)) {
+      stats.dedupBytes += data.length;
+      return undefined;
+    }
+    seen.add(key);
+    const bytes = data.length;
+    return writer.add(id, data).then((r) => stored(bytes, r));
   });
   await releaser?.done();
   f.newBytes = stats.newBytes;

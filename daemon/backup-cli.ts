@@ -30,7 +30,8 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
             describe: "exception store of the backup's snapshot (default a fifth of the volume, at least 64M)",
           })
           .option('freeze', { type: 'string', describe: 'freeze this mounted file system (fsfreeze) while the snapshot is taken' })
-          .option('freeze-timeout', { type: 'number', default: 10, describe: 'seconds writers may be held frozen at most' }),
+          .option('freeze-timeout', { type: 'number', default: 10, describe: 'seconds writers may be held frozen at most' })
+          .option('nice', { type: 'number', default: 10, describe: 'CPU priority of the backup process (nice(1)); 0 keeps it' }),
       run((a) =>
         b.backupCreate({
           dataDir: a['data-dir'],
@@ -43,6 +44,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
           freeze: a.freeze,
           freezeTimeout: a['freeze-timeout'],
           progress: a.progress,
+          nice: a.nice,
         }),
       ),
     )

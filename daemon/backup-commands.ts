@@ -1,6 +1,7 @@
 // What each `cowbd backup` command does. create and restore --to-volume need the
 // running daemon; the rest work on the repository alone.
 import { open, unlink } from 'node:fs/promises';
+import { setPriority } from 'node:os';
 import { resolve } from 'node:path';
 import { createBackup } from '../backup/create.js';
 import { prune, type KeepPolicy } from '../backup/prune.js';
@@ -47,9 +48,12 @@ export async function backupCreate(
     freeze?: string;
     freezeTimeout: number;
     progress: boolean;
+    nice: number;
   },
 ): Promise<void> {
   for (const v of o.volumes) checkName(v);
+  // Hashing and compressing take a core: the volume's own users should get theirs first.
+  if (o.nice) setPriority(0, Math.max(-20, Math.min(19, o.nice)));
   const repo = await Repository.open(o.repo);
   const made = await createBackup(daemonLink(o.dataDir), {
     repo,

@@ -21,9 +21,9 @@ t.test('released chunks are not copied; the others keep the point in time', asyn
   await o.write(old, 0, false);
   const s = await m.createSnapshot({ name: 'bk', origin: 'vol', size: 16 * CHUNK, readOnly: true });
   const w = await m.createSnapshot({ name: 'rw', origin: 'vol', size: 16 * CHUNK });
-  t.throws(() => m.releaseChunks('rw', [[0, CHUNK]]), { id: 'COW_RELEASE_WRITABLE' }, 'a writable snapshot gives up nothing');
+  t.throws(() => m.releaseChunks('rw', [[0, CHUNK]]), { message: /writable/ }, 'a writable snapshot gives up nothing');
   await m.removeSnapshot(w.name);
-  t.throws(() => m.releaseChunks('nosuch', [[0, CHUNK]]), { id: 'COW_UNKNOWN_SNAPSHOT' });
+  t.throws(() => m.releaseChunks('nosuch', [[0, CHUNK]]), { message: /no snapshot nosuch/ });
 
   // The range's partial chunks at either end (1 and 6) are not released.
   t.equal(m.releaseChunks('bk', [[2 * CHUNK - 100, 4 * CHUNK + 200]]), 4, 'only whole chunks: 2 to 5');
