@@ -10,7 +10,6 @@ import { NbdClientError, ProtocolError } from '../protocol/errors.js';
 import { loadConfig } from './config.js';
 import { parseSizeNumber } from './sizes.js';
 import { checkName } from './names.js';
-import { startServe } from './serve.js';
 import { ExportAccess } from './access.js';
 import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
@@ -219,6 +218,8 @@ await yargs(hideBin(process.argv))
   .command('serve', 'serve every volume and snapshot over NBD', serveCommand, async (a) => {
     const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
     try {
+      // Loaded here: the server, metrics and TLS are the daemon's alone, not every command's.
+      const { startServe } = await import('./serve.js');
       const metrics = a['metrics-listen'];
       const d = await startServe(
         {

@@ -57,7 +57,7 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
   t.equal(r.code, 0, r.stderr);
   t.equal(await fileHash(img2), await exportHash(d, s2.snapshot), 'the incremental restores to its snapshot exactly');
 
-  r = await run(d, 'backup', 'restore', s2.id, '--repo', repo, '--to-volume', 'back');
+  r = await run(d, 'backup', 'restore', s2.id, '--repo', repo, '--to-volume', 'back', '--verify');
   t.equal(r.code, 0, r.stderr);
   t.equal(await exportHash(d, 'back'), await exportHash(d, s2.snapshot), 'restored to a new volume');
   r = await run(d, 'backup', 'restore', s2.id, '--repo', repo, '--to-file', img2);
