@@ -72,7 +72,8 @@ export async function prune(repo: Repository, o: PruneOptions): Promise<PruneRes
       if (usedBytes === 0) {
         deletes.push(pack);
         bytesFreed += info.size;
-      } else if (info.size - usedBytes > info.size * REPACK_UNUSED_FRACTION) {
+      } else if (blobBytes - usedBytes > blobBytes * REPACK_UNUSED_FRACTION) {
+        // Blob bytes only: a small pack is mostly trailer, and rewriting it would free nothing.
         rewrites.push(pack);
         bytesFreed += blobBytes - usedBytes; // an estimate: the new pack's trailer is smaller too
       }

@@ -97,6 +97,8 @@ t.test('full, incremental, restore, verify, prune', async (t) => {
   r = await run(d, 'backup', 'prune', '--repo', repo, '--keep-last', '1', '--json');
   t.equal(r.code, 0, r.stderr);
   t.same(JSON.parse(r.stdout).forgotten, [s1.id]);
+  r = await run(d, 'backup', 'prune', '--repo', repo, '--keep-last', '1', '--json');
+  t.match(JSON.parse(r.stdout), { forgotten: [], packsDeleted: 0, packsRewritten: 0 }, 'a second prune has nothing to do');
   const img3 = join(await tempDir('cowbd-restore-'), 'img3');
   r = await run(d, 'backup', 'restore', s2.id, '--repo', repo, '--to-file', img3);
   t.equal(r.code, 0, r.stderr);
