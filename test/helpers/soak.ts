@@ -524,9 +524,9 @@ export async function runSoak(o: SoakOptions): Promise<SoakResult> {
   }
 }
 
-/** The snapshot store files in DATA/cow (for the report). */
+/** The snapshot store files in DATA/cow (for the report); the change trackers beside them are not stores. */
 export async function storeFiles(dataDir: string): Promise<string[]> {
-  return (await readdir(join(dataDir, 'cow')).catch(() => [] as string[])).sort();
+  return (await readdir(join(dataDir, 'cow')).catch(() => [] as string[])).filter((f) => !f.endsWith('.cbt')).sort();
 }
 
 export function describeSoak(r: SoakResult): string[] {
