@@ -3,7 +3,7 @@
 // store file left by a creation killed before its header was written does not stop
 // the daemon from starting.
 import t from 'tap';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { call } from '../../daemon/control-client.js';
