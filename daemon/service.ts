@@ -240,18 +240,8 @@ export class Service {
   }
 
   async createSnapshot(o: SnapshotCreate): Promise<SnapshotUsage> {
-    checkName(o.name);
-    checkName(o.origin);
-    this.nameFree(o.name);
-    if (!this.cow.origin(o.origin)) throw Errors.unknownVolume(o.origin);
-    let s: Snapshot;
-    try {
-      s = await this.cow.createSnapshot(o);
-    } catch (err) {
-      throw toCowbdError(err, { volume: o.origin, snapshot: o.name });
-    }
-    this.exportSnapshot(s);
-    return s.usage();
+    const [s] = await this.createSnapshots([o]);
+    return s!.usage();
   }
 
   /** Several snapshots at one instant (a consistency group), each exported; all or none. */
