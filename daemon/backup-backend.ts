@@ -3,6 +3,7 @@
 // backup served), zero chunks read as zeros and are holes in base:allocation.
 import { type Backend, type Extent, type ExportInfo, STATE_HOLE, STATE_ZERO } from '../protocol/backend.js';
 import type { Manifest, Repository } from '../backup/repository.js';
+import { chunkExtents } from './change-contexts.js';
 import { Errors } from './errors.js';
 
 /** Decompressed chunks kept across reads: a sequential reader rereads a chunk per request otherwise. */
@@ -89,18 +90,7 @@ export class BackupBackend implements Backend {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
-    const cs = this.m.chunkSize;
-    const end = Math.min(this.m.size, offset + length);
-    const out: Extent[] = [];
-    for (let at = offset; at < end; ) {
-      const i = Math.floor(at / cs);
-      const next = Math.min(end, (i + 1) * cs);
-      const flags = this.m.chunks.get(i) ? 0 : STATE_HOLE | STATE_ZERO;
-      const last = out[out.length - 1];
-      if (last && last.flags === flags) last.length += next - at;
-      else out.push({ length: next - at, flags });
-      at = next;
-    }
-    return out;
+    const zero = STATE_HOLE | STATE_ZERO;
+    return chunkExtents((i) => (this.m.chunks.get(i) ? 0 : zero), this.m.chunkSize, this.m.size, offset, length);
   }
 }

@@ -15,14 +15,10 @@ import { call } from './control-client.js';
 import { checkName } from './names.js';
 import { formatSize, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
-import type { Common } from './commands.js';
+import { type Common, print } from './commands.js';
 
 interface RepoArg extends Common {
   repo: string;
-}
-
-function print(json: boolean, value: unknown, human: () => string): void {
-  console.log(json ? JSON.stringify(value, null, 2) : human());
 }
 
 function progressMode(o: { json: boolean; progress: boolean }): 'bar' | 'json' | 'none' {

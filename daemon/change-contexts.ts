@@ -57,18 +57,29 @@ export class ChangeContexts {
   }
 }
 
-/** Runs of equal bits over [offset, offset+length), clipped to the volume, as extents with flag 0 or 1. */
-export function extentsOf(bits: Uint8Array, chunkSize: number, size: number, offset: number, length: number): Extent[] {
+/** Runs of chunks with equal flags over [offset, offset+length), clipped to the volume, as extents. */
+export function chunkExtents(
+  flagsOf: (chunk: number) => number,
+  chunkSize: number,
+  size: number,
+  offset: number,
+  length: number,
+): Extent[] {
   const end = Math.min(size, offset + length);
   const out: Extent[] = [];
   for (let at = offset; at < end; ) {
     const i = Math.floor(at / chunkSize);
     const next = Math.min(end, (i + 1) * chunkSize);
-    const flags = (bits[i >>> 3]! >>> (i & 7)) & 1;
+    const flags = flagsOf(i);
     const last = out[out.length - 1];
     if (last && last.flags === flags) last.length += next - at;
     else out.push({ length: next - at, flags });
     at = next;
   }
   return out;
+}
+
+/** A bitmap's runs as extents with flag 0 or 1. */
+export function extentsOf(bits: Uint8Array, chunkSize: number, size: number, offset: number, length: number): Extent[] {
+  return chunkExtents((i) => (bits[i >>> 3]! >>> (i & 7)) & 1, chunkSize, size, offset, length);
 }

@@ -14,7 +14,7 @@ export interface Common {
   json: boolean;
 }
 
-function print(json: boolean, value: unknown, human: () => string): void {
+export function print(json: boolean, value: unknown, human: () => string): void {
   console.log(json ? JSON.stringify(value, null, 2) : human());
 }
 
