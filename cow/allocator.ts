@@ -109,6 +109,15 @@ export class Allocator {
     return e;
   }
 
+  /** The file now spans newEnd chunks: the new ones are free. */
+  grow(newEnd: number): void {
+    if (newEnd <= this.end) return;
+    this.ensure(newEnd);
+    this.refs.fill(REF_FREE, this.end, newEnd);
+    this.freeCount += newEnd - this.end;
+    this.end = newEnd;
+  }
+
   /** Drops a free tail (after the file was truncated to newEnd). */
   shrinkTo(newEnd: number): void {
     for (let i = newEnd; i < this.end; i++) if (this.refs[i] === REF_FREE) this.freeCount--;

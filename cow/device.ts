@@ -5,7 +5,7 @@ import { dirname } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Limiter } from './chunk-locks.js';
 import { CowErrors } from './errors.js';
-import { holePuncher } from './hole-puncher.js';
+import { fallocateHelper } from './fallocate.js';
 
 export interface BlockDevice {
   /** Current size in bytes. Stores grow by writing past the end. */
@@ -30,6 +30,14 @@ export interface BlockDevice {
   punchHoles?(ranges: ReadonlyArray<readonly [offset: number, length: number]>): Promise<void>;
   /** Must take effect before it returns (the promise only reports completion). */
   truncate?(size: number): Promise<void>;
+  /**
+   * Allocates the range's blocks, so writes there need no new space; grows the device to
+   * its end. Rejects with code ENOSPC when the space is not there. Optional: devices
+   * without it cannot reserve (stores on them are sparse whatever was asked).
+   */
+  allocate?(offset: number, length: number): Promise<void>;
+  /** Bytes an unprivileged writer may still allocate on the device's file system. */
+  freeBytes?(): Promise<number>;
   close(): Promise<void>;
 }
 
@@ -202,8 +210,8 @@ export class FileDevice implements BlockDevice {
     const flags = readOnly ? 'r' : opts.create ? fs.constants.O_RDWR | fs.constants.O_CREAT : 'r+';
     const fh = await fs.promises.open(path, flags, 0o600);
     const st = await fh.stat();
-    // Started with the first writable device, while the daemon is small: see hole-puncher.ts.
-    if (!readOnly) holePuncher.start();
+    // Started with the first writable device, while the daemon is small: see fallocate.ts.
+    if (!readOnly) fallocateHelper.start();
     // I/O goes through the callback API on the raw fd: cheaper per call than FileHandle.
     return new FileDevice(path, fh, st.size, readOnly);
   }
@@ -283,7 +291,17 @@ export class FileDevice implements BlockDevice {
   }
 
   punchHoles(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
-    return holePuncher.punch(this.path, ranges);
+    return fallocateHelper.punch(this.path, ranges);
+  }
+
+  async allocate(offset: number, length: number): Promise<void> {
+    await fallocateHelper.allocate(this.path, offset, length);
+    if (offset + length > this._size) this._size = offset + length;
+  }
+
+  async freeBytes(): Promise<number> {
+    const st = await fs.promises.statfs(this.path);
+    return Number(st.bavail) * Number(st.bsize);
   }
 
   truncate(size: number): Promise<void> {

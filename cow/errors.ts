@@ -2,6 +2,17 @@
 // stable `id` for callers and logs, and an errno-style `code` shared with the operating
 // system's own errors, so the daemon maps both to NBD errors in one place.
 
+import type { InvalidReason } from './format.js';
+
+/** What each invalidation reason means, for messages. */
+export const INVALID_WHY: Record<InvalidReason, string> = {
+  unknown: 'reason not recorded',
+  full: 'its exception store filled up',
+  'disk-full': 'the file system was full',
+  'io-error': 'an I/O error',
+  removed: 'it is being removed',
+};
+
 export type Errno = 'EIO' | 'ENOSPC' | 'EPERM' | 'EINVAL' | 'EEXIST' | 'ENOENT' | 'EBUSY' | 'EBADF';
 
 export class CowError extends Error {
@@ -40,7 +51,11 @@ export const CowErrors = {
   snapshotTooSmall: define('COW_SNAPSHOT_TOO_SMALL', 'EINVAL', (chunks: number) => `snapshot size must be at least ${chunks} chunks`),
   snapshotShrink: define('COW_SNAPSHOT_SHRINK', 'EINVAL', () => 'a snapshot cannot shrink'),
   snapshotRemoved: define('COW_SNAPSHOT_REMOVED', 'EIO', (name: string) => `snapshot ${name} was removed`),
-  snapshotInvalid: define('COW_SNAPSHOT_INVALID', 'EIO', (name: string) => `snapshot ${name} is invalid`),
+  snapshotInvalid: define(
+    'COW_SNAPSHOT_INVALID',
+    'EIO',
+    (name: string, reason?: InvalidReason) => `snapshot ${name} is invalid${reason ? ` (${INVALID_WHY[reason]})` : ''}`,
+  ),
   releaseWritable: define(
     'COW_RELEASE_WRITABLE',
     'EINVAL',
@@ -52,11 +67,23 @@ export const CowErrors = {
   writeLost: define('COW_WRITE_LOST', 'EIO', (why: string) => `an acknowledged write could not be written: ${why}`),
   deviceClosed: define('COW_DEVICE_CLOSED', 'EBADF', () => 'device closed'),
   punchPath: define('COW_PUNCH_PATH', 'EINVAL', (path: string) => `cannot punch holes in a path with a newline: ${JSON.stringify(path)}`),
-  punchHelper: define('COW_PUNCH_HELPER', 'EIO', (why: string) => `cannot start the hole punch helper: ${why}`),
+  punchHelper: define('COW_PUNCH_HELPER', 'EIO', (why: string) => `cannot start the fallocate helper: ${why}`),
   trackerFailed: define('COW_TRACKER_FAILED', 'EIO', (why: string) => `change tracking failed: ${why}`),
   trackerRange: define('COW_TRACKER_RANGE', 'EINVAL', (from: number, to: number) => `no generations from ${from} to ${to}`),
   punchFailed: define('COW_PUNCH_FAILED', 'EIO', (path: string, why: string) => `fallocate --punch-hole ${path}: ${why}`),
+  allocateFailed: define('COW_ALLOCATE_FAILED', 'EIO', (path: string, why: string) => `fallocate ${path}: ${why}`),
+  allocateNoSpace: define('COW_ALLOCATE_NO_SPACE', 'ENOSPC', (path: string, why: string) => `fallocate ${path}: ${why}`),
+  noSpace: define(
+    'COW_NO_SPACE',
+    'ENOSPC',
+    (what: string, needBytes: number, freeBytes: number) =>
+      `${what} needs ${mib(needBytes)} reserved on disk and the file system has ${mib(freeBytes)} free; free some space, or use --sparse to overcommit`,
+  ),
 } as const;
+
+function mib(bytes: number): string {
+  return `${(bytes / 1048576).toFixed(1)} MiB`;
+}
 
 export function isCowError(e: unknown): e is CowError {
   return e instanceof CowError;

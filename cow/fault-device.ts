@@ -115,6 +115,17 @@ export class FaultDevice implements BlockDevice {
     return this.inner.truncate ? this.inner.truncate(size) : Promise.reject(injectedError('EIO', 'write', this.path));
   }
 
+  /** Fails where a write of the range would: a rule with errno ENOSPC models a full disk. */
+  allocate(offset: number, length: number): Promise<void> {
+    const e = this.plan().check(this.path, 'write', offset, length);
+    if (e) return Promise.reject(e);
+    return this.inner.allocate ? this.inner.allocate(offset, length) : Promise.reject(injectedError('EIO', 'write', this.path));
+  }
+
+  freeBytes(): Promise<number> {
+    return this.inner.freeBytes ? this.inner.freeBytes() : Promise.resolve(0);
+  }
+
   close(): Promise<void> {
     return this.inner.close();
   }

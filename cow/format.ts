@@ -74,8 +74,18 @@ export function decodePoolHeader(b: Buffer): PoolHeader | string {
 
 export type SnapshotStateName = 'valid' | 'invalid' | 'overflow';
 export type OverflowPolicy = 'invalidate' | 'overflow';
+/**
+ * Why a snapshot was invalidated: its store was full, the file system was (a sparse
+ * store could not grow), an I/O error, or its removal began. 'unknown' for slots
+ * written before the reason was recorded.
+ */
+export type InvalidReason = 'unknown' | 'full' | 'disk-full' | 'io-error' | 'removed';
 const STATES: SnapshotStateName[] = ['valid', 'invalid', 'overflow'];
 const POLICIES: OverflowPolicy[] = ['invalidate', 'overflow'];
+export const INVALID_REASONS: InvalidReason[] = ['unknown', 'full', 'disk-full', 'io-error', 'removed'];
+/** Where the slot's invalidation record lies: zeros in slots written before it existed. */
+const REASON_AT = 180;
+const USED_AT_INVALIDATION_AT = 184;
 
 export interface SlotRecord {
   seq: number;
@@ -88,6 +98,10 @@ export interface SlotRecord {
   firstArea: number;
   createdAt: number;
   name: string;
+  /** Set while state is 'invalid'. */
+  invalidReason?: InvalidReason;
+  /** Chunks the snapshot held when it was invalidated. */
+  usedAtInvalidation?: number;
 }
 
 export function encodeSlot(s: SlotRecord): Buffer {
@@ -106,6 +120,10 @@ export function encodeSlot(s: SlotRecord): Buffer {
   const name = Buffer.from(s.name, 'utf8').subarray(0, NAME_MAX);
   b.writeUInt8(name.length, 48);
   name.copy(b, 49);
+  if (s.state === 'invalid') {
+    b.writeUInt8(INVALID_REASONS.indexOf(s.invalidReason ?? 'unknown'), REASON_AT);
+    b.writeBigUInt64LE(BigInt(s.usedAtInvalidation ?? 0), USED_AT_INVALIDATION_AT);
+  }
   b.writeUInt32LE(sealed(b, SLOT_BYTES), SLOT_BYTES - 4);
   return b;
 }
@@ -129,6 +147,8 @@ export function decodeSlot(b: Buffer): SlotRecord | undefined {
     firstArea: b.readUInt32LE(32),
     createdAt: Number(b.readBigUInt64LE(40)),
     name: b.toString('utf8', 49, 49 + b.readUInt8(48)),
+    invalidReason: state === 'invalid' ? (INVALID_REASONS[b.readUInt8(REASON_AT)] ?? 'unknown') : undefined,
+    usedAtInvalidation: state === 'invalid' ? Number(b.readBigUInt64LE(USED_AT_INVALIDATION_AT)) : undefined,
   };
 }
 

@@ -7,9 +7,11 @@
  *   const cow = await CowManager.open(dataDir, { logger?, usageThresholds?, onCommit?, maxCopies? })
  *   const origin = await cow.attachOrigin(name)        // opens DATA_DIR/name.vol + its stores, replays
  *   const snap = await cow.createSnapshot({ name, origin, size, chunkSize = 65536,
- *                                           policy: 'invalidate' | 'overflow', transient = false, readOnly = false })
+ *                                           policy: 'invalidate' | 'overflow', transient = false, readOnly = false,
+ *                                           sparse = false })   // size reserved on disk unless sparse; COW_NO_SPACE (ENOSPC) if it does not fit
  *   cow.snapshot(name) / cow.origin(name) / cow.snapshotsOf(origin?) / cow.list(): SnapshotUsage[]
- *   await cow.extendSnapshot(name, newSizeBytes)       // lvextend; clears 'overflow'
+ *   await cow.extendSnapshot(name, newSizeBytes)       // lvextend; clears 'overflow'; reserves the growth first
+ *   cow.stores(): StoreUsage[]                         // each store file: needed/reserved/used/file bytes
  *   await cow.createSnapshots([opts, ...])           // a consistency group: one instant for all
  *   cow.tracker(origin): ChangeTracker                 // changed chunks between checkpoints (cow/NAME.cbt)
  *   await cow.removeSnapshot(name)                     // frees space at once (holes punched, file truncated or deleted)
@@ -29,11 +31,12 @@
  */
 export type { BlockDevice, FileDeviceOptions } from './device.js';
 export { FileDevice, syncDirectory, syncMadeDirectories } from './device.js';
+export { allocateFile } from './fallocate.js';
 export { MemDevice } from './mem-device.js';
-export { CowError, CowErrors, isCowError, type Errno } from './errors.js';
+export { CowError, CowErrors, INVALID_WHY, isCowError, type Errno } from './errors.js';
 export type { Volume } from './volume.js';
 export { Origin } from './origin.js';
-export { Snapshot, type SnapshotUsage } from './snapshot.js';
+export { Snapshot, type InvalidInfo, type SnapshotUsage } from './snapshot.js';
 export { SnapshotPool, type PoolEvents, type PoolOptions, type NewSnapshot } from './snapshot-pool.js';
 export { OriginPools } from './origin-copy.js';
 export type { ExceptionStore } from './exception-store.js';
@@ -45,10 +48,19 @@ export {
   validName,
   type CowManagerOptions,
   type CreateSnapshotOptions,
+  type StoreUsage,
   type CowStats,
   type CowLogger,
   type InvalidatedEvent,
   type UsageEvent,
   type CowManagerEvents,
 } from './manager.js';
-export { MIN_CHUNK, MAX_CHUNK, MAX_SNAPSHOTS, type OverflowPolicy, type SnapshotStateName } from './format.js';
+export {
+  MIN_CHUNK,
+  MAX_CHUNK,
+  MAX_SNAPSHOTS,
+  INVALID_REASONS,
+  type InvalidReason,
+  type OverflowPolicy,
+  type SnapshotStateName,
+} from './format.js';

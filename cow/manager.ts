@@ -2,6 +2,8 @@
 //   DATA_DIR/NAME.vol                      origin volume (the daemon's; opened here, never created)
 //   DATA_DIR/cow/NAME.<K>k.cows            persistent exception store of origin NAME for chunk size K KiB
 //   DATA_DIR/cow/NAME.<K>k.transient       transient store: data only, deleted at open
+//   DATA_DIR/cow/NAME.<K>k.sparse.cows     the same for --sparse snapshots (and .sparse.transient):
+//                                          their space is not reserved (reservation.ts)
 //   DATA_DIR/cow/NAME.cbt                  changed-chunk tracker of origin NAME (change-tracker.ts)
 // A store holds every snapshot of one origin with one chunk size (up to 127).
 import { EventEmitter } from 'node:events';
@@ -17,7 +19,9 @@ import type { SnapshotRecord } from './snapshot-record.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
 import { checkGeometry } from './exception-store.js';
 import { OriginPools } from './origin-copy.js';
-import { SnapshotPool, type PoolEvents } from './snapshot-pool.js';
+import { SnapshotPool, type PoolEvents, type StoreSpace } from './snapshot-pool.js';
+import type { Claim } from './reservation.js';
+import type { InvalidReason } from './format.js';
 
 export interface CowLogger {
   info(obj: object, msg?: string): void;
@@ -55,6 +59,18 @@ export interface CreateSnapshotOptions {
   policy?: OverflowPolicy;
   transient?: boolean;
   readOnly?: boolean;
+  /** Reserve nothing on disk (a thin pool): a full file system may invalidate it. */
+  sparse?: boolean;
+}
+
+/** One store file and the space it holds (SnapshotPool.space). */
+export interface StoreUsage extends StoreSpace {
+  origin: string;
+  path: string;
+  chunkSize: number;
+  sparse: boolean;
+  transient: boolean;
+  snapshots: string[];
 }
 
 export interface CowStats {
@@ -73,7 +89,9 @@ export interface CowStats {
 export interface InvalidatedEvent {
   name: string;
   origin: string;
-  reason: string;
+  reason: InvalidReason;
+  /** The error behind an I/O or disk-full invalidation. */
+  detail?: string;
   usedChunks: number;
   capacityChunks: number;
 }
@@ -108,6 +126,8 @@ interface Planned {
   entry: PoolEntry;
   /** The pool was made for it: dropped again if no snapshot ends up in it. */
   created: boolean;
+  /** Its space, reserved before the origins are quiesced. */
+  claim?: Claim;
   capacityChunks: number;
   chunkSize: number;
 }
@@ -155,8 +175,8 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     return (this.opts.syncDirectory ?? syncDirectory)(dir);
   }
 
-  private storePath(origin: string, chunkSize: number, transient: boolean): string {
-    return join(this.cowDir, `${origin}.${chunkSize / 1024}k.${transient ? 'transient' : 'cows'}`);
+  private storePath(origin: string, chunkSize: number, transient: boolean, sparse: boolean): string {
+    return join(this.cowDir, `${origin}.${chunkSize / 1024}k.${sparse ? 'sparse.' : ''}${transient ? 'transient' : 'cows'}`);
   }
 
   private poolEvents(originName: string): PoolEvents {
@@ -178,16 +198,16 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
         this.totals.copies += chunks;
         this.totals.bytesCopied += bytes;
       },
-      onInvalidated: (rec, reason) => {
-        this.opts.logger?.warn({ snapshot: rec.name, origin: originName, reason }, 'snapshot invalidated');
-        this.emit('invalidated', { ...figures(rec), reason });
+      onInvalidated: (rec, reason, detail) => {
+        this.opts.logger?.warn({ snapshot: rec.name, origin: originName, reason, detail }, 'snapshot invalidated');
+        this.emit('invalidated', { ...figures(rec), reason, detail });
       },
       onOverflow: (rec) => {
         this.opts.logger?.warn({ snapshot: rec.name, origin: originName }, 'snapshot overflowed: its writes now fail with ENOSPC');
         this.emit('overflow', { name: rec.name, origin: originName });
       },
       onUsage: (rec, percent) => this.emit('usage', { ...figures(rec), percent }),
-      onError: (err, what) => this.opts.logger?.error({ err, origin: originName, what }, 'exception store write failed'),
+      onError: (err, what) => this.opts.logger?.error({ err, origin: originName, what }, `exception store: ${what} failed`),
     };
   }
 
@@ -216,8 +236,9 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     try {
       const prefix = `${name}.`;
       for (const f of (await readdir(this.cowDir)).sort()) {
-        const m = /^(.+)\.(\d+)k\.cows$/.exec(f);
+        const m = /^(.+)\.(\d+)k\.(sparse\.)?cows$/.exec(f);
         if (!m || m[1] !== name || !f.startsWith(prefix)) continue;
+        const sparse = m[3] !== undefined;
         const path = join(this.cowDir, f);
         const sdev = await this.openDevice(path);
         if (await SnapshotPool.unfinished(sdev).catch(() => false)) {
@@ -229,7 +250,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
           this.opts.logger?.warn({ origin: name, path }, 'removed an exception store whose creation never finished');
           continue;
         }
-        const pool = await SnapshotPool.open(sdev, origin, this.poolOpts(name)).catch(async (e: unknown) => {
+        const pool = await SnapshotPool.open(sdev, origin, { ...this.poolOpts(name), sparse }).catch(async (e: unknown) => {
           await sdev.close();
           throw e;
         });
@@ -343,7 +364,12 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const plan: Planned[] = [];
     const made: Array<{ p: Planned; rec: SnapshotRecord }> = [];
     try {
-      for (const o of list) plan.push(await this.preparePool(o));
+      for (const o of list) {
+        const p = await this.preparePool(o);
+        plan.push(p);
+        // Before any origin is quiesced: allocating a large store may take a while.
+        p.claim = await p.entry.pool.claim(p.capacityChunks, `snapshot ${o.name}`);
+      }
       const involved = [...new Set(plan.map((p) => p.attached))].sort((a, b) => (a.origin.name < b.origin.name ? -1 : 1));
       await this.quiesceAll(involved, async () => {
         for (const p of plan) {
@@ -362,16 +388,20 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     } catch (e) {
       for (const { p, rec } of made) await p.entry.pool.remove(rec).catch(() => {});
       for (const p of plan) {
+        p.claim?.done();
         if (p.created && p.entry.pool.snapshotCount === 0 && p.attached.entries.includes(p.entry)) await this.dropPool(p.attached, p.entry);
+        else p.entry.pool.reclaimer.trim();
       }
       throw e;
     }
+    for (const p of plan) p.claim?.done();
     return made.map(({ p, rec }) => {
       const snap = new Snapshot(p.attached.origin, p.entry.pool, rec);
       this.snaps.set(p.o.name, snap);
       const { chunkSize, capacityChunks } = p;
+      const { persistent } = p.entry.pool.store;
       this.opts.logger?.info(
-        { snapshot: p.o.name, origin: p.o.origin, capacityChunks, chunkSize, transient: !p.entry.pool.store.persistent },
+        { snapshot: p.o.name, origin: p.o.origin, capacityChunks, chunkSize, transient: !persistent, sparse: p.entry.pool.sparse },
         'snapshot created',
       );
       return snap;
@@ -391,16 +421,21 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const { origin, entries } = attached;
     const chunkSize = o.chunkSize ?? 65536;
     const persistent = !(o.transient ?? false);
+    const sparse = o.sparse ?? false;
     const geometry = { chunkSize, originSize: origin.size, originName: origin.name };
     checkGeometry(geometry);
     const capacityChunks = Math.floor(o.size / chunkSize);
     const entry = entries.find(
-      (e) => e.pool.chunkSize === chunkSize && e.pool.store.persistent === persistent && e.pool.snapshotCount < MAX_SNAPSHOTS,
+      (e) =>
+        e.pool.chunkSize === chunkSize &&
+        e.pool.store.persistent === persistent &&
+        e.pool.sparse === sparse &&
+        e.pool.snapshotCount < MAX_SNAPSHOTS,
     );
     if (entry) return { o, attached, entry, created: false, capacityChunks, chunkSize };
-    const path = this.storePath(o.origin, chunkSize, !persistent);
+    const path = this.storePath(o.origin, chunkSize, !persistent, sparse);
     const sdev = await this.openDevice(path, { create: true });
-    const opts = { ...this.poolOpts(origin.name), ...geometry };
+    const opts = { ...this.poolOpts(origin.name), ...geometry, sparse };
     let ours = false;
     let made: PoolEntry | undefined;
     try {
@@ -473,6 +508,23 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     attached.pools.remove(entry.pool);
     await entry.pool.close();
     await unlink(entry.path).catch(() => {});
+  }
+
+  /** Every store file of every attached origin, with the space it holds. */
+  stores(): StoreUsage[] {
+    const out: StoreUsage[] = [];
+    for (const [origin, { entries }] of this.origins)
+      for (const { pool, path } of entries)
+        out.push({
+          origin,
+          path,
+          chunkSize: pool.chunkSize,
+          sparse: pool.sparse,
+          transient: !pool.store.persistent,
+          snapshots: pool.records.filter((r): r is SnapshotRecord => r !== undefined && !r.removing).map((r) => r.name),
+          ...pool.space(),
+        });
+    return out;
   }
 
   stats(): CowStats {

@@ -26,6 +26,8 @@ export class MemDevice implements BlockDevice {
   /** Simulated I/O latency in event-loop turns, so concurrent requests interleave. */
   yieldTurns = 0;
   failWrites = false;
+  /** Bytes the device may span: writes and allocations past it fail with ENOSPC, as on a full disk. */
+  spaceLimit = Number.POSITIVE_INFINITY;
 
   constructor(size = 0, image?: Buffer) {
     const cap = Math.max(4096, image?.length ?? 0, size);
@@ -67,9 +69,10 @@ export class MemDevice implements BlockDevice {
   }
 
   /** The start of every write: the crash tests' hook, an injected failure, the latency. */
-  private async beginWrite(): Promise<void> {
+  private async beginWrite(end: number): Promise<void> {
     this.onIo?.('write');
     if (this.failWrites) throw injectedError('EIO', 'write', 'memory');
+    if (end > this.spaceLimit) throw injectedError('ENOSPC', 'write', 'memory');
     await this.turn();
   }
 
@@ -81,7 +84,7 @@ export class MemDevice implements BlockDevice {
   }
 
   async write(buf: Buffer, offset: number): Promise<void> {
-    await this.beginWrite();
+    await this.beginWrite(offset + buf.length);
     this.put(buf, offset);
     this.pending.push({ offset, data: Buffer.from(buf) });
   }
@@ -100,7 +103,7 @@ export class MemDevice implements BlockDevice {
 
   /** Durable on return, like an O_DSYNC write: it syncs nothing else. */
   async writeDurable(buf: Buffer, offset: number): Promise<void> {
-    await this.beginWrite();
+    await this.beginWrite(offset + buf.length);
     this.put(buf, offset);
     buf.copy(this.durable, offset);
     this.durableSize = Math.max(this.durableSize, offset + buf.length);
@@ -113,7 +116,7 @@ export class MemDevice implements BlockDevice {
     }
   }
 
-  // Hole punching and truncation are modelled as immediately durable: the engine only
+  // Hole punching, truncation and allocation are modelled as immediately durable: the engine only
   // does them to space no durable metadata references, and this is the harsher model.
   async punchHole(offset: number, length: number): Promise<void> {
     const end = Math.min(offset + length, this.cur.length);
@@ -131,6 +134,20 @@ export class MemDevice implements BlockDevice {
 
   async punchHoles(ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
     for (const [o, l] of ranges) await this.punchHole(o, l);
+  }
+
+  async allocate(offset: number, length: number): Promise<void> {
+    const end = offset + length;
+    if (end > this.spaceLimit) throw injectedError('ENOSPC', 'write', 'memory');
+    await this.turn();
+    if (end <= this._size) return;
+    this.ensure(end);
+    this._size = end;
+    this.durableSize = Math.max(this.durableSize, end);
+  }
+
+  async freeBytes(): Promise<number> {
+    return Math.max(0, this.spaceLimit - this._size);
   }
 
   async truncate(size: number): Promise<void> {

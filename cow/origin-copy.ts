@@ -28,7 +28,15 @@ export interface CopyPool {
   readonly locks: ChunkLocks;
   readonly originReaders: ReaderTable;
   readonly copy: OriginCopy;
+  /** Its space is not reserved on disk: a full file system invalidates its snapshots. */
+  readonly sparse: boolean;
   countCopies(chunks: number): void;
+}
+
+/** The file system is full (or the quota reached). */
+function noSpace(e: unknown): boolean {
+  const code = (e as { code?: string } | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
 }
 
 export class OriginCopy {
@@ -116,7 +124,7 @@ export class OriginCopy {
           continue;
         }
         if (!r.fits(1, 1)) {
-          policy.invalidate(r, 'exception store full');
+          policy.invalidate(r, 'full');
           marks.add(r);
           continue;
         }
@@ -145,14 +153,19 @@ export class OriginCopy {
       if (marks.size) jobs.push(policy.markInvalid(marks));
       const results = await Promise.allSettled(jobs);
       const failed = results.slice(0, copyJobs).find((r) => r.status === 'rejected');
+      const markFailed = results[copyJobs];
       if (failed) {
-        // The copies are unusable: the snapshots that needed them cannot stay valid, and
-        // the origin write goes ahead as dm-snapshot's does, once that is durable.
         const reason = (failed as PromiseRejectedResult).reason;
-        for (const r of involved) policy.invalidate(r, `copy failed: ${reason instanceof Error ? reason.message : String(reason)}`);
+        const full = noSpace(reason);
+        // A reserved store out of space was short of its reservation (it could not be
+        // re-made at a restart): the origin write fails instead, and no snapshot is lost.
+        if (full && !pool.sparse) throw markFailed?.status === 'rejected' ? markFailed.reason : reason;
+        // Otherwise the copies are unusable: the snapshots that needed them cannot stay
+        // valid, and the origin write goes ahead as dm-snapshot's does, once that is durable.
+        const detail = reason instanceof Error ? reason.message : String(reason);
+        for (const r of involved) policy.invalidate(r, full ? 'disk-full' : 'io-error', detail);
         await policy.markInvalid(involved);
       }
-      const markFailed = results[copyJobs];
       if (markFailed?.status === 'rejected') throw markFailed.reason;
     } finally {
       for (const r of involved) r.busy--;

@@ -142,6 +142,8 @@ export class PersistentStore implements ExceptionStore {
         firstArea: this.chains[rec.slot]?.areas[0] ?? 0,
         createdAt: rec.createdAt,
         name: rec.name,
+        invalidReason: rec.invalidReason,
+        usedAtInvalidation: rec.usedAtInvalidation,
       }),
     });
   }

@@ -4,10 +4,12 @@
 // write it guards lands, or a restart would bring the snapshot back reading new data.
 import { CowErrors } from './errors.js';
 import type { ExceptionStore } from './exception-store.js';
+import type { InvalidReason } from './format.js';
 import type { SnapshotRecord } from './snapshot-record.js';
 
 export interface PolicyEvents {
-  onInvalidated?(rec: SnapshotRecord, reason: string): void;
+  /** detail: the error behind an I/O or disk-full invalidation. */
+  onInvalidated?(rec: SnapshotRecord, reason: InvalidReason, detail?: string): void;
   onOverflow?(rec: SnapshotRecord): void;
   onUsage?(rec: SnapshotRecord, percent: number): void;
   /** A failure nobody waits for (the overflow mark's slot write). */
@@ -45,18 +47,18 @@ export class SnapshotPolicy {
   }
 
   /** In memory at once; callers then make it durable with markInvalid before any origin write it guards. */
-  invalidate(rec: SnapshotRecord, reason: string): void {
+  invalidate(rec: SnapshotRecord, reason: InvalidReason, detail?: string): void {
     if (rec.state === 'invalid') return;
-    rec.state = 'invalid';
+    rec.setInvalid(reason);
     this.unmarked.add(rec);
     this.pool.refreshLive();
-    this.events.onInvalidated?.(rec, reason);
+    this.events.onInvalidated?.(rec, reason, detail);
   }
 
   /** Invalidated on purpose (before a removal): durable when it resolves. */
   async invalidateDurably(rec: SnapshotRecord): Promise<void> {
     if (rec.state === 'invalid') return;
-    rec.state = 'invalid';
+    rec.setInvalid('removed');
     this.unmarked.add(rec);
     await this.markInvalid([rec]);
   }
@@ -92,7 +94,7 @@ export class SnapshotPolicy {
       }
       throw CowErrors.snapshotFull(rec.name);
     }
-    this.invalidate(rec, 'exception store full');
+    this.invalidate(rec, 'full');
     // Origin writes that need the mark wait for it (or retry it).
     this.markInvalid([rec]).catch(() => {});
     throw CowErrors.snapshotInvalidated(rec.name);

@@ -12,6 +12,7 @@ import { OriginCopy } from './origin-copy.js';
 import type { OriginView } from './origin-contract.js';
 import { PersistentStore } from './persistent-store.js';
 import { Reclaimer } from './reclaim.js';
+import { StoreReservation, type Claim } from './reservation.js';
 import { SnapshotPolicy, type PolicyEvents } from './snapshot-policy.js';
 import { SnapshotRecord } from './snapshot-record.js';
 import { TransientStore } from './transient-store.js';
@@ -27,6 +28,20 @@ export interface PoolOptions {
   usageThresholds?: number[];
   /** Chunk copies in flight per pool (default: 16 MiB of chunks, at least 16). */
   maxCopies?: number;
+  /** Reserve nothing on disk: snapshots may be invalidated when the file system fills (a thin pool). */
+  sparse?: boolean;
+}
+
+/** A store's space, in bytes. */
+export interface StoreSpace {
+  /** What its snapshots need kept allocated (0 for a sparse store). */
+  neededBytes: number;
+  /** What is known allocated for them: below neededBytes only when a restart could not reserve it all. */
+  reservedBytes: number;
+  /** Chunks holding data or metadata, header included. */
+  usedBytes: number;
+  /** The file's length. */
+  fileBytes: number;
 }
 
 export interface NewSnapshot {
@@ -67,6 +82,7 @@ export class SnapshotPool {
   readonly originReaders = new ReaderTable();
   readonly policy: SnapshotPolicy;
   readonly reclaimer: Reclaimer;
+  readonly reservation: StoreReservation;
   readonly copy: OriginCopy;
   private readonly events: PoolEvents;
 
@@ -81,7 +97,16 @@ export class SnapshotPool {
     this.alloc = store.alloc;
     this.events = opts.events ?? {};
     this.policy = new SnapshotPolicy(this, store, this.events, opts.usageThresholds);
-    this.reclaimer = new Reclaimer(store.dev, store.alloc, store.chunkSize, (e) => this.events.onError?.(e, 'hole punch'));
+    this.reservation = new StoreReservation(store.dev, store.alloc, store.chunkSize, !opts.sparse && !!store.dev.allocate, () =>
+      this.heldChunks(),
+    );
+    this.reclaimer = new Reclaimer(
+      store.dev,
+      store.alloc,
+      store.chunkSize,
+      (e) => this.events.onError?.(e, 'hole punch'),
+      this.reservation,
+    );
     this.copy = new OriginCopy(this, opts.maxCopies);
     for (const rec of recovered) this.records[rec.slot] = rec;
     this.refreshLive();
@@ -99,11 +124,49 @@ export class SnapshotPool {
     return new SnapshotPool(store, origin, opts, stats);
   }
 
-  /** Replays a persistent pool. */
+  /**
+   * Replays a persistent pool and re-makes its reservation; a file system that cannot
+   * hold it any more is reported through onError, and the pool opens all the same.
+   */
   static async open(dev: BlockDevice, origin: OriginView, opts: PoolOptions = {}): Promise<SnapshotPool> {
     const { stats, onCommit } = counters(opts.events);
     const { store, records } = await PersistentStore.open(dev, origin.size, onCommit);
-    return new SnapshotPool(store, origin, opts, stats, records);
+    const pool = new SnapshotPool(store, origin, opts, stats, records);
+    if (!(await pool.reservation.restore())) {
+      const s = pool.space();
+      pool.events.onError?.(
+        new Error(`reserved ${s.reservedBytes} of the ${s.neededBytes} bytes its snapshots need: the file system is full`),
+        'space reservation',
+      );
+    }
+    return pool;
+  }
+
+  /** Whether the pool reserves its snapshots' space on disk. */
+  get sparse(): boolean {
+    return !this.reservation.enabled;
+  }
+
+  /** Header chunks plus what every snapshot in a slot holds reserved. */
+  private heldChunks(): number {
+    let n = this.alloc.firstChunk;
+    for (const r of this.records) if (r) n += r.reservedChunks;
+    return n;
+  }
+
+  /** Reserves room for a snapshot of `chunks` about to be made or grown (reservation.ts). */
+  claim(chunks: number, what: string): Promise<Claim> {
+    return this.reservation.claim(chunks, what);
+  }
+
+  space(): StoreSpace {
+    const cs = this.chunkSize;
+    return {
+      neededBytes: this.reservation.neededChunks * cs,
+      reservedBytes: this.reservation.allocatedChunks * cs,
+      usedBytes: (this.alloc.end - this.alloc.freeChunks) * cs,
+      fileBytes: this.store.dev.size,
+    };
   }
 
   /** A pool whose exceptions live in memory only: gone on restart. */
@@ -176,8 +239,10 @@ export class SnapshotPool {
     return rec;
   }
 
+  /** Grows a snapshot, its space reserved first: a file system that cannot hold it changes nothing. */
   async extend(rec: SnapshotRecord, capacityChunks: number): Promise<void> {
     if (capacityChunks < rec.capacityChunks) throw CowErrors.snapshotShrink();
+    const claim = await this.claim(capacityChunks - rec.capacityChunks, `growing snapshot ${rec.name}`);
     const old = rec.capacityChunks;
     const oldState = rec.state;
     rec.capacityChunks = capacityChunks;
@@ -188,6 +253,9 @@ export class SnapshotPool {
       rec.capacityChunks = old;
       rec.state = oldState;
       throw e;
+    } finally {
+      claim.done();
+      if (rec.capacityChunks === old) this.reclaimer.trim();
     }
     rec.reportedPct = 0;
     this.policy.reportUsage(rec);

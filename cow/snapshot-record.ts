@@ -1,7 +1,7 @@
 // What the store knows about one snapshot: identity, limits, its exception map and the
 // chunk accounting that makes its bounded size exact.
 import { ABSENT, ChunkMap } from './chunk-map.js';
-import type { OverflowPolicy, SnapshotStateName } from './format.js';
+import type { InvalidReason, OverflowPolicy, SnapshotStateName } from './format.js';
 
 export class SnapshotRecord {
   readonly map = new ChunkMap();
@@ -16,6 +16,9 @@ export class SnapshotRecord {
   epoch = 0;
   /** Highest usage threshold (percent) already reported. */
   reportedPct = 0;
+  /** Why it was invalidated, and the chunks it held then: kept in its slot. */
+  invalidReason: InvalidReason | undefined;
+  usedAtInvalidation = 0;
   /**
    * Chunks a backup has finished reading (one bit each, in memory only): origin writes no
    * longer copy them for this snapshot, as qemu's backup job stops its copy-before-write
@@ -64,6 +67,21 @@ export class SnapshotRecord {
   reserve(dataDelta: number, entryDelta: number): void {
     this.dataChunks += dataDelta;
     this.entries += entryDelta;
+  }
+
+  /** Marks it invalid in memory, recording why and what it held. */
+  setInvalid(reason: InvalidReason): void {
+    this.state = 'invalid';
+    this.invalidReason = reason;
+    this.usedAtInvalidation = this.usedChunks;
+  }
+
+  /**
+   * Chunks its store keeps allocated on disk for it: its whole size while it may still
+   * grow, what it holds once invalid (it never grows again).
+   */
+  get reservedChunks(): number {
+    return this.state === 'invalid' ? Math.min(this.usedChunks, this.capacityChunks) : this.capacityChunks;
   }
 
   /** Counts toward COW only while it can still be read. */

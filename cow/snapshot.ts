@@ -4,7 +4,7 @@ import { ZEROS, copyBuffers } from './buffer-pool.js';
 import { ABSENT } from './chunk-map.js';
 import { firstChunk, forEachChunk } from './chunks.js';
 import { CowErrors } from './errors.js';
-import { ZERO_CHUNK, type OverflowPolicy, type SnapshotStateName } from './format.js';
+import { ZERO_CHUNK, type InvalidReason, type OverflowPolicy, type SnapshotStateName } from './format.js';
 import type { Origin } from './origin.js';
 import type { SnapshotPool } from './snapshot-pool.js';
 import type { SnapshotRecord } from './snapshot-record.js';
@@ -26,6 +26,18 @@ export interface SnapshotUsage {
   /** Exceptions (chunks that no longer read from the origin). */
   exceptions: number;
   createdAt: Date;
+  /** Its store reserves nothing on disk (--sparse): a full file system may invalidate it. */
+  sparse: boolean;
+  /** Bytes its store keeps allocated on disk for it (0 when sparse). */
+  reservedBytes: number;
+  /** Why it is invalid, and what it held then; null while it is not. */
+  invalid: InvalidInfo | null;
+}
+
+export interface InvalidInfo {
+  reason: InvalidReason;
+  usedChunks: number;
+  usedBytes: number;
 }
 
 /** Where a piece of a snapshot read comes from. */
@@ -63,7 +75,7 @@ export class Snapshot implements Volume {
   private checkReadable(): void {
     const rec = this.record;
     if (rec.removing || !this.pool.holds(rec)) throw CowErrors.snapshotRemoved(rec.name);
-    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name);
+    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name, rec.invalidReason);
   }
 
   private checkWritable(): void {
@@ -93,7 +105,7 @@ export class Snapshot implements Volume {
       this.pool.reclaimer.readDone();
     }
     // Invalidated meanwhile: what was read may mix in origin writes the snapshot never saw.
-    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name);
+    if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name, rec.invalidReason);
   }
 
   private async readWithin(buf: Buffer, offset: number, c: number): Promise<void> {
@@ -312,6 +324,12 @@ export class Snapshot implements Volume {
       capacityBytes: r.capacityChunks * cs,
       exceptions: r.map.size,
       createdAt: new Date(r.createdAt),
+      sparse: this.pool.sparse,
+      reservedBytes: this.pool.sparse ? 0 : r.reservedChunks * cs,
+      invalid:
+        r.state === 'invalid'
+          ? { reason: r.invalidReason ?? 'unknown', usedChunks: r.usedAtInvalidation, usedBytes: r.usedAtInvalidation * cs }
+          : null,
     };
   }
 }

@@ -91,6 +91,8 @@ async function replaySnapshot(
 ): Promise<ReplayedSnapshot> {
   const perArea = entriesPerArea(cs);
   const rec = new SnapshotRecord(slot, s.snapId, s.name, s.state, s.policy, s.readOnly, s.capacityChunks, s.createdAt, perArea);
+  rec.invalidReason = s.invalidReason;
+  rec.usedAtInvalidation = s.usedAtInvalidation ?? 0;
   const areas: number[] = [];
   const areaCount = await countAreas(dev, poolId, cs, s);
   if (areaCount > 1) rec.map.reserve((areaCount - 1) * perArea);

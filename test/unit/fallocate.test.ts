@@ -5,7 +5,7 @@ import t, { type Test } from 'tap';
 import { mkdtemp, rm, writeFile, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { HolePuncher, holePuncher } from '../../cow/hole-puncher.js';
+import { FallocateHelper, fallocateHelper } from '../../cow/fallocate.js';
 import { FileDevice } from '../../cow/device.js';
 
 const MiB = 1 << 20;
@@ -15,10 +15,10 @@ async function dataFile(path: string): Promise<void> {
 }
 
 /** A scratch directory and a helper of the test's own, both gone at its end. */
-async function setup(t: Test): Promise<{ dir: string; hp: HolePuncher }> {
+async function setup(t: Test): Promise<{ dir: string; hp: FallocateHelper }> {
   const dir = await mkdtemp(join(tmpdir(), 'cowbd-punch-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const hp = new HolePuncher();
+  const hp = new FallocateHelper();
   t.teardown(() => hp.stop());
   return { dir, hp };
 }
@@ -88,14 +88,14 @@ t.test('FileDevice punches through the shared helper', async (t) => {
   await dataFile(path);
   const dev = await FileDevice.open(path);
   t.teardown(() => dev.close());
-  const pid = holePuncher.pid;
+  const pid = fallocateHelper.pid;
   t.ok(pid, 'opening a writable device started the helper');
   await dev.punchHoles([
     [0, 65536],
     [131072, 65536],
   ]);
   await dev.punchHole(MiB - 65536, 65536);
-  t.equal(holePuncher.pid, pid, 'and every punch went through it: no fork per punch');
+  t.equal(fallocateHelper.pid, pid, 'and every punch went through it: no fork per punch');
   const got = await readFile(path);
   t.ok(got.subarray(0, 65536).equals(Buffer.alloc(65536)) && got.subarray(131072, 196608).equals(Buffer.alloc(65536)));
   t.ok(got.subarray(65536, 131072).equals(Buffer.alloc(65536, 0x5a)), 'between the holes the data stays');
@@ -104,7 +104,7 @@ t.test('FileDevice punches through the shared helper', async (t) => {
 });
 
 t.test('a helper that cannot be started fails the punch, not the device', async (t) => {
-  const { HolePuncher: Broken } = await t.mockImport<typeof import('../../cow/hole-puncher.js')>('../../cow/hole-puncher.js', {
+  const { FallocateHelper: Broken } = await t.mockImport<typeof import('../../cow/fallocate.js')>('../../cow/fallocate.js', {
     'node:child_process': {
       spawn: () => {
         throw new Error('spawn ENOMEM');
@@ -114,5 +114,5 @@ t.test('a helper that cannot be started fails the punch, not the device', async 
   const hp = new Broken();
   hp.start();
   t.equal(hp.pid, undefined, 'start does not throw');
-  await t.rejects(hp.punch('/nowhere', [[0, 4096]]), { code: 'EIO', message: /cannot start the hole punch helper: spawn ENOMEM/ });
+  await t.rejects(hp.punch('/nowhere', [[0, 4096]]), { code: 'EIO', message: /cannot start the fallocate helper: spawn ENOMEM/ });
 });

@@ -1,21 +1,26 @@
-// Holes are punched by fallocate(1) (Node has no fallocate), run by one long-lived shell
-// started while the daemon is still small, not by a new child per punch.
+// fallocate(2) for Node, which has none: holes are punched and space is reserved by
+// fallocate(1), run by one long-lived shell started while the daemon is still small, not
+// by a new child per call.
 //
 // Why: spawning forks the daemon, which blocks the event loop to copy its page tables and
 // makes the next write to every page fault; the daemon is largest exactly when TRIM and
 // snapshot removal come. The shell forks fallocate from its own small image instead
-// (docs/tuning.md, holePuncher).
+// (docs/tuning.md, fallocateHelper).
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { CowErrors } from './errors.js';
 
-// A request is two lines, "OFFSET LENGTH" then the path (read whole, so any byte but a
-// newline may be in it); one reply line each, "ok" or "err MESSAGE", in order.
+// A request is two lines, "MODE OFFSET LENGTH" then the path (read whole, so any byte but
+// a newline may be in it); one reply line each, "ok" or "err MESSAGE", in order. MODE p
+// punches a hole; a allocates the range, growing the file when it ends past it.
 const SCRIPT =
-  'while read -r o l && IFS= read -r p; do ' +
-  'if m=$(fallocate --punch-hole --keep-size -o "$o" -l "$l" -- "$p" 2>&1); then echo ok; ' +
+  'while read -r k o l && IFS= read -r p; do ' +
+  'if [ "$k" = p ]; then set -- --punch-hole --keep-size; else set --; fi; ' +
+  'if m=$(fallocate "$@" -o "$o" -l "$l" -- "$p" 2>&1); then echo ok; ' +
   'else printf "err %s\\n" "$(printf %s "$m" | tr "\\n" " ")"; fi; done';
 
-export class HolePuncher {
+type Mode = 'p' | 'a';
+
+export class FallocateHelper {
   private child: ChildProcessWithoutNullStreams | undefined;
   /** One per request written and not yet answered, in order. */
   private waiting: Array<(err: string | undefined) => void> = [];
@@ -52,7 +57,26 @@ export class HolePuncher {
 
   /** Deallocates the ranges of the file at path (they then read as zeros). */
   punch(path: string, ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
-    if (ranges.length === 0) return Promise.resolve();
+    return this.run('p', path, ranges).then((err) => {
+      if (err !== undefined) throw CowErrors.punchFailed(path, err);
+    });
+  }
+
+  /**
+   * Allocates the file's blocks over [offset, offset+length) (fallocate mode 0): writes
+   * there then need no new space. The file grows to offset+length if it is shorter.
+   * Rejects with code ENOSPC when the file system cannot hold it.
+   */
+  allocate(path: string, offset: number, length: number): Promise<void> {
+    return this.run('a', path, [[offset, length]]).then((err) => {
+      if (err === undefined) return;
+      throw /No space left|Disk quota/.test(err) ? CowErrors.allocateNoSpace(path, err) : CowErrors.allocateFailed(path, err);
+    });
+  }
+
+  /** Runs one request per range; resolves with the first error message, if any. */
+  private run(mode: Mode, path: string, ranges: ReadonlyArray<readonly [number, number]>): Promise<string | undefined> {
+    if (ranges.length === 0) return Promise.resolve(undefined);
     if (path.includes('\n')) return Promise.reject(CowErrors.punchPath(path));
     this.start();
     const child = this.child;
@@ -68,11 +92,8 @@ export class HolePuncher {
     // came, leaving these replies unanswered (seen once in CI, in the killed-helper test).
     child.ref();
     handle(child.stdout).ref?.();
-    child.stdin.write(ranges.map(([o, l]) => `${Math.trunc(o)} ${Math.trunc(l)}\n${path}\n`).join(''));
-    return Promise.all(replies).then((errs) => {
-      const err = errs.find((e) => e !== undefined);
-      if (err !== undefined) throw CowErrors.punchFailed(path, err);
-    });
+    child.stdin.write(ranges.map(([o, l]) => `${mode} ${Math.trunc(o)} ${Math.trunc(l)}\n${path}\n`).join(''));
+    return Promise.all(replies).then((errs) => errs.find((e) => e !== undefined));
   }
 
   private onOutput(s: string): void {
@@ -88,7 +109,7 @@ export class HolePuncher {
     }
   }
 
-  /** The helper died: its unanswered requests fail, and the next punch starts a new one. */
+  /** The helper died: its unanswered requests fail, and the next call starts a new one. */
   private gone(child: ChildProcessWithoutNullStreams, why: string): void {
     if (this.child !== child) return;
     this.child = undefined;
@@ -98,7 +119,7 @@ export class HolePuncher {
     for (const res of w) res(why);
   }
 
-  /** Stops the helper (tests); a later punch starts a new one. */
+  /** Stops the helper (tests); a later call starts a new one. */
   async stop(): Promise<void> {
     const child = this.child;
     if (!child) return;
@@ -114,4 +135,7 @@ function handle(s: unknown): { ref?(): void; unref?(): void } {
 }
 
 /** The process's helper, shared by every file device. */
-export const holePuncher = new HolePuncher();
+export const fallocateHelper = new FallocateHelper();
+
+/** Allocates a file's blocks over a range (and grows it to the range's end): see FallocateHelper.allocate. */
+export const allocateFile = (path: string, offset: number, length: number): Promise<void> => fallocateHelper.allocate(path, offset, length);
