@@ -39,6 +39,7 @@ export const Errors = {
   readOnly: define('COWBD_READ_ONLY', 409, () => 'the daemon serves read-only; volumes cannot be created'),
   /** The engine refused the request as given (a bad chunk size, no room for another snapshot). */
   invalidRequest: define('COWBD_INVALID_REQUEST', 400, (why: string) => why),
+  noSpace: define('COWBD_NO_SPACE', 507, (why: string) => why),
 
   // Starting the daemon: options, config file, TLS, data directory.
   dataDirLocked: define(

@@ -50,6 +50,7 @@ export function controlRoutes(c: ControlServer, svc: Service, backups?: { record
       policy,
       transient: bool(b, 'transient'),
       readOnly: bool(b, 'readOnly'),
+      sparse: bool(b, 'sparse'),
     });
   });
   c.route('POST', '/v1/snapshots/:name/extend', async (p, b) => {

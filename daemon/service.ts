@@ -41,6 +41,8 @@ export interface SnapshotCreate {
   policy?: 'invalidate' | 'overflow';
   transient?: boolean;
   readOnly?: boolean;
+  /** Reserve nothing on disk (a thin pool). */
+  sparse?: boolean;
 }
 
 export interface VolumeView {
@@ -74,6 +76,8 @@ export function toCowbdError(err: unknown, what: { volume?: string; snapshot?: s
     case CowErrors.nameTaken.id:
     case CowErrors.fileExists.id:
       return Errors.nameTaken(what.snapshot ?? what.volume ?? '?');
+    case CowErrors.noSpace.id:
+      return Errors.noSpace(err.message);
   }
   // The rest by kind: a request the engine refuses as given is the caller's to fix;
   // I/O errors pass through as they are.
