@@ -77,12 +77,20 @@ export const CowErrors = {
     'COW_NO_SPACE',
     'ENOSPC',
     (what: string, needBytes: number, freeBytes: number) =>
-      `${what} needs ${mib(needBytes)} reserved on disk and the file system has ${mib(freeBytes)} free; free some space, or use --sparse to overcommit`,
+      `${what} needs ${size(needBytes)} reserved on disk and the file system has ${size(freeBytes)} free; free some space, or use --sparse to overcommit`,
   ),
 } as const;
 
-function mib(bytes: number): string {
-  return `${(bytes / 1048576).toFixed(1)} MiB`;
+/** Bytes as people read them: 1.5 GiB, 40.0 KiB. */
+function size(bytes: number): string {
+  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return u === 0 ? `${v} bytes` : `${v.toFixed(1)} ${units[u]}`;
 }
 
 export function isCowError(e: unknown): e is CowError {

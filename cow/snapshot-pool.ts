@@ -139,6 +139,9 @@ export class SnapshotPool {
         'space reservation',
       );
     }
+    // Space reserved for a snapshot whose creation a crash cut short goes back.
+    pool.reclaimer.trim();
+    await pool.reclaimer.idle();
     return pool;
   }
 

@@ -188,8 +188,13 @@ export async function snap(
   policy: 'invalidate' | 'overflow' = 'invalidate',
   readOnly = false,
 ): Promise<Snapshot> {
-  const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly }));
-  return new Snapshot(rig.origin, rig.pool, rec);
+  const claim = await rig.pool.claim(capacityChunks, `snapshot ${name}`);
+  try {
+    const rec = await rig.origin.quiesced(() => rig.pool.createSnapshot({ name, capacityChunks, policy, readOnly }));
+    return new Snapshot(rig.origin, rig.pool, rec);
+  } finally {
+    claim.done();
+  }
 }
 
 /** The tag of the sector a volume reads at that sector number. */

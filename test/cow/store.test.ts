@@ -256,10 +256,13 @@ t.test('creation is atomic: acknowledged writes in, later ones out', async (t) =
   const rig = await makeRig(256, 4096);
   rig.originDev.yieldTurns = 2;
   const early = rig.origin.write(pattern(0, 8, 120), 0, false);
-  const creating = snap(rig, 'a', 100);
+  // The quiesce itself, as the manager runs it once the space is reserved.
+  const creating = rig.origin.quiesced(() =>
+    rig.pool.createSnapshot({ name: 'a', capacityChunks: 100, policy: 'invalidate', readOnly: false }),
+  );
   const late = rig.origin.write(pattern(0, 8, 121), 0, false); // issued during creation
   await early;
-  const s = await creating;
+  const s = new Snapshot(rig.origin, rig.pool, await creating);
   await late;
   t.equal(await idAt(s, 0), 120, 'write acknowledged before creation is in the snapshot');
   t.equal(await idAt(rig.origin, 0), 121);
@@ -318,7 +321,8 @@ t.test('failures nobody waits for reach the pool events: a hole punch, an overfl
   const { origin, pools } = originOf(originDev);
   const errors: string[] = [];
   const events = { onError: (e: unknown, what: string) => errors.push(`${what}: ${(e as Error).message}`) };
-  const pool = await SnapshotPool.create(storeDev, origin, { chunkSize: CS, originSize: 64 * CS, originName: 'o', events });
+  // Only a sparse store punches holes: a reserved one keeps its space.
+  const pool = await SnapshotPool.create(storeDev, origin, { chunkSize: CS, originSize: 64 * CS, originName: 'o', events, sparse: true });
   pools.add(pool);
   const rec = await origin.quiesced(() => pool.createSnapshot({ name: 'a', capacityChunks: 8, policy: 'invalidate', readOnly: false }));
   await origin.write(Buffer.alloc(CS, 6), 0, false);

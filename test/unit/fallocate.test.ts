@@ -1,7 +1,11 @@
-// Hole punching through the one long-lived fallocate helper: holes land where asked,
-// every punch reuses the helper (the daemon forks once, not per TRIM or removal), failures
-// come back per request without killing it, and a dead helper is replaced.
+// Hole punching and space reservation through the one long-lived fallocate helper: holes
+// land where asked, allocations allocate, every call reuses the helper (the daemon forks
+// once, not per TRIM or removal), failures come back per request without killing it, a
+// full file system reads as ENOSPC, and a dead helper is replaced.
 import t, { type Test } from 'tap';
+import { execFile } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
+import { promisify } from 'node:util';
 import { mkdtemp, rm, writeFile, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -101,6 +105,39 @@ t.test('FileDevice punches through the shared helper', async (t) => {
   t.ok(got.subarray(65536, 131072).equals(Buffer.alloc(65536, 0x5a)), 'between the holes the data stays');
   t.ok(got.subarray(MiB - 65536).equals(Buffer.alloc(65536)));
   await t.rejects(FileDevice.open(join(dir, 'nope')), { code: 'ENOENT' });
+});
+
+t.test('FileDevice allocates through the shared helper; a full file system is ENOSPC', async (t) => {
+  const { dir } = await setup(t);
+  const path = join(dir, 'store');
+  await writeFile(path, Buffer.alloc(4096, 1));
+  const dev = await FileDevice.open(path);
+  t.teardown(() => dev.close());
+  const pid = fallocateHelper.pid;
+  await dev.allocate(0, 8 * MiB);
+  t.equal(fallocateHelper.pid, pid, 'no fork of the daemon per allocation');
+  const st = await stat(path);
+  t.equal(st.size, 8 * MiB, 'the file grows to the end of the range');
+  t.equal(dev.size, 8 * MiB, 'and the device knows it');
+  t.ok(st.blocks * 512 >= 8 * MiB, `its blocks are allocated (${st.blocks * 512} bytes)`);
+  t.ok((await readFile(path)).subarray(0, 4096).equals(Buffer.alloc(4096, 1)), 'data already there is kept');
+  t.ok((await dev.freeBytes()) > 0);
+
+  if (process.getuid?.() !== 0) {
+    t.skip('ENOSPC needs root to mount a small tmpfs');
+    return;
+  }
+  const small = join(dir, 'small');
+  await mkdir(small);
+  await promisify(execFile)('mount', ['-t', 'tmpfs', '-o', 'size=4M', 'tmpfs', small]);
+  t.teardown(() => promisify(execFile)('umount', ['-l', small]).catch(() => undefined));
+  const f = join(small, 'store');
+  await writeFile(f, '');
+  const sdev = await FileDevice.open(f);
+  t.teardown(() => sdev.close());
+  await t.rejects(sdev.allocate(0, 64 * MiB), { code: 'ENOSPC', id: 'COW_ALLOCATE_NO_SPACE', message: /No space left/ });
+  await sdev.allocate(0, MiB);
+  t.equal((await stat(f)).size, MiB, 'the helper serves the next request');
 });
 
 t.test('a helper that cannot be started fails the punch, not the device', async (t) => {
