@@ -61,7 +61,7 @@ t.test('a reservation that does not fit changes nothing', async (t) => {
   t.equal(rig.storeDev.size, (HEADER + 25) * CS, 'a snapshot that fits is still made');
   await t.rejects(
     rig.pool.extend(rig.pool.records.find((r) => r?.name === 'c')!, 6),
-    { id: 'COW_NO_SPACE' },
+    { code: 'ENOSPC', message: /growing snapshot c needs/ },
     'so is a growth that does not fit',
   );
   t.equal(rig.pool.records.find((r) => r?.name === 'c')?.capacityChunks, 5, 'which leaves the size as it was');
