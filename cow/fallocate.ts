@@ -1,22 +1,44 @@
-// fallocate(2) for Node, which has none: holes are punched and space is reserved by
-// fallocate(1), run by one long-lived shell started while the daemon is still small, not
-// by a new child per call.
+// fallocate(2) for Node, which has none: holes are punched and space is reserved by one
+// long-lived Perl process (perl-base is part of every Debian system) started while the
+// daemon is still small, which makes the system call itself: no process per call.
 //
 // Why: spawning forks the daemon, which blocks the event loop to copy its page tables and
 // makes the next write to every page fault; the daemon is largest exactly when TRIM and
-// snapshot removal come. The shell forks fallocate from its own small image instead
-// (docs/tuning.md, fallocateHelper).
+// snapshot removal come. And a fork and exec of fallocate(1) per call cost more than the
+// allocation of a whole 1 GiB store (docs/tuning.md, fallocateHelper).
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { CowErrors } from './errors.js';
 
+/** fallocate's system call number on 64-bit systems whose table is known; elsewhere fallocate(1) is run. */
+const SYS_FALLOCATE: Partial<Record<string, number>> = { x64: 285, arm64: 47, riscv64: 47 };
+
 // A request is two lines, "MODE OFFSET LENGTH" then the path (read whole, so any byte but
-// a newline may be in it); one reply line each, "ok" or "err MESSAGE", in order. MODE p
-// punches a hole; a allocates the range, growing the file when it ends past it.
-const SCRIPT =
-  'while read -r k o l && IFS= read -r p; do ' +
-  'if [ "$k" = p ]; then set -- --punch-hole --keep-size; else set --; fi; ' +
-  'if m=$(fallocate "$@" -o "$o" -l "$l" -- "$p" 2>&1); then echo ok; ' +
-  'else printf "err %s\\n" "$(printf %s "$m" | tr "\\n" " ")"; fi; done';
+// a newline may be in it); one reply line each, "ok" or "err ERRNO MESSAGE", in order.
+// MODE p punches a hole (PUNCH_HOLE | KEEP_SIZE); a allocates the range (mode 0), growing
+// the file when it ends past it.
+const SCRIPT = `
+use strict; use Fcntl; $| = 1;
+my $nr = $ARGV[0] + 0;
+while (defined(my $req = <STDIN>)) {
+  my $path = <STDIN>; last unless defined $path;
+  chomp $req; chomp $path;
+  my ($mode, $off, $len) = split / /, $req;
+  my $err;
+  if (!sysopen(my $fh, $path, O_WRONLY)) { $err = ($! + 0) . " $!"; }
+  elsif ($nr) {
+    $err = ($! + 0) . " $!" if syscall($nr, fileno($fh), $mode eq 'p' ? 3 : 0, $off + 0, $len + 0) != 0;
+    close $fh;
+  } else {
+    close $fh;
+    my @punch = $mode eq 'p' ? ('--punch-hole', '--keep-size') : ();
+    $err = "5 fallocate exited " . ($? >> 8) if system('fallocate', @punch, '-o', $off, '-l', $len, '--', $path) != 0;
+  }
+  print defined $err ? "err $err\n" : "ok\n";
+}
+`;
+
+/** The errno names a failed call maps to; any other is EIO. */
+const ERRNO_NAMES: Partial<Record<number, string>> = { 28: 'ENOSPC', 122: 'EDQUOT' };
 
 type Mode = 'p' | 'a';
 
@@ -37,7 +59,7 @@ export class FallocateHelper {
     if (this.child) return;
     let child: ChildProcessWithoutNullStreams;
     try {
-      child = spawn('/bin/sh', ['-c', SCRIPT], { stdio: ['pipe', 'pipe', 'pipe'] });
+      child = spawn('perl', ['-e', SCRIPT, String(SYS_FALLOCATE[process.arch] ?? 0)], { stdio: ['pipe', 'pipe', 'pipe'] });
     } catch (e) {
       // Never fails a device's open: the punch that needs the helper reports it.
       this.spawnError = e instanceof Error ? e.message : String(e);
@@ -58,7 +80,7 @@ export class FallocateHelper {
   /** Deallocates the ranges of the file at path (they then read as zeros). */
   punch(path: string, ranges: ReadonlyArray<readonly [number, number]>): Promise<void> {
     return this.run('p', path, ranges).then((err) => {
-      if (err !== undefined) throw CowErrors.punchFailed(path, err);
+      if (err !== undefined) throw CowErrors.punchFailed(path, stripErrno(err));
     });
   }
 
@@ -70,7 +92,8 @@ export class FallocateHelper {
   allocate(path: string, offset: number, length: number): Promise<void> {
     return this.run('a', path, [[offset, length]]).then((err) => {
       if (err === undefined) return;
-      throw /No space left|Disk quota/.test(err) ? CowErrors.allocateNoSpace(path, err) : CowErrors.allocateFailed(path, err);
+      const errno = ERRNO_NAMES[Number.parseInt(err, 10)];
+      throw errno ? CowErrors.allocateNoSpace(path, stripErrno(err)) : CowErrors.allocateFailed(path, stripErrno(err));
     });
   }
 
@@ -128,6 +151,11 @@ export class FallocateHelper {
     child.kill();
     await exited;
   }
+}
+
+/** "28 No space left on device" as people read it. */
+function stripErrno(err: string): string {
+  return err.replace(/^\d+ /, '');
 }
 
 function handle(s: unknown): { ref?(): void; unref?(): void } {
