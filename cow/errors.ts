@@ -93,6 +93,12 @@ function size(bytes: number): string {
   return u === 0 ? `${v} bytes` : `${v.toFixed(1)} ${units[u]}`;
 }
 
+/** The file system is full (or the quota reached). */
+export function isNoSpace(e: unknown): boolean {
+  const code = (e as { code?: string } | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
+}
+
 export function isCowError(e: unknown): e is CowError {
   return e instanceof CowError;
 }

@@ -10,8 +10,8 @@ import { EventEmitter } from 'node:events';
 import { mkdir, readdir, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileDevice, syncDirectory, syncMadeDirectories, type BlockDevice, type FileDeviceOptions } from './device.js';
-import { CowErrors } from './errors.js';
-import { MAX_SNAPSHOTS, type OverflowPolicy } from './format.js';
+import { CowErrors, isNoSpace } from './errors.js';
+import { MAX_SNAPSHOTS, headerChunks, type OverflowPolicy } from './format.js';
 import { isValidName } from './names.js';
 import { Origin } from './origin.js';
 import { ChangeTracker } from './change-tracker.js';
@@ -448,9 +448,12 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       // A crash between the two leaves a nameable but unfinished store, removed at attach.
       if (persistent) await this.syncDir(this.cowDir);
     } catch (e) {
+      // Asked before the file goes: a full file system is told as a reservation would tell it.
+      const free = isNoSpace(e) ? await sdev.freeBytes?.().catch(() => 0) : undefined;
       await (made ? made.pool.close() : sdev.close());
       // A half-written store (ENOSPC, EIO) would refuse the next creation as EEXIST.
       if (ours) await unlink(path).catch(() => {});
+      if (free !== undefined) throw CowErrors.noSpace(`snapshot ${o.name}`, (headerChunks(chunkSize) + capacityChunks) * chunkSize, free);
       throw e;
     }
     entries.push(made);

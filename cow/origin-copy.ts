@@ -7,6 +7,7 @@ import { type ChunkLocks, Limiter, type ReaderTable } from './chunk-locks.js';
 import { chunkRanges, firstChunk, lastChunk } from './chunks.js';
 import type { ExceptionStore } from './exception-store.js';
 import { ZERO_CHUNK } from './format.js';
+import { isNoSpace } from './errors.js';
 import type { CopyOnWrite, OriginView } from './origin-contract.js';
 import type { SnapshotPolicy } from './snapshot-policy.js';
 import type { SnapshotRecord } from './snapshot-record.js';
@@ -31,12 +32,6 @@ export interface CopyPool {
   /** Its space is not reserved on disk: a full file system invalidates its snapshots. */
   readonly sparse: boolean;
   countCopies(chunks: number): void;
-}
-
-/** The file system is full (or the quota reached). */
-function noSpace(e: unknown): boolean {
-  const code = (e as { code?: string } | undefined)?.code;
-  return code === 'ENOSPC' || code === 'EDQUOT';
 }
 
 export class OriginCopy {
@@ -156,7 +151,7 @@ export class OriginCopy {
       const markFailed = results[copyJobs];
       if (failed) {
         const reason = (failed as PromiseRejectedResult).reason;
-        const full = noSpace(reason);
+        const full = isNoSpace(reason);
         // A reserved store out of space was short of its reservation (it could not be
         // re-made at a restart): the origin write fails instead, and no snapshot is lost.
         if (full && !pool.sparse) throw markFailed?.status === 'rejected' ? markFailed.reason : reason;
