@@ -135,7 +135,8 @@ t.test('EIO copying into a snapshot store invalidates that snapshot; the origin 
   t.ok(
     await logged(
       d,
-      (l) => l.snapshot === 'wfail' && l.level === 50 && String(l.msg).includes('invalidated') && String(l.reason).includes('EIO'),
+      (l) =>
+        l.snapshot === 'wfail' && l.level === 50 && String(l.msg).includes('invalidated') && l.reason === 'io-error' && String(l.detail).includes('EIO'),
     ),
     'the invalidation is logged with the real error',
   );
