@@ -18,7 +18,6 @@ import { allocatedBytes, freeBytes, tmpfsMounts } from '../helpers/tmpfs.js';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const CHUNK = 64 * KiB;
-const VOLUME = 256 * MiB;
 /** The data the snapshot must keep: 40 MiB at the origin's start. */
 const PATTERN = 40 * MiB;
 /** Where the origin's writes into never-written space go. */
@@ -239,7 +238,11 @@ t.test('a creation that does not fit is refused and changes nothing', { skip }, 
   const cli = await cowbdResult(['snapshot', 'create', 'big', '--origin', 'vol', '--size', '32M', '--data-dir', dataDir]);
   t.not(cli.code, 0, 'the CLI fails too');
   t.match(cli.stderr, /needs .* free/, `and says why: ${cli.stderr.trim()}`);
-  t.match(await call(dataDir, 'POST', '/v1/snapshots', { name: 'fits', origin: 'vol', size: '4M' }), { name: 'fits' }, 'one that fits is made');
+  t.match(
+    await call(dataDir, 'POST', '/v1/snapshots', { name: 'fits', origin: 'vol', size: '4M' }),
+    { name: 'fits' },
+    'one that fits is made',
+  );
 });
 
 t.test('an extension that does not fit is refused; the snapshot keeps working', { skip }, async (t) => {
@@ -256,7 +259,11 @@ t.test('an extension that does not fit is refused; the snapshot keeps working', 
   t.match(e, { statusCode: 507, code: 'COWBD_NO_SPACE' }, 'growing by 32M on a 16M disk: HTTP 507 COWBD_NO_SPACE');
   t.match(e === 'succeeded' ? '' : e.message, /growing snapshot s needs .* free/, 'the message says what the growth needs');
   const u1 = await usage(d, 's');
-  t.match(u1, { state: 'valid', invalid: null, capacityBytes: u0.capacityBytes, reservedBytes: u0.reservedBytes }, 'capacity unchanged, valid');
+  t.match(
+    u1,
+    { state: 'valid', invalid: null, capacityBytes: u0.capacityBytes, reservedBytes: u0.reservedBytes },
+    'capacity unchanged, valid',
+  );
   t.ok(Math.abs((await freeBytes(dataDir)) - free) <= 2 * CHUNK, 'free space is what it was');
 
   await c.write(0, fill(2 * MiB, 8));
