@@ -23,15 +23,23 @@ const PATTERN = 40 * MiB;
 /** Where the origin's writes into never-written space go. */
 const FRESH = 64 * MiB;
 
+t.setTimeout(120_000);
 const mounts = tmpfsMounts();
 const top = await mkdtemp(join(tmpdir(), 'cowbd-reserve-'));
 t.teardown(async () => {
   await mounts.unmountAll();
   await rm(top, { recursive: true, force: true });
 });
-const dirs = { full: join(top, 'full'), sparse: join(top, 'sparse'), refuse: join(top, 'refuse'), extend: join(top, 'extend') };
+const dirs = {
+  full: join(top, 'full'),
+  late: join(top, 'late'),
+  sparse: join(top, 'sparse'),
+  refuse: join(top, 'refuse'),
+  extend: join(top, 'extend'),
+};
 const skip = (await mounts.mount(dirs.full, '100m')) ?? false;
 if (!skip) {
+  await mounts.mount(dirs.late, '100m');
   await mounts.mount(dirs.sparse, '100m');
   await mounts.mount(dirs.refuse, '16m');
   await mounts.mount(dirs.extend, '16m');
@@ -185,6 +193,32 @@ t.test('restarted on the full disk, cleanly or after kill -9, the snapshot is th
     await d2.stop();
   }
   t.ok((await allocatedBytes(store)) >= 50 * MiB, 'the store keeps its reservation');
+});
+
+// The same steps as the sparse case below, reserved: copies needed once the disk is
+// full land in the space set aside, and no origin write fails for them.
+t.test('copies made after the disk filled land in the reservation', { skip }, async (t) => {
+  const dataDir = dirs.late;
+  const d = await startDaemon({ dataDir, volumes: [{ name: 'vol', size: '256M' }], logLevel: 'info' });
+  t.teardown(() => d.stop());
+  const c = await NbdClient.connect({ port: d.port, exportName: 'vol' });
+  await writePattern(c, seedA);
+  await call(dataDir, 'POST', '/v1/snapshots', { name: 's', origin: 'vol', size: '50M' });
+  const { errors } = await fillFresh(c, 100 * MiB);
+  t.ok(
+    errors.some((e) => e.errno === C.NBD_ENOSPC),
+    'the origin fills the disk',
+  );
+  let failed = 0;
+  for (let i = 0; i < PATTERN / MiB; i++) failed += (await nbdErrno(c.write(i * MiB, fill(MiB, seedB(i))))) ? 1 : 0;
+  failed += (await nbdErrno(c.flush())) ? 1 : 0;
+  t.equal(failed, 0, 'rewriting the 40M with the disk full: every write and the FLUSH succeed');
+  let same = true;
+  for (let i = 0; i < PATTERN / MiB; i++) same &&= (await c.read(i * MiB, MiB)).equals(fill(MiB, seedB(i)));
+  t.ok(same, 'and read back');
+  t.match(await usage(d, 's'), { state: 'valid', invalid: null }, 'the snapshot stays valid');
+  t.same(await content(d, 's'), { head: PATTERN_SHA, restZero: true }, 'and reads its point in time');
+  await c.disconnect();
 });
 
 t.test('a sparse snapshot overcommits: a full disk invalidates it, disk-full', { skip }, async (t) => {

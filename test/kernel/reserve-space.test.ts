@@ -17,6 +17,7 @@ import { allocatedBytes, freeBytes, tmpfsMounts } from '../helpers/tmpfs.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 
 const MiB = 1 << 20;
+t.setTimeout(600_000);
 const mounts = tmpfsMounts();
 const top = await mkdtemp(join(tmpdir(), 'cowbd-reserve-vm-'));
 t.teardown(async () => {
