@@ -1,9 +1,11 @@
 // Full file systems under the real daemon, made with small tmpfs mounts (root only).
 // The daemon keeps snapshot stores in DATA/cow/ and follows whatever is mounted there,
 // so the stores can fill up while the origin's file system has room, and vice versa.
-//  - Store file system full: the snapshot is invalidated (durably), every origin write
-//    succeeds and reads back; removing the snapshot frees the space; a snapshot whose
+//  - Store file system full under a sparse snapshot (one that reserves nothing): the
+//    snapshot is invalidated (durably, reason disk-full), every origin write succeeds
+//    and reads back; removing the snapshot frees the space; a reserved snapshot whose
 //    store cannot even be created fails cleanly and leaves nothing behind.
+//    (Reserved snapshots on a full disk: reserve-space.test.ts.)
 //  - Origin file system full: writes that need new blocks get NBD_ENOSPC, logged at
 //    warn with the export's name; reads, overwrites of allocated blocks, FLUSH, the
 //    control API and the other connections keep working; TRIM gives space back.
@@ -45,7 +47,12 @@ async function tmpfs(dir: string, size: string): Promise<string | undefined> {
 /** The stores in a cow directory: the origins' change trackers (NAME.cbt) live beside them. */
 const stores = async (dir: string) => (await readdir(dir)).filter((f) => !f.endsWith('.cbt'));
 
-const state = async (d: Daemon, name: string) => (await call<{ state: string }>(d.dataDir, 'GET', `/v1/snapshots/${name}`)).state;
+interface Usage {
+  state: string;
+  invalid: { reason: string; usedChunks: number; usedBytes: number } | null;
+}
+const usage = (d: Daemon, name: string) => call<Usage>(d.dataDir, 'GET', `/v1/snapshots/${name}`);
+const state = async (d: Daemon, name: string) => (await usage(d, name)).state;
 
 async function usedKiB(dir: string): Promise<number> {
   const { stdout } = await execFileP('df', ['-k', '--output=used', dir]);
@@ -67,8 +74,9 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   t.teardown(() => d.stop());
   const c = await NbdClient.connect({ port: d.port, exportName: 'vol0' });
   await c.write(0, fill(SIZE, 1), true); // data everywhere: zero chunks would cost the store nothing
-  await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'snap', origin: 'vol0', size: '20M' });
-  t.same(await stores(cowDir), ['vol0.64k.cows'], 'the store lives on the small file system');
+  // Sparse: a 20M snapshot overcommits a 1M file system, as a thin pool does.
+  await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'snap', origin: 'vol0', size: '20M', sparse: true });
+  t.same(await stores(cowDir), ['vol0.64k.sparse.cows'], 'the store lives on the small file system');
 
   let failures = 0;
   for (let off = 0; off < SIZE; off += MiB) failures += (await nbdErrno(c.write(off, fill(MiB, 2 + off / MiB)))) ? 1 : 0;
@@ -77,10 +85,13 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   let same = true;
   for (let off = 0; off < SIZE; off += MiB) same &&= (await c.read(off, MiB)).equals(fill(MiB, 2 + off / MiB));
   t.ok(same, 'and every one reads back');
-  t.equal(await state(d, 'snap'), 'invalid', 'the snapshot was invalidated');
+  const u = await usage(d, 'snap');
+  t.equal(u.state, 'invalid', 'the snapshot was invalidated');
+  t.equal(u.invalid?.reason, 'disk-full', 'because the file system was full');
+  t.ok((u.invalid?.usedBytes ?? 0) > 0, `holding what it had copied then (${u.invalid?.usedBytes} bytes)`);
   t.ok(
-    await logged(d, (l) => l.snapshot === 'snap' && l.level === 50 && /invalidated/.test(String(l.msg)) && /ENOSPC/.test(String(l.reason))),
-    'the invalidation is logged with ENOSPC as the reason',
+    await logged(d, (l) => l.snapshot === 'snap' && l.level === 50 && /invalidated/.test(String(l.msg)) && l.reason === 'disk-full'),
+    'the invalidation is logged at error with disk-full as the reason',
   );
   const s = await NbdClient.connect({ port: d.port, exportName: 'snap' });
   t.equal(await nbdErrno(s.read(0, 4 * KiB)), C.NBD_EIO, 'its reads fail with EIO');
@@ -93,7 +104,7 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
     'without trying to flush the invalid snapshot',
   );
   d = await startDaemon({ dataDir, logLevel: 'info' });
-  t.equal(await state(d, 'snap'), 'invalid', 'still invalid after a restart');
+  t.match(await usage(d, 'snap'), { state: 'invalid', invalid: { reason: 'disk-full' } }, 'still invalid, and why, after a restart');
 
   await call(d.dataDir, 'DELETE', '/v1/snapshots/snap');
   t.same(await stores(cowDir), [], 'removing it deletes the store');
@@ -112,9 +123,12 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
   await execFileP('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k', 'count=64']).catch(() => undefined); // fills it: dd stops at ENOSPC
   const refused = await call(d.dataDir, 'POST', '/v1/snapshots', { name: 'nospace', origin: 'vol0', size: '4M' }).then(
     () => 'created',
-    (e: Error) => e.message,
+    (e: { code?: string; statusCode?: number; message: string }) => `${e.statusCode} ${e.code}: ${e.message}`,
   );
-  t.match(refused, /ENOSPC|no space/i, 'creating a snapshot on a full file system fails with ENOSPC');
+  t.match(refused, /ENOSPC|no space|needs .* free/i, 'creating a snapshot on a full file system fails with ENOSPC');
+  t.match(refused, /^507 COWBD_NO_SPACE: /, 'as COWBD_NO_SPACE', {
+    todo: 'a store whose header cannot be written answers 500 COWBD_INTERNAL (raw ENOSPC), not COW_NO_SPACE',
+  });
   t.same(
     (await stores(cowDir)).filter((f) => f !== 'filler'),
     [],
