@@ -3,8 +3,10 @@
 restarts and a random-write iolog. Standard library only (no curl needed).
 
   cowctl.py call SOCK METHOD PATH [JSON]       print the reply body; exit 1 on HTTP >= 400
-  cowctl.py create-times SOCK ORIGIN STORE N   create and remove N snapshots one by one,
-                                               timing each POST /v1/snapshots (and DELETE); prints JSON
+  cowctl.py create-times SOCK ORIGIN STORE N [--sparse]
+                                               create and remove N snapshots one by one,
+                                               timing each POST /v1/snapshots (and DELETE); prints JSON;
+                                               --sparse asks for sparse stores (nothing reserved)
   cowctl.py restart N OUT -- CMD...            start the daemon CMD N times (it must listen on
                                                --listen HOST:PORT), time spawn -> NBD greeting,
                                                read VmRSS after 1 s idle, SIGTERM and wait; JSON to OUT
@@ -66,11 +68,16 @@ def cmd_call(args):
 
 
 def cmd_create_times(args):
+    sparse = "--sparse" in args
+    args = [a for a in args if a != "--sparse"]
     sock, origin, store, n = args[0], args[1], args[2], int(args[3])
+    body = {"origin": origin, "size": store}
+    if sparse:
+        body["sparse"] = True
     times, removals = [], []
     for i in range(n):
         name = f"bench-create-{os.getpid()}-{i}"
-        status, text, secs = call(sock, "POST", "/v1/snapshots", {"name": name, "origin": origin, "size": store})
+        status, text, secs = call(sock, "POST", "/v1/snapshots", {"name": name, **body})
         if status >= 400:
             print(f"cowctl: create {name}: HTTP {status}: {text}", file=sys.stderr)
             return 1
@@ -81,7 +88,7 @@ def cmd_create_times(args):
             return 1
         removals.append(secs * 1000)
         time.sleep(0.2)
-    print(json.dumps({"ms": times, "removeMs": removals}))
+    print(json.dumps({"ms": times, "removeMs": removals, "sparse": sparse}))
     return 0
 
 

@@ -2,7 +2,8 @@
 # The benchmark of issue 6: fio (nbd engine) against cowbd and, as the
 # yardstick, nbdkit's file plugin, each serving a fresh sparse file of the same
 # size on the same filesystem; then cowbd's copy-on-write costs, snapshot
-# creation latency, and memory and restart time at 1M exceptions.
+# creation latency (with the store's size reserved on disk, and sparse), and memory
+# and restart time at 1M exceptions.
 # Jobs run interleaved: every round runs each job on every target in turn, so
 # drift in the machine's state lands on all targets alike, and each ratio
 # compares runs of one round. Prints markdown tables of medians across rounds
@@ -10,7 +11,7 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create memory engine backup"   which parts to run:
+#   SECTIONS="base cow rewrite snapread create reserve memory engine backup"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
@@ -20,6 +21,10 @@
 #               (rewrite and snapread compare with base's cowbd runs of the
 #               round, which run on cowbd alone when base is not selected)
 #     create    snapshot creation latency, idle and under a random-write load
+#               (stores reserved, the default of `snapshot create`)
+#     reserve   snapshot creation with a RESERVE_SIZES store reserved vs sparse, on
+#               an ext4 image of its own, loop-mounted (reserve.sh; needs root, else
+#               skipped with a line saying why)
 #     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
 #     backup    cowbd backup against restic, fed the same snapshot (backup.sh)
 #     engine    the COW engine in process (engine.ts): first-write ratios with 0, 1
@@ -30,6 +35,7 @@
 #   TARGETS="cowbd nbdkit"            base targets; the first nbdkit one is the baseline
 #   JOBS="seqread seqwrite randread randwrite"   base jobs
 #   CREATE_SIZES="1G 1T" CREATE_N=15  volumes for snapshot creation, creations per case
+#   RESERVE_SIZES="1G 100G" RESERVE_FS=256G   reserve: store sizes, apparent size of its ext4 image
 #   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
 #   ENGINE_SIZE=256M                  engine: volume size
 #   BENCH_DIR=/tmp                    where the volumes live (one filesystem)
@@ -46,7 +52,7 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create memory engine backup"}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
@@ -59,7 +65,7 @@ ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | memory | engine | backup) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -399,6 +405,18 @@ if has create; then
   stop_pid "$cpid"
   cp "$dir/log" "$RESULTS/create.log"
   rm -f "$dir"/*.vol "$dir"/cow/*
+fi
+
+# ---- snapshot creation, reserved against sparse --------------------------------
+
+if has reserve; then
+  log "reserve: snapshot creation with the store reserved and sparse, on a loop-mounted ext4"
+  # In the background and tracked, so an interrupted bench ends it and its trap unmounts.
+  COWBD_CLI=$WORK/build/dist/daemon/cli.cjs CREATE_N=$CREATE_N BENCH_DIR=$WORK bash "$BENCH/reserve.sh" "$RESULTS" &
+  rpid=$!
+  track_pid "$rpid"
+  wait "$rpid"
+  untrack_pid "$rpid"
 fi
 
 # ---- memory and restart ------------------------------------------------------

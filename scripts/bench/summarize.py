@@ -5,8 +5,8 @@ fio results are named ROUND.JOB.TARGET.json (plus ROUND.JOB.TARGET.meta, the
 snapshot's state after a copy-on-write run). For each comparison it reports the
 median over rounds of the figure and of its reference, the ratio of the two
 medians, the spread of the per-round ratios (each from runs of one round), and
-the issue 6 target. create.*.json and memory.*.json hold the snapshot creation
-and the memory/restart figures.
+the issue 6 target. create.*.json, reserve.*.json and memory.*.json hold the
+snapshot creation, the reserved-vs-sparse creation and the memory/restart figures.
 """
 
 import argparse
@@ -122,6 +122,59 @@ class Results:
         per = [a[r][idx] / b[r][idx] for r in sorted(a) if r in b and b[r][idx]]
         ratio = fig / base if fig is not None and base else None
         return fig, base, ratio, (min(per), max(per)) if per else None, len(per)
+
+
+def gib(n):
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 / 100 else f"{n / 1024:.0f} KiB"
+
+
+def reserve_table(results, create_n):
+    """reserve.sh's figures: creation with the store reserved beside sparse, and fallocate(2) alone."""
+    print("### Snapshot creation, store reserved vs sparse")
+    print()
+    skipped = os.path.join(results, "reserve.skipped")
+    if os.path.exists(skipped):
+        with open(skipped) as f:
+            print(f"Skipped: {f.read().strip()}")
+        print()
+        return
+    fs = {}
+    try:
+        with open(os.path.join(results, "reserve.fs.json")) as f:
+            fs = json.load(f)
+    except (OSError, ValueError):
+        pass
+    print(f"POST /v1/snapshots on the control socket, {create_n} creations per case, each removed before the next, no other "
+          f"snapshot of the origin (the store file is created), an idle sparse 1 TiB origin; the data dir on an ext4 of "
+          f"{fs.get('imageApparent', '?')} of its own (a sparse image, loop-mounted; {fs.get('imageBytesOnDisk', 0) / MiB:.0f} MiB "
+          f"of it on disk at the end). sparse = `\"sparse\": true`, nothing reserved, as before issue 24. "
+          f"\"allocated\" = what the store file held on disk after one creation (du).")
+    print()
+    print("| store | mode | allocated | min ms | median ms | max ms | remove median ms | vs sparse | target | met |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    by = {}
+    for f in glob.glob(os.path.join(results, "reserve.*.*.json")):
+        parts = os.path.basename(f).split(".")
+        if len(parts) != 4 or parts[1] == "fs":
+            continue
+        with open(f) as fh:
+            by[(parts[1], parts[2])] = json.load(fh)
+    store_bytes = {size: d["storeBytes"] for (size, _), d in by.items()}
+    sizes = sorted(store_bytes, key=store_bytes.get)
+    for size in sizes:
+        sparse = by.get((size, "sparse"))
+        for mode, label in (("reserved", "reserved"), ("sparse", "sparse"), ("fallocate", "fallocate(2) alone, no daemon")):
+            d = by.get((size, mode))
+            if d is None:
+                continue
+            ms = d["ms"]
+            med = statistics.median(ms)
+            alloc = gib(d["allocatedBytes"]) if "allocatedBytes" in d else "–"
+            remove = f"{statistics.median(d['removeMs']):.1f}" if d.get("removeMs") else "–"
+            vs = f"{med / statistics.median(sparse['ms']):.2f}" if mode == "reserved" and sparse else ""
+            goal = ("≤ 10", "yes" if med <= 10 else "no") if mode != "fallocate" else ("", "")
+            print(f"| {size} | {label} | {alloc} | {min(ms):.1f} | {med:.1f} | {max(ms):.1f} | {remove} | {vs} | {goal[0]} | {goal[1]} |")
+    print()
 
 
 def main():
@@ -304,6 +357,9 @@ def main():
                 print(f"| {vol[1:].upper()} | {load_} | {'none (store created)' if mode == 'fresh' else 'one held'} | {med:.1f} | {max(ms):.1f} | "
                       f"{statistics.median(d.get('removeMs', [0])):.1f} | {iops} | ≤ 10 | {'yes' if med <= 10 else 'no'} |")
             print()
+
+    if "reserve" in sections:
+        reserve_table(args.results, args.create_n)
 
     if "memory" in sections:
         p = lambda n: os.path.join(args.results, f"memory.{n}")
