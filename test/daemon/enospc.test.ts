@@ -126,9 +126,7 @@ t.test('the file system holding the snapshot stores fills up', { skip: skipA ?? 
     (e: { code?: string; statusCode?: number; message: string }) => `${e.statusCode} ${e.code}: ${e.message}`,
   );
   t.match(refused, /ENOSPC|no space|needs .* free/i, 'creating a snapshot on a full file system fails with ENOSPC');
-  t.match(refused, /^507 COWBD_NO_SPACE: /, 'as COWBD_NO_SPACE', {
-    todo: 'a store whose header cannot be written answers 500 COWBD_INTERNAL (raw ENOSPC), not COW_NO_SPACE',
-  });
+  t.match(refused, /^507 COWBD_NO_SPACE: snapshot nospace needs 4\.1 MiB reserved on disk/, 'as COWBD_NO_SPACE, naming what it needs');
   t.same(
     (await stores(cowDir)).filter((f) => f !== 'filler'),
     [],
