@@ -181,6 +181,10 @@ export class Service {
     return svc;
   }
 
+  get dataDir(): string {
+    return this.opts.dataDir;
+  }
+
   private readOnlyExport(name: string): boolean {
     return this.opts.readOnly || (this.opts.exportReadOnly?.(name) ?? false);
   }
