@@ -167,8 +167,16 @@ export class Service {
     });
     cow.on('invalidated', (e) => {
       log.error(
-        { snapshot: e.name, origin: e.origin, reason: e.reason, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
-        `snapshot ${e.name} invalidated: ${INVALID_WHY[e.reason]}`,
+        {
+          snapshot: e.name,
+          origin: e.origin,
+          // The error behind it goes with the reason, so one field tells a reader what happened.
+          reason: e.detail ? `${e.reason}: ${e.detail}` : e.reason,
+          why: INVALID_WHY[e.reason],
+          usedChunks: e.usedChunks,
+          capacityChunks: e.capacityChunks,
+        },
+        `snapshot ${e.name} invalidated`,
       );
     });
     if (opts.autoExtend.threshold < 100) {
