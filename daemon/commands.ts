@@ -80,7 +80,9 @@ function reservedCell(u: { sparse: boolean | null; reservedBytes: number | null 
 
 /** Lines after a table: why each invalid snapshot is invalid and what it held then. */
 function invalidNotes(list: { name: string; capacityChunks: number; invalid: InvalidInfo | null }[]): string {
-  const lines = list.flatMap((u) => (u.invalid ? [`${u.name}: invalid since ${invalidWhy(u.invalid, u.capacityChunks)}`] : []));
+  const lines = list.flatMap((u) =>
+    u.invalid ? [`${u.name}: invalid${u.invalid.reason === 'unknown' ? ': ' : ' since '}${invalidWhy(u.invalid, u.capacityChunks)}`] : [],
+  );
   return lines.length ? `\n\n${lines.join('\n')}` : '';
 }
 
