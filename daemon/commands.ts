@@ -3,8 +3,8 @@
 import { call } from './control-client.js';
 import { Errors, isCowbdError } from './errors.js';
 import { checkName } from './names.js';
-import type { SnapshotUsage } from '../cow/index.js';
-import type { StatusRow, VolumeView } from './service.js';
+import type { InvalidInfo, InvalidReason, SnapshotUsage } from '../cow/index.js';
+import { invalidWhy, type StatusRow, type VolumeView } from './service.js';
 import { formatSize, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
 import { createVolume, listVolumes } from './volumes.js';
@@ -27,17 +27,17 @@ async function daemonOrOffline<T>(online: () => Promise<T>, offline: () => Promi
   }
 }
 
-export async function volumeCreate(o: Common & { name: string; size: string }): Promise<void> {
+export async function volumeCreate(o: Common & { name: string; size: string; preallocate: boolean }): Promise<void> {
   checkName(o.name);
   const size = parseSizeNumber(o.size, 512);
   const v = await daemonOrOffline<VolumeView>(
-    () => call(o.dataDir, 'POST', '/v1/volumes', { name: o.name, size: String(size) }),
+    () => call(o.dataDir, 'POST', '/v1/volumes', { name: o.name, size: String(size), preallocate: o.preallocate }),
     async () => {
-      const e = await createVolume(o.dataDir, o.name, size);
+      const e = await createVolume(o.dataDir, o.name, size, { preallocate: o.preallocate });
       return { name: e.name, size: e.size, snapshots: [] };
     },
   );
-  print(o.json, v, () => `created volume ${v.name} (${formatSize(v.size)})`);
+  print(o.json, v, () => `created volume ${v.name} (${formatSize(v.size)}${o.preallocate ? ', preallocated' : ''})`);
 }
 
 export async function volumeList(o: Common): Promise<void> {
@@ -60,14 +60,41 @@ export async function volumeRemove(o: Common & { name: string }): Promise<void> 
   print(o.json, r, () => `removed volume ${o.name}`);
 }
 
+/** The STATE cell's word for each invalidation reason. */
+const INVALID_LABEL: Record<InvalidReason, string> = {
+  unknown: 'unknown',
+  full: 'full',
+  'disk-full': 'disk full',
+  'io-error': 'I/O error',
+  removed: 'removed',
+};
+
+function stateCell(state: string, invalid: InvalidInfo | null): string {
+  return invalid ? `${state} (${INVALID_LABEL[invalid.reason]})` : state;
+}
+
+function reservedCell(u: { sparse: boolean | null; reservedBytes: number | null }): string {
+  if (u.sparse) return 'sparse';
+  return u.reservedBytes === null ? '-' : formatSize(u.reservedBytes);
+}
+
+/** Lines after a table: why each invalid snapshot is invalid and what it held then. */
+function invalidNotes(list: { name: string; capacityChunks: number; invalid: InvalidInfo | null }[]): string {
+  const lines = list.flatMap((u) =>
+    u.invalid ? [`${u.name}: invalid${u.invalid.reason === 'unknown' ? ': ' : ' since '}${invalidWhy(u.invalid, u.capacityChunks)}`] : [],
+  );
+  return lines.length ? `\n\n${lines.join('\n')}` : '';
+}
+
 function snapshotRows(list: SnapshotUsage[]): (string | number)[][] {
   return list.map((u) => [
     u.name,
     u.origin,
     formatSize(u.capacityBytes),
+    reservedCell(u),
     formatSize(u.chunkSize),
     u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(2) : '0.00',
-    u.state,
+    stateCell(u.state, u.invalid),
     u.policy,
     u.transient ? 'transient' : 'persistent',
     new Date(u.createdAt).toISOString(),
@@ -83,6 +110,7 @@ export async function snapshotCreate(
     policy: string;
     transient: boolean;
     readOnly: boolean;
+    sparse: boolean;
   },
 ): Promise<void> {
   checkName(o.name);
@@ -95,18 +123,27 @@ export async function snapshotCreate(
     policy: o.policy,
     transient: o.transient,
     readOnly: o.readOnly,
+    sparse: o.sparse,
   });
+  const disk = u.sparse ? 'sparse: nothing reserved on disk' : `${formatSize(u.reservedBytes)} reserved on disk`;
   print(
     o.json,
     u,
-    () => `created snapshot ${u.name} of ${u.origin}: ${formatSize(u.capacityBytes)} store, ${formatSize(u.chunkSize)} chunks`,
+    () => `created snapshot ${u.name} of ${u.origin}: ${formatSize(u.capacityBytes)} store (${disk}), ${formatSize(u.chunkSize)} chunks`,
   );
 }
 
 export async function snapshotList(o: Common): Promise<void> {
   const list = await call<SnapshotUsage[]>(o.dataDir, 'GET', '/v1/snapshots');
-  print(o.json, list, () =>
-    table(['NAME', 'ORIGIN', 'SIZE', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'], snapshotRows(list), [2, 3, 4]),
+  print(
+    o.json,
+    list,
+    () =>
+      table(
+        ['NAME', 'ORIGIN', 'SIZE', 'RESERVED', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'],
+        snapshotRows(list),
+        [2, 3, 4, 5],
+      ) + invalidNotes(list),
   );
 }
 
@@ -128,21 +165,28 @@ export async function snapshotRemove(o: Common & { name: string }): Promise<void
 
 export async function status(o: Common): Promise<void> {
   const rows = await call<StatusRow[]>(o.dataDir, 'GET', '/v1/status');
-  print(o.json, rows, () =>
-    table(
-      ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'DATA%', 'STATE'],
-      rows.map((r) => [
-        r.name,
-        r.kind,
-        formatSize(r.size),
-        r.origin ?? '',
-        r.chunkSize ? formatSize(r.chunkSize) : '',
-        r.storeSize ? formatSize(r.storeSize) : '',
-        r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
-        r.state,
-      ]),
-      [2, 4, 5, 6],
-    ),
+  print(
+    o.json,
+    rows,
+    () =>
+      table(
+        ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'RESERVED', 'DATA%', 'STATE'],
+        rows.map((r) => [
+          r.name,
+          r.kind,
+          formatSize(r.size),
+          r.origin ?? '',
+          r.chunkSize ? formatSize(r.chunkSize) : '',
+          r.storeSize ? formatSize(r.storeSize) : '',
+          reservedCell(r),
+          r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
+          stateCell(r.state, r.invalid),
+        ]),
+        [2, 4, 5, 6, 7],
+      ) +
+      invalidNotes(
+        rows.map((r) => ({ name: r.name, capacityChunks: r.chunkSize ? (r.storeSize ?? 0) / r.chunkSize : 0, invalid: r.invalid })),
+      ),
   );
 }
 

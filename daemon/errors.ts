@@ -40,6 +40,12 @@ export const Errors = {
   /** The engine refused the request as given (a bad chunk size, no room for another snapshot). */
   invalidRequest: define('COWBD_INVALID_REQUEST', 400, (why: string) => why),
   noSpace: define('COWBD_NO_SPACE', 507, (why: string) => why),
+  volumeNoSpace: define(
+    'COWBD_NO_SPACE',
+    507,
+    (name: string, needed: string, free: string) =>
+      `volume ${name} needs ${needed} allocated on disk and the file system has ${free} free; free some space, or create it without --preallocate`,
+  ),
 
   // Starting the daemon: options, config file, TLS, data directory.
   dataDirLocked: define(

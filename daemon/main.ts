@@ -131,12 +131,17 @@ await yargs(hideBin(process.argv))
     y
       .command(
         'create <name>',
-        'create a sparse volume (live when a daemon runs)',
+        'create a volume, sparse unless --preallocate (live when a daemon runs)',
         (y) =>
           common(y)
             .positional('name', { type: 'string', demandOption: true })
-            .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' }),
-        run((a) => cmd.volumeCreate({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })),
+            .option('size', { type: 'string', demandOption: true, describe: 'size with K/M/G/T suffix (1024-based)' })
+            .option('preallocate', {
+              type: 'boolean',
+              default: false,
+              describe: "allocate the volume's blocks now, so its writes never find the disk full; fails if they do not fit",
+            }),
+        run((a) => cmd.volumeCreate({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size, preallocate: a.preallocate })),
       )
       .command(
         'list',
@@ -161,7 +166,11 @@ await yargs(hideBin(process.argv))
           common(y)
             .positional('name', { type: 'string', demandOption: true })
             .option('origin', { type: 'string', demandOption: true, describe: 'origin volume' })
-            .option('size', { type: 'string', demandOption: true, describe: 'exception store size, metadata included' })
+            .option('size', {
+              type: 'string',
+              demandOption: true,
+              describe: 'exception store size, metadata included; reserved on disk unless --sparse',
+            })
             .option('chunk-size', { type: 'string', default: '64K', describe: 'power of two from 4K to 1M' })
             .option('policy', {
               type: 'string',
@@ -170,7 +179,13 @@ await yargs(hideBin(process.argv))
               describe: 'what a full store does',
             })
             .option('transient', { type: 'boolean', default: false, describe: 'keep in memory only; gone on restart' })
-            .option('read-only', { type: 'boolean', default: false }),
+            .option('read-only', { type: 'boolean', default: false })
+            .option('sparse', {
+              type: 'boolean',
+              default: false,
+              describe:
+                'reserve nothing on disk (a thin pool: overcommits, and the snapshot may be invalidated when the file system fills)',
+            }),
         run((a) =>
           cmd.snapshotCreate({
             dataDir: a['data-dir'],
@@ -182,6 +197,7 @@ await yargs(hideBin(process.argv))
             policy: a.policy,
             transient: a.transient,
             readOnly: a['read-only'],
+            sparse: a.sparse,
           }),
         ),
       )

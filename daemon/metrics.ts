@@ -1,5 +1,6 @@
 // Prometheus metrics (prom-client). NBD request metrics are fed by the protocol
 // layer's observer; storage gauges are read from their sources at scrape time.
+import { statfs } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import client from 'prom-client';
 import type { RequestObserver } from '../protocol/connection-options.js';
@@ -102,6 +103,28 @@ export class Metrics {
     perSnapshot('cowbd_snapshot_used_ratio', 'Used over capacity, 0 to 1', (u) => (u.capacityChunks ? u.usedChunks / u.capacityChunks : 0));
     perSnapshot('cowbd_snapshot_exceptions', 'Chunks of the snapshot that no longer read from the origin', (u) => u.exceptions);
     perSnapshot('cowbd_snapshot_created_timestamp_seconds', 'When the snapshot was taken', (u) => u.createdAt.getTime() / 1000);
+    perSnapshot('cowbd_snapshot_reserved_bytes', 'Bytes kept allocated on disk for the snapshot (0 when sparse)', (u) => u.reservedBytes);
+    perSnapshot('cowbd_snapshot_sparse', '1 when the snapshot reserves nothing on disk (--sparse), else 0', (u) => (u.sparse ? 1 : 0));
+    new client.Gauge({
+      name: 'cowbd_snapshot_invalid_reason',
+      help: 'Why an invalid snapshot was invalidated: 1 for its reason (full, disk-full, io-error, unknown); no series while valid',
+      labelNames: ['snapshot', 'origin', 'reason'],
+      registers,
+      collect() {
+        this.reset();
+        for (const u of svc.snapshots()) if (u.invalid) this.set({ snapshot: u.name, origin: u.origin, reason: u.invalid.reason }, 1);
+      },
+    });
+    new client.Gauge({
+      name: 'cowbd_snapshot_invalidated_used_bytes',
+      help: 'Bytes an invalid snapshot held when it was invalidated; no series while valid',
+      labelNames: ['snapshot', 'origin'],
+      registers,
+      collect() {
+        this.reset();
+        for (const u of svc.snapshots()) if (u.invalid) this.set({ snapshot: u.name, origin: u.origin }, u.invalid.usedBytes);
+      },
+    });
     new client.Gauge({
       name: 'cowbd_snapshot_state',
       help: 'Snapshot state: 1 for the current one of valid, invalid, overflow',
@@ -112,6 +135,61 @@ export class Metrics {
         for (const u of svc.snapshots()) {
           for (const st of STATES) this.set({ snapshot: u.name, origin: u.origin, state: st }, u.state === st ? 1 : 0);
         }
+      },
+    });
+    const perStore = (name: string, help: string, pick: (st: ReturnType<Service['cow']['stores']>[number]) => number) =>
+      new client.Gauge({
+        name,
+        help,
+        labelNames: ['origin', 'chunk_size', 'sparse', 'transient'],
+        registers,
+        collect() {
+          this.reset();
+          // Summed: two store files may share these labels.
+          for (const st of svc.cow.stores()) {
+            const labels = { origin: st.origin, chunk_size: st.chunkSize, sparse: String(st.sparse), transient: String(st.transient) };
+            this.inc(labels, pick(st));
+          }
+        },
+      });
+    perStore(
+      'cowbd_store_needed_bytes',
+      'Bytes the store file must keep allocated for its snapshots (0 when sparse)',
+      (st) => st.neededBytes,
+    );
+    perStore(
+      'cowbd_store_reserved_bytes',
+      'Bytes known allocated for its snapshots; below needed only when a restart could not reserve it all',
+      (st) => st.reservedBytes,
+    );
+    perStore('cowbd_store_used_bytes', 'Bytes of the store file holding data or metadata', (st) => st.usedBytes);
+    perStore('cowbd_store_file_bytes', 'Length of the store file', (st) => st.fileBytes);
+    const dataDirFs = (name: string, help: string, pick: (fs: { bsize: number; blocks: number; bavail: number }) => number) =>
+      new client.Gauge({
+        name,
+        help,
+        registers,
+        async collect() {
+          // A file system that cannot be asked leaves no sample rather than failing the scrape.
+          const fs = await statfs(svc.dataDir).catch(() => undefined);
+          if (fs) this.set(pick({ bsize: Number(fs.bsize), blocks: Number(fs.blocks), bavail: Number(fs.bavail) }));
+          else this.reset();
+        },
+      });
+    dataDirFs('cowbd_datadir_fs_size_bytes', "Size of the data directory's file system", (fs) => fs.blocks * fs.bsize);
+    dataDirFs(
+      'cowbd_datadir_fs_free_bytes',
+      "Free bytes of the data directory's file system, as unprivileged users see it",
+      (fs) => fs.bavail * fs.bsize,
+    );
+    new client.Gauge({
+      name: 'cowbd_datadir_reserved_bytes',
+      help: 'Bytes allocated for snapshots to grow into and not yet holding data, summed over store files',
+      registers,
+      collect() {
+        let sum = 0;
+        for (const st of svc.cow.stores()) sum += Math.max(0, st.reservedBytes - st.usedBytes);
+        this.set(sum);
       },
     });
     new client.Gauge({

@@ -31,7 +31,9 @@ function strings(body: Record<string, unknown>, key: string): string[] {
 
 export function controlRoutes(c: ControlServer, svc: Service, backups?: { record(r: BackupReport): void }): void {
   c.route('GET', '/v1/volumes', async () => svc.volumes());
-  c.route('POST', '/v1/volumes', async (_p, b) => svc.createVolume(str(b, 'name')!, parseSizeNumber(str(b, 'size')!, 512)));
+  c.route('POST', '/v1/volumes', async (_p, b) =>
+    svc.createVolume(str(b, 'name')!, parseSizeNumber(str(b, 'size')!, 512), { preallocate: bool(b, 'preallocate') }),
+  );
   c.route('DELETE', '/v1/volumes/:name', async (p) => {
     await svc.removeVolume(p.name!);
     return { removed: p.name };

@@ -3,14 +3,23 @@
 // the metrics read from here; cow/ does the storage work.
 import { statfs, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { CowError, CowErrors, CowManager, type Origin, type Snapshot, type SnapshotUsage } from '../cow/index.js';
+import {
+  CowError,
+  CowErrors,
+  CowManager,
+  INVALID_WHY,
+  type InvalidInfo,
+  type Origin,
+  type Snapshot,
+  type SnapshotUsage,
+} from '../cow/index.js';
 import { ChangeContexts } from './change-contexts.js';
-import { Errors } from './errors.js';
+import { Errors, isCowbdError } from './errors.js';
 import { checkName } from './names.js';
 import { Registry } from './registry.js';
 import { formatSize } from './sizes.js';
 import { VolumeBackend } from './volume-backend.js';
-import { createVolume, listVolumes, volumePath } from './volumes.js';
+import { createVolume, listVolumes, volumePath, type VolumeCreateOptions } from './volumes.js';
 import { testFaults } from './test-faults.js';
 
 export interface AutoExtendPolicy {
@@ -60,6 +69,23 @@ export interface StatusRow {
   usedPercent: number | null;
   state: string;
   storeSize: number | null;
+  /** Snapshots only: reserves nothing on disk (a thin pool). */
+  sparse: boolean | null;
+  /** Snapshots only: bytes kept allocated on disk for it. */
+  reservedBytes: number | null;
+  /** Why the snapshot is invalid and what it held then; null otherwise. */
+  invalid: InvalidInfo | null;
+}
+
+/**
+ * Why a snapshot is invalid and what it held then, for people: "its exception store filled
+ * up; it held 2 of 16 chunks (12.5%)". A snapshot invalidated before reasons were recorded
+ * has no count either.
+ */
+export function invalidWhy(invalid: InvalidInfo, capacityChunks: number): string {
+  if (invalid.reason === 'unknown') return INVALID_WHY.unknown;
+  const pct = capacityChunks ? ((100 * invalid.usedChunks) / capacityChunks).toFixed(1) : '0.0';
+  return `${INVALID_WHY[invalid.reason]}; it held ${invalid.usedChunks} of ${capacityChunks} chunks (${pct}%)`;
 }
 
 /** Free space held back from auto-extend so the file system never fills to the last byte. */
@@ -141,7 +167,15 @@ export class Service {
     });
     cow.on('invalidated', (e) => {
       log.error(
-        { snapshot: e.name, origin: e.origin, reason: e.reason, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
+        {
+          snapshot: e.name,
+          origin: e.origin,
+          // The error behind it goes with the reason, so one field tells a reader what happened.
+          reason: e.detail ? `${e.reason}: ${e.detail}` : e.reason,
+          why: INVALID_WHY[e.reason],
+          usedChunks: e.usedChunks,
+          capacityChunks: e.capacityChunks,
+        },
         `snapshot ${e.name} invalidated`,
       );
     });
@@ -153,6 +187,10 @@ export class Service {
       svc.autoTimer.unref();
     }
     return svc;
+  }
+
+  get dataDir(): string {
+    return this.opts.dataDir;
   }
 
   private readOnlyExport(name: string): boolean {
@@ -167,9 +205,11 @@ export class Service {
   private describeSnapshot(s: Snapshot): string {
     const u = s.usage();
     const pct = u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(1) : '0.0';
+    const invalid = u.invalid ? ` (${invalidWhy(u.invalid, u.capacityChunks)})` : '';
     return (
-      `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}, ` +
-      `${pct}% used (${u.usedChunks}/${u.capacityChunks} chunks of ${formatSize(u.chunkSize)})` +
+      `snapshot of ${u.origin} taken at ${u.createdAt.toISOString()}, state ${u.state}${invalid}, ` +
+      `${pct}% used (${u.usedChunks}/${u.capacityChunks} chunks of ${formatSize(u.chunkSize)}), ` +
+      `${u.sparse ? 'sparse' : `${formatSize(u.reservedBytes)} reserved`}` +
       `${u.transient ? ', transient' : ''}${u.readOnly || this.readOnlyExport(s.name) ? ', read-only' : ''}`
     );
   }
@@ -204,18 +244,18 @@ export class Service {
       }));
   }
 
-  async createVolume(name: string, size: number): Promise<VolumeView> {
+  async createVolume(name: string, size: number, opts: VolumeCreateOptions = {}): Promise<VolumeView> {
     checkName(name);
     this.nameFree(name);
     if (this.opts.readOnly) throw Errors.readOnly();
-    await createVolume(this.opts.dataDir, name, size);
+    await createVolume(this.opts.dataDir, name, size, opts);
     try {
       this.exportOrigin(await this.cow.attachOrigin(name));
     } catch (err) {
       await unlink(volumePath(this.opts.dataDir, name)).catch(() => undefined);
       throw err;
     }
-    this.log.info({ volume: name, size }, 'volume created');
+    this.log.info({ volume: name, size, preallocate: opts.preallocate ?? false }, 'volume created');
     return { name, size, snapshots: [] };
   }
 
@@ -306,6 +346,9 @@ export class Service {
         usedPercent: null,
         state: 'active',
         storeSize: null,
+        sparse: null,
+        reservedBytes: null,
+        invalid: null,
       });
     }
     for (const u of this.snapshots()) {
@@ -319,6 +362,9 @@ export class Service {
         usedPercent: u.capacityChunks ? (100 * u.usedChunks) / u.capacityChunks : 0,
         state: u.state,
         storeSize: u.capacityBytes,
+        sparse: u.sparse,
+        reservedBytes: u.reservedBytes,
+        invalid: u.invalid,
       });
     }
     return rows;
@@ -361,7 +407,11 @@ export class Service {
         `snapshot ${name} auto-extended`,
       );
     } catch (err) {
-      this.log.error({ err, snapshot: name }, 'auto-extend failed');
+      const e = toCowbdError(err, { snapshot: name });
+      // Out of disk is the file system's state, not a fault here: the snapshot keeps its size.
+      if (isCowbdError(e, Errors.noSpace))
+        this.log.warn({ snapshot: name, usedPercent: pct }, `snapshot ${name} cannot be auto-extended: ${e.message}`);
+      else this.log.error({ err, snapshot: name }, 'auto-extend failed');
     } finally {
       this.extending.delete(name);
     }

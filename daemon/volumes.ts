@@ -1,9 +1,10 @@
-// The data directory's plain volumes: one sparse file NAME.vol per volume.
-import { open, readdir, stat, mkdir, type FileHandle } from 'node:fs/promises';
+// The data directory's plain volumes: one file NAME.vol per volume, sparse unless preallocated.
+import { open, readdir, stat, statfs, mkdir, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkName, isValidName } from './names.js';
 import { Errors } from './errors.js';
-import { syncDirectory, syncMadeDirectories } from '../cow/index.js';
+import { allocateFile, CowErrors, isCowError, syncDirectory, syncMadeDirectories } from '../cow/index.js';
+import { formatSize } from './sizes.js';
 
 export const VOLUME_SUFFIX = '.vol';
 
@@ -40,10 +41,18 @@ export async function makeDataDir(dataDir: string): Promise<void> {
   await syncMadeDirectories(await mkdir(dataDir, { recursive: true, mode: 0o700 }), dataDir);
 }
 
-/** Creates a sparse volume file; refuses an existing name. */
-export async function createVolume(dataDir: string, name: string, size: number): Promise<VolumeEntry> {
+export interface VolumeCreateOptions {
+  /** Allocate the file's blocks now, so writes to the volume never find the disk full. */
+  preallocate?: boolean;
+}
+
+/** Creates a volume file, sparse unless preallocated; refuses an existing name. */
+export async function createVolume(dataDir: string, name: string, size: number, opts: VolumeCreateOptions = {}): Promise<VolumeEntry> {
   const path = volumePath(dataDir, name);
   await makeDataDir(dataDir);
+  // Checked first too: a size past the file system's own file size limit would otherwise
+  // fail as EFBIG, which says nothing about space.
+  if (opts.preallocate) await checkFits(dataDir, name, size);
   let fh: FileHandle;
   try {
     fh = await open(path, 'wx', 0o600);
@@ -52,11 +61,32 @@ export async function createVolume(dataDir: string, name: string, size: number):
     throw err;
   }
   try {
-    await fh.truncate(size);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    try {
+      await fh.truncate(size);
+      if (opts.preallocate) await allocateFile(path, 0, size);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  } catch (err) {
+    await unlink(path).catch(() => undefined);
+    if (isCowError(err) && err.id === CowErrors.allocateNoSpace.id) throw await noSpace(dataDir, name, size);
+    throw err;
   }
   await syncDirectory(dataDir);
   return { name, path, size };
+}
+
+async function freeBytes(dataDir: string): Promise<number> {
+  const fs = await statfs(dataDir);
+  return Number(fs.bavail) * Number(fs.bsize);
+}
+
+async function noSpace(dataDir: string, name: string, size: number) {
+  const free = await freeBytes(dataDir);
+  return Errors.volumeNoSpace(name, formatSize(size), formatSize(free));
+}
+
+async function checkFits(dataDir: string, name: string, size: number): Promise<void> {
+  if (size > (await freeBytes(dataDir))) throw await noSpace(dataDir, name, size);
 }
