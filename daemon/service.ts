@@ -170,9 +170,9 @@ export class Service {
         {
           snapshot: e.name,
           origin: e.origin,
-          // The error behind it goes with the reason, so one field tells a reader what happened.
-          reason: e.detail ? `${e.reason}: ${e.detail}` : e.reason,
+          reason: e.reason,
           why: INVALID_WHY[e.reason],
+          detail: e.detail,
           usedChunks: e.usedChunks,
           capacityChunks: e.capacityChunks,
         },
