@@ -73,6 +73,8 @@ export interface StatusRow {
   sparse: boolean | null;
   /** Snapshots only: bytes kept allocated on disk for it. */
   reservedBytes: number | null;
+  /** Snapshots only: bytes its store holds for it, data and metadata. */
+  usedBytes: number | null;
   /** Why the snapshot is invalid and what it held then; null otherwise. */
   invalid: InvalidInfo | null;
 }
@@ -348,6 +350,7 @@ export class Service {
         storeSize: null,
         sparse: null,
         reservedBytes: null,
+        usedBytes: null,
         invalid: null,
       });
     }
@@ -364,6 +367,7 @@ export class Service {
         storeSize: u.capacityBytes,
         sparse: u.sparse,
         reservedBytes: u.reservedBytes,
+        usedBytes: u.usedBytes,
         invalid: u.invalid,
       });
     }
