@@ -11,7 +11,7 @@
 //    control API and the other connections keep working; TRIM gives space back.
 import t from 'tap';
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, unlink } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -19,30 +19,19 @@ import * as C from '../../protocol/constants.js';
 import { call } from '../../daemon/control-client.js';
 import { startDaemon, waitForLog as logged, type Daemon } from '../helpers/daemon.js';
 import { NbdClient, fill, nbdErrno } from '../helpers/nbd-client.js';
+import { tmpfsMounts } from '../helpers/tmpfs.js';
 
 const execFileP = promisify(execFile);
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
 const top = await mkdtemp(join(tmpdir(), 'cowbd-enospc-'));
-const mounts: string[] = [];
+const mounts = tmpfsMounts();
 t.teardown(async () => {
-  for (const m of mounts.reverse()) await execFileP('umount', ['-l', m]).catch(() => undefined);
+  await mounts.unmountAll();
   await rm(top, { recursive: true, force: true });
 });
-
-/** Mounts a tmpfs of `size` at dir; the reason it cannot, or undefined. */
-async function tmpfs(dir: string, size: string): Promise<string | undefined> {
-  if (process.getuid?.() !== 0) return 'needs root to mount a small tmpfs';
-  await mkdir(dir, { recursive: true });
-  try {
-    await execFileP('mount', ['-t', 'tmpfs', '-o', `size=${size},mode=0700`, 'tmpfs', dir]);
-  } catch (e) {
-    return `mount -t tmpfs failed: ${(e as { stderr?: string }).stderr?.trim() || String(e)}`;
-  }
-  mounts.push(dir);
-  return undefined;
-}
+const tmpfs = (dir: string, size: string) => mounts.mount(dir, size);
 
 /** The stores in a cow directory: the origins' change trackers (NAME.cbt) live beside them. */
 const stores = async (dir: string) => (await readdir(dir)).filter((f) => !f.endsWith('.cbt'));

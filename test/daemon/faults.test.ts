@@ -136,7 +136,11 @@ t.test('EIO copying into a snapshot store invalidates that snapshot; the origin 
     await logged(
       d,
       (l) =>
-        l.snapshot === 'wfail' && l.level === 50 && String(l.msg).includes('invalidated') && l.reason === 'io-error' && String(l.detail).includes('EIO'),
+        l.snapshot === 'wfail' &&
+        l.level === 50 &&
+        String(l.msg).includes('invalidated') &&
+        l.reason === 'io-error' &&
+        String(l.detail).includes('EIO'),
     ),
     'the invalidation is logged with the real error',
   );

@@ -96,6 +96,13 @@ async function writePattern(c: NbdClient, seed: (i: number) => number): Promise<
   await c.flush();
 }
 
+/** Rewrites the pattern with seedB and flushes; resolves to how many requests failed. */
+async function rewritePattern(c: NbdClient): Promise<number> {
+  let failed = 0;
+  for (let i = 0; i < PATTERN / MiB; i++) failed += (await nbdErrno(c.write(i * MiB, fill(MiB, seedB(i))))) ? 1 : 0;
+  return failed + ((await nbdErrno(c.flush())) ? 1 : 0);
+}
+
 /**
  * Writes `bytes` in 1 MiB pieces from FRESH on, a FLUSH every 4 MiB and at the end, until
  * two requests have failed: the daemon may hold writes behind, so an error can surface on
@@ -209,9 +216,7 @@ t.test('copies made after the disk filled land in the reservation', { skip }, as
     errors.some((e) => e.errno === C.NBD_ENOSPC),
     'the origin fills the disk',
   );
-  let failed = 0;
-  for (let i = 0; i < PATTERN / MiB; i++) failed += (await nbdErrno(c.write(i * MiB, fill(MiB, seedB(i))))) ? 1 : 0;
-  failed += (await nbdErrno(c.flush())) ? 1 : 0;
+  const failed = await rewritePattern(c);
   t.equal(failed, 0, 'rewriting the 40M with the disk full: every write and the FLUSH succeed');
   let same = true;
   for (let i = 0; i < PATTERN / MiB; i++) same &&= (await c.read(i * MiB, MiB)).equals(fill(MiB, seedB(i)));
@@ -238,9 +243,7 @@ t.test('a sparse snapshot overcommits: a full disk invalidates it, disk-full', {
     errors.some((e) => e.errno === C.NBD_ENOSPC),
     'the origin fills the disk',
   );
-  let failed = 0;
-  for (let i = 0; i < PATTERN / MiB; i++) failed += (await nbdErrno(c.write(i * MiB, fill(MiB, seedB(i))))) ? 1 : 0;
-  failed += (await nbdErrno(c.flush())) ? 1 : 0;
+  const failed = await rewritePattern(c);
   t.comment(`rewriting the 40M with the disk full: ${failed} requests failed`);
   const u = await usage(d, 's');
   t.equal(u.state, 'invalid', 'the snapshot is invalidated');
