@@ -44,6 +44,7 @@ export class Metrics {
   constructor() {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'cowbd_' });
     const registers = [this.registry];
+    dropMisnamedDefaults(this.registry);
     this.requests = new client.Counter({
       name: 'cowbd_nbd_requests_total',
       help: 'NBD requests served, by export, command and result (ok or the NBD error)',
@@ -309,4 +310,13 @@ export class Metrics {
     const a = server.address();
     return { server, port: typeof a === 'object' && a ? a.port : port };
   }
+}
+
+/**
+ * prom-client names three gauges of its defaults with a counter's `_total` suffix, which
+ * promtool flags, and has no option to rename them. They are dropped: the gauges by type
+ * it also publishes (cowbd_nodejs_active_handles{type=...} and the like) sum to them.
+ */
+function dropMisnamedDefaults(registry: client.Registry): void {
+  for (const name of ['active_handles', 'active_requests', 'active_resources']) registry.removeSingleMetric(`cowbd_nodejs_${name}_total`);
 }
