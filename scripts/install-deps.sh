@@ -3,7 +3,7 @@
 # for a user who has it) and npm packages (as the caller, so node_modules stays theirs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbd-server qemu-system-x86 kmod cpio xz-utils openssl restic)
+PKGS=(qemu-utils libnbd-bin python3-libnbd fio nbdkit nbd-server qemu-system-x86 kmod cpio xz-utils openssl restic prometheus)
 AS_ROOT=()
 [ "$(id -u)" = 0 ] || AS_ROOT=(sudo)
 if command -v apt-get >/dev/null && { [ ${#AS_ROOT[@]} = 0 ] || command -v sudo >/dev/null; }; then
