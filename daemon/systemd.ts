@@ -25,8 +25,6 @@ export function notifySystemd(state: NotifyState, log: Logger, env: NodeJS.Proce
     };
     try {
       const child = spawn('systemd-notify', args, { stdio: 'ignore', env });
-      // A notification at shutdown must not hold the daemon's exit back.
-      child.unref();
       child.once('error', (err) => finish({ err }));
       child.once('exit', (code, signal) => finish(code === 0 ? undefined : { code, signal }));
     } catch (err) {
