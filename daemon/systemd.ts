@@ -23,6 +23,7 @@ export function notifySystemd(state: NotifyState, log: Logger, env: NodeJS.Proce
       if (problem) log.warn({ ...problem, args }, 'could not notify systemd');
       resolve();
     };
+    log.debug({ args }, 'notifying systemd');
     try {
       const child = spawn('systemd-notify', args, { stdio: 'ignore', env });
       child.once('error', (err) => finish({ err }));
