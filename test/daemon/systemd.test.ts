@@ -86,7 +86,13 @@ t.test('the daemon notifies systemd once it serves, and when it stops', { skip: 
     socket: sock,
     logLevel: 'debug',
     // env(1) execs the daemon, so the fake's parent is the daemon itself.
-    launcher: ['env', `PATH=${fake.dir}:${process.env.PATH}`, 'NOTIFY_SOCKET=/run/fake-notify', `FAKE_RECORD=${fake.record}`, `FAKE_SOCK=${sock}`],
+    launcher: [
+      'env',
+      `PATH=${fake.dir}:${process.env.PATH}`,
+      'NOTIFY_SOCKET=/run/fake-notify',
+      `FAKE_RECORD=${fake.record}`,
+      `FAKE_SOCK=${sock}`,
+    ],
   });
   t.teardown(() => d.stop());
   const pid = d.proc.pid!;
@@ -147,7 +153,11 @@ t.test('the example unit passes systemd-analyze', { skip: found('systemd-analyze
 // tap's NODE_OPTIONS make node record process info in .tap/, which nobody may not write.
 const asNobody = ['--reuid=nobody', '--regid=nogroup', '--clear-groups', 'env', '-u', 'NODE_OPTIONS'];
 const unprivileged =
-  process.getuid?.() !== 0 ? 'needs root to become nobody' : !found('setpriv') || !found('nbdinfo') || !found('qemu-io') ? 'needs setpriv, nbdinfo, qemu-io' : false;
+  process.getuid?.() !== 0
+    ? 'needs root to become nobody'
+    : !found('setpriv') || !found('nbdinfo') || !found('qemu-io')
+      ? 'needs setpriv, nbdinfo, qemu-io'
+      : false;
 
 t.test('the daemon serves as an unprivileged user', { skip: unprivileged }, async (t) => {
   const dataDir = await mkdtemp(join(tmpdir(), 'cowbd-nobody-'));
@@ -167,11 +177,11 @@ t.test('the daemon serves as an unprivileged user', { skip: unprivileged }, asyn
   t.equal((await execFileP('nbdinfo', ['--size', d.uri('snap')])).stdout.trim(), String(64 * MiB));
   await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 0 1M', d.uri('vol')]);
   // The snapshot still reads what the origin held: the copy-on-write ran as that user.
-  await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0 0 1M', d.uri('snap')]).then(
-    (r) => t.notMatch(r.stdout, /Pattern verification failed/, 'snapshot unchanged'),
+  await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0 0 1M', d.uri('snap')]).then((r) =>
+    t.notMatch(r.stdout, /Pattern verification failed/, 'snapshot unchanged'),
   );
-  await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 1M', d.uri('vol')]).then(
-    (r) => t.notMatch(r.stdout, /Pattern verification failed/, 'origin written'),
+  await execFileP('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 1M', d.uri('vol')]).then((r) =>
+    t.notMatch(r.stdout, /Pattern verification failed/, 'origin written'),
   );
   const { stdout: status } = await cli('status', '--json');
   const rows = JSON.parse(status) as { name: string; origin: string | null; state: string; usedPercent: number | null }[];
