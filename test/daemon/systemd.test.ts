@@ -14,7 +14,7 @@ import { CLI, ROOT, startDaemon } from '../helpers/daemon.js';
 const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
 const UNIT = join(ROOT, 'docs', 'examples', 'cowbd.service');
-/** The overall exposure `systemd-analyze security` may give the example unit; it is 1.4 now. */
+/** The most exposure `systemd-analyze security` may give the example unit; its OK band ends higher. */
 const MAX_EXPOSURE = 2.0;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
