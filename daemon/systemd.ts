@@ -6,8 +6,9 @@ import type { Logger } from 'pino';
 export type NotifyState = 'ready' | 'stopping';
 
 /**
- * Runs systemd-notify once when NOTIFY_SOCKET is set (the daemon runs under systemd). Resolves when it has exited (or at
- * once); never rejects: a failed notification is a warning, the daemon serves anyway.
+ * Runs systemd-notify once when NOTIFY_SOCKET is set (the daemon runs under systemd).
+ * Resolves when it has exited, or at once without NOTIFY_SOCKET; never rejects: a failed
+ * notification is a warning, and the daemon serves anyway.
  */
 export function notifySystemd(state: NotifyState, log: Logger, env: NodeJS.ProcessEnv = process.env): Promise<void> {
   if (!env.NOTIFY_SOCKET) return Promise.resolve();
