@@ -15,6 +15,7 @@ import { lockDataDir } from './lock.js';
 import { Metrics } from './metrics.js';
 import { controlRoutes } from './routes.js';
 import { Service, type AutoExtendPolicy } from './service.js';
+import { notifySystemd } from './systemd.js';
 import { loadTls, type TlsSettings } from './tls.js';
 import { createVolume, listVolumes, makeDataDir } from './volumes.js';
 
@@ -173,6 +174,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       },
       'serving',
     );
+    void notifySystemd('ready', log);
     let stopping: Promise<void> | undefined;
     return {
       server,
@@ -181,6 +183,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       metricsPort,
       stop() {
         stopping ??= (async () => {
+          void notifySystemd('stopping', log);
           await server.close();
           if (!opts.readOnly) await service.flushAll();
           if (metricsServer) {
