@@ -56,6 +56,30 @@ export const CowErrors = {
     'EIO',
     (name: string, reason?: InvalidReason) => `snapshot ${name} is invalid${reason ? ` (${INVALID_WHY[reason]})` : ''}`,
   ),
+  snapshotMerging: define('COW_SNAPSHOT_MERGING', 'EIO', (name: string) => `snapshot ${name} is being merged into its origin`),
+  mergeTransient: define(
+    'COW_MERGE_TRANSIENT',
+    'EINVAL',
+    (name: string) =>
+      `snapshot ${name} is transient: its exceptions would not survive a crash in the middle of a merge, so it cannot be merged`,
+  ),
+  mergeInvalid: define('COW_MERGE_INVALID', 'EINVAL', (name: string) => `snapshot ${name} is invalid: it no longer holds its point in time`),
+  mergeReleased: define(
+    'COW_MERGE_RELEASED',
+    'EINVAL',
+    (name: string) => `snapshot ${name} gave chunks up to a backup: it no longer holds its whole point in time, so it cannot be merged`,
+  ),
+  removeMerging: define(
+    'COW_REMOVE_MERGING',
+    'EBUSY',
+    (name: string) => `snapshot ${name} is being merged into its origin: it goes away by itself once the merge is done`,
+  ),
+  mergeBusy: define('COW_MERGE_BUSY', 'EBUSY', (origin: string, name: string) => `origin ${origin} is already merging snapshot ${name}`),
+  originMerging: define(
+    'COW_ORIGIN_MERGING',
+    'EBUSY',
+    (origin: string, name: string) => `origin ${origin} is merging snapshot ${name}: no snapshot of it can be taken until that is done`,
+  ),
   releaseWritable: define(
     'COW_RELEASE_WRITABLE',
     'EINVAL',

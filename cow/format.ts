@@ -19,6 +19,12 @@ export const AREA_MAGIC = 'CWAR';
 
 /** Store chunk 0 lies in the header, so 0 can mean "this chunk reads as zeros". */
 export const ZERO_CHUNK = 0;
+/**
+ * An entry mapping a chunk here drops the snapshot's exception: a merge copied it back
+ * into the origin, which now holds the snapshot's content. The last chunk number a store
+ * could have, so never a real one.
+ */
+export const MERGED_CHUNK = 0xffffffff;
 
 export const MIN_CHUNK = 4096;
 export const MAX_CHUNK = 1 << 20;
@@ -72,7 +78,8 @@ export function decodePoolHeader(b: Buffer): PoolHeader | string {
   };
 }
 
-export type SnapshotStateName = 'valid' | 'invalid' | 'overflow';
+/** merging: being copied back into its origin (merge.ts); it is no longer served. */
+export type SnapshotStateName = 'valid' | 'invalid' | 'overflow' | 'merging';
 export type OverflowPolicy = 'invalidate' | 'overflow';
 /**
  * Why a snapshot was invalidated: its store was full, the file system was (a sparse
@@ -80,7 +87,7 @@ export type OverflowPolicy = 'invalidate' | 'overflow';
  * written before the reason was recorded.
  */
 export type InvalidReason = 'unknown' | 'full' | 'disk-full' | 'io-error' | 'removed';
-const STATES: SnapshotStateName[] = ['valid', 'invalid', 'overflow'];
+const STATES: SnapshotStateName[] = ['valid', 'invalid', 'overflow', 'merging'];
 const POLICIES: OverflowPolicy[] = ['invalidate', 'overflow'];
 export const INVALID_REASONS: InvalidReason[] = ['unknown', 'full', 'disk-full', 'io-error', 'removed'];
 /** Where the slot's invalidation record lies: zeros in slots written before it existed. */

@@ -19,6 +19,7 @@ import type { SnapshotRecord } from './snapshot-record.js';
 import { Snapshot, type SnapshotUsage } from './snapshot.js';
 import { checkGeometry } from './exception-store.js';
 import { OriginPools } from './origin-copy.js';
+import { SnapshotMerge, type MergeProgress } from './merge.js';
 import { SnapshotPool, type PoolEvents, type StoreSpace } from './snapshot-pool.js';
 import type { Claim } from './reservation.js';
 import type { InvalidReason } from './format.js';
@@ -104,7 +105,24 @@ export interface UsageEvent {
   capacityChunks: number;
 }
 
+export interface MergeEvent {
+  name: string;
+  origin: string;
+  /** started: by mergeSnapshot; resumed: at attach, after a restart; done: the snapshot is gone. */
+  phase: 'started' | 'resumed' | 'done' | 'error';
+  totalChunks: number;
+  mergedChunks: number;
+  seconds: number;
+  error?: unknown;
+}
+
+export interface MergeSnapshotOptions {
+  /** Bytes a second the background copy may take (0: no bound); default DEFAULT_MERGE_RATE. */
+  rate?: number;
+}
+
 export interface CowManagerEvents {
+  merge: [MergeEvent];
   invalidated: [InvalidatedEvent];
   overflow: [{ name: string; origin: string }];
   usage: [UsageEvent];
@@ -138,6 +156,8 @@ interface Attached {
   tracker: ChangeTracker | undefined;
   pools: OriginPools;
   entries: PoolEntry[];
+  /** The snapshot being merged into this origin, at most one. */
+  merge?: SnapshotMerge;
 }
 
 export class CowManager extends EventEmitter<CowManagerEvents> {
@@ -267,11 +287,20 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       await tracker?.close();
       throw e;
     }
-    this.origins.set(name, { origin, tracker, pools, entries });
+    const attached: Attached = { origin, tracker, pools, entries };
+    this.origins.set(name, attached);
+    let merging: Snapshot | undefined;
     for (const { pool } of entries) {
       pools.add(pool);
-      for (const rec of pool.records) if (rec) this.snaps.set(rec.name, new Snapshot(origin, pool, rec));
+      for (const rec of pool.records) {
+        if (!rec) continue;
+        const snap = new Snapshot(origin, pool, rec);
+        this.snaps.set(rec.name, snap);
+        if (rec.state === 'merging') merging = snap;
+      }
     }
+    // A merge a stop or a crash interrupted goes on.
+    if (merging) await this.startMerge(attached, merging, {}, 'resumed');
     this.opts.logger?.info({ origin: name, snapshots: entries.reduce((n, e) => n + e.pool.snapshotCount, 0) }, 'origin attached');
     return origin;
   }
@@ -314,6 +343,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     const a = this.origins.get(name);
     if (!a) return;
     // Held writes still need their pools for their copies.
+    await a.merge?.stop();
     await a.origin.settle();
     for (const [sn, s] of this.snaps) if (s.origin === a.origin) this.snaps.delete(sn);
     for (const e of a.entries) {
@@ -359,7 +389,10 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
       if (!validName(o.name)) throw CowErrors.invalidName('snapshot', o.name);
       if (names.has(o.name) || this.snaps.has(o.name) || this.origins.has(o.name)) throw CowErrors.nameTaken(o.name);
       names.add(o.name);
-      if (!this.origins.has(o.origin)) throw CowErrors.unknownOrigin(o.origin);
+      const a = this.origins.get(o.origin);
+      if (!a) throw CowErrors.unknownOrigin(o.origin);
+      // As LVM: a snapshot taken now would need the merge's chunks at two points in time.
+      if (a.merge) throw CowErrors.originMerging(o.origin, a.merge.name);
     }
     const plan: Planned[] = [];
     const made: Array<{ p: Planned; rec: SnapshotRecord }> = [];
@@ -496,6 +529,7 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
   async removeSnapshot(name: string): Promise<void> {
     const s = this.snaps.get(name);
     if (!s) throw CowErrors.unknownSnapshot(name);
+    if (s.record.state === 'merging') throw CowErrors.removeMerging(name);
     this.snaps.delete(name);
     await s.pool.remove(s.record);
     if (s.pool.snapshotCount === 0) {
@@ -511,6 +545,106 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     attached.pools.remove(entry.pool);
     await entry.pool.close();
     await unlink(entry.path).catch(() => {});
+  }
+
+  /**
+   * Merges a snapshot back into its origin (lvconvert --merge): from now on the origin
+   * reads as the snapshot, and the snapshot's chunks are copied back in the background,
+   * after which it is gone. Durable when it resolves: a restart resumes it.
+   */
+  async mergeSnapshot(name: string, opts: MergeSnapshotOptions = {}): Promise<MergeProgress> {
+    this.checkOpen();
+    const s = this.snaps.get(name);
+    if (!s) throw CowErrors.unknownSnapshot(name);
+    const a = this.origins.get(s.origin.name)!;
+    const rec = s.record;
+    if (a.merge) throw CowErrors.mergeBusy(s.origin.name, a.merge.name);
+    if (!s.pool.store.persistent) throw CowErrors.mergeTransient(name);
+    if (rec.state === 'invalid') throw CowErrors.mergeInvalid(name);
+    if (rec.released) throw CowErrors.mergeReleased(name);
+    await this.startMerge(a, s, opts, 'started');
+    return a.merge!.progress();
+  }
+
+  /** Sets a running merge's bound on its background copy. */
+  setMergeRate(name: string, rate: number): MergeProgress {
+    const s = this.snaps.get(name);
+    if (!s?.merging) throw CowErrors.unknownSnapshot(name);
+    const m = this.origins.get(s.origin.name)!.merge!;
+    m.setRate(rate);
+    return m.progress();
+  }
+
+  private async startMerge(a: Attached, s: Snapshot, opts: MergeSnapshotOptions, phase: 'started' | 'resumed'): Promise<void> {
+    const { origin } = a;
+    const rec = s.record;
+    const events = (m: SnapshotMerge, p: MergeEvent['phase'], error?: unknown): MergeEvent => ({
+      name: rec.name,
+      origin: origin.name,
+      phase: p,
+      totalChunks: m.totalChunks,
+      mergedChunks: m.mergedChunks,
+      seconds: (Date.now() - m.startedAt.getTime()) / 1000,
+      error,
+    });
+    // Quiesced, with every held write landed first: they belong to the origin before the
+    // merge, and the merge's epoch must be above every snapshot's.
+    await origin.quiesced(async () => {
+      await origin.settle();
+      if (phase === 'started') {
+        const before = rec.state;
+        rec.state = 'merging';
+        try {
+          await s.pool.store.updateSnapshot(rec);
+        } catch (e) {
+          rec.state = before;
+          throw e;
+        }
+        s.pool.refreshLive();
+      }
+      const m = new SnapshotMerge(origin, s.pool, rec, {
+        rate: opts.rate,
+        onDone: (done) => {
+          void this.finishMerge(a, s, done).then(
+            () => this.emit('merge', events(done, 'done')),
+            (e: unknown) => this.emit('merge', events(done, 'error', e)),
+          );
+        },
+        onError: (e, failed) => this.emit('merge', events(failed, 'error', e)),
+      });
+      a.merge = m;
+      s.merging = m;
+      origin.merge = m;
+      this.opts.logger?.info(
+        { snapshot: rec.name, origin: origin.name, chunks: m.totalChunks, rate: m.rate },
+        phase === 'started' ? 'merge started' : 'merge resumed',
+      );
+      this.emit('merge', events(m, phase));
+      m.start();
+    });
+  }
+
+  /** The last chunk is back: the origin reads its own file again, and the snapshot goes. */
+  private async finishMerge(a: Attached, s: Snapshot, m: SnapshotMerge): Promise<void> {
+    a.origin.merge = undefined;
+    a.merge = undefined;
+    s.merging = undefined;
+    this.snaps.delete(s.name);
+    await s.pool.remove(s.record);
+    if (s.pool.snapshotCount === 0) {
+      const entry = a.entries.find((e) => e.pool === s.pool);
+      if (entry) await this.dropPool(a, entry);
+    }
+    this.opts.logger?.info(
+      {
+        snapshot: s.name,
+        origin: a.origin.name,
+        chunks: m.totalChunks,
+        bytes: m.totalChunks * s.pool.chunkSize,
+        seconds: (Date.now() - m.startedAt.getTime()) / 1000,
+      },
+      'merge done',
+    );
   }
 
   /** Every store file of every attached origin, with the space it holds. */

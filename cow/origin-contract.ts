@@ -36,3 +36,24 @@ export interface ChangeMarks {
   /** The same for a range made zero (TRIM, WRITE_ZEROES): chunks that never held data are left unmarked. */
   markZeroing?(offset: number, length: number): Promise<void> | undefined;
 }
+
+/**
+ * A snapshot being merged into its origin (merge.ts): until a chunk is copied back, the
+ * origin reads it from the snapshot's store, and a write to it copies it back first.
+ */
+export interface OriginMerge {
+  /**
+   * The origin's epoch when the merge began: snapshots taken since see the merged content
+   * (the origin's as it reads), older ones keep their own point in time.
+   */
+  readonly epoch: number;
+  /** Some chunk of the range still reads from the merging snapshot's store. */
+  pending(offset: number, length: number): boolean;
+  /**
+   * Reads the range: `file` fills buf from the origin's file, then the chunks that were
+   * not copied back when the read began are read from the store over it.
+   */
+  read(buf: Buffer, offset: number, file: () => Promise<void>): Promise<void>;
+  /** Copies every unmerged chunk of the range back into the origin, durably. */
+  mergeRange(offset: number, length: number): Promise<void>;
+}

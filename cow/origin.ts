@@ -5,7 +5,7 @@ import { totalmem } from 'node:os';
 import type { BlockDevice } from './device.js';
 import { ZEROS } from './buffer-pool.js';
 import { CowErrors } from './errors.js';
-import type { ChangeMarks, CopyOnWrite, OriginView } from './origin-contract.js';
+import type { ChangeMarks, CopyOnWrite, OriginMerge, OriginView } from './origin-contract.js';
 import { SyncCoalescer } from './sync-coalescer.js';
 import type { KeepBuffer, Volume } from './volume.js';
 import { NONE, WriteBehind, type HeldWrite } from './write-behind.js';
@@ -33,6 +33,8 @@ export class Origin implements Volume, OriginView {
   private gate: Promise<void> | null = null;
   private inflight = 0;
   private drained: (() => void) | null = null;
+  /** A snapshot being merged back (merge.ts), until its last chunk is. */
+  merge: OriginMerge | undefined;
 
   constructor(
     readonly name: string,
@@ -50,18 +52,47 @@ export class Origin implements Volume, OriginView {
     return this.readAsOf(buf, offset, Infinity);
   }
 
+  /** Chunks of the range a merge has not copied back yet are copied back now. */
+  private unmerged(offset: number, length: number): Promise<void> | undefined {
+    const m = this.merge;
+    return m?.pending(offset, length) ? m.mergeRange(offset, length) : undefined;
+  }
+
+  /**
+   * The origin's chunks a merge copies back: a copy for every other snapshot lacking
+   * them first, the change tracker told, then the file written (not synced).
+   */
+  async writeMerged(buf: Buffer, offset: number, mergeEpoch: number): Promise<void> {
+    const marked = this.opts.marks?.mark(offset, buf.length);
+    if (marked) await marked;
+    await this.settleBefore(offset, buf.length);
+    // Snapshots taken since the merge began already see this content: no copy for them.
+    await this.snapshots.beforeWrite(offset, buf.length, mergeEpoch - 1);
+    await this.dev.write(buf, offset, true);
+  }
+
+  /** Makes the origin's file durable (a merge's chunks before they leave its snapshot). */
+  sync(): Promise<void> {
+    return this.syncer.sync();
+  }
+
   readForCopy(buf: Buffer, offset: number): Promise<void> {
     return this.dev.read(buf, offset, true);
   }
 
   /** The origin as a snapshot of the given epoch sees it: the file plus writes held from before it. */
   readAsOf(buf: Buffer, offset: number, epoch: number): Promise<void> {
+    // A merge's chunks not copied back yet are seen by the origin's own reads and by
+    // snapshots taken since it began; older snapshots lacking them read the file.
+    const m = this.merge;
+    const merge = m && epoch >= m.epoch && m.pending(offset, buf.length) ? m : undefined;
     // Taken before the file is read: a write landing meanwhile is then applied twice
     // (the same bytes), never missed.
     const held = this.behind.overlapping(offset, offset + buf.length);
-    if (!held.length) return this.dev.read(buf, offset);
+    const file = merge ? merge.read(buf, offset, () => this.dev.read(buf, offset)) : this.dev.read(buf, offset);
+    if (!held.length) return file;
     this.behind.pin(held);
-    return this.dev.read(buf, offset).then(
+    return file.then(
       () => {
         WriteBehind.apply(held, buf, offset, epoch);
         this.behind.unpin(held);
@@ -83,6 +114,8 @@ export class Origin implements Volume, OriginView {
   }
 
   async write(buf: Buffer, offset: number, fua: boolean, keep?: KeepBuffer): Promise<void> {
+    const merging = this.unmerged(offset, buf.length);
+    if (merging) await merging;
     for (;;) {
       if (this.gate) await this.enter();
       else this.inflight++;
@@ -198,6 +231,8 @@ export class Origin implements Volume, OriginView {
    */
   async discard(offset: number, length: number, fua: boolean): Promise<void> {
     if (!this.dev.punchHoles) return;
+    const merging = this.unmerged(offset, length);
+    if (merging) await merging;
     await this.enter();
     try {
       const m = this.opts.marks;
@@ -221,6 +256,8 @@ export class Origin implements Volume, OriginView {
 
   /** A write of zeros: snapshots get their copies first, exactly as for write(). */
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    const merging = this.unmerged(offset, length);
+    if (merging) await merging;
     await this.enter();
     try {
       const m = this.opts.marks;

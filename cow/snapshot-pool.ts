@@ -268,8 +268,9 @@ export class SnapshotPool {
   async remove(rec: SnapshotRecord): Promise<void> {
     // Origin writes stop copying for a snapshot being removed; were the removal cut short
     // by a crash, it would come back valid reading what the origin wrote meanwhile. So it
-    // is first marked invalid, durably, while it still gets its copies.
-    await this.policy.invalidateDurably(rec);
+    // is first marked invalid, durably, while it still gets its copies. A merged one gets
+    // no copies: cut short, it comes back merging with nothing left, and goes.
+    if (rec.state !== 'merging') await this.policy.invalidateDurably(rec);
     rec.removing = true;
     this.refreshLive();
     while (rec.busy > 0) await new Promise<void>((r) => setImmediate(r));

@@ -86,6 +86,6 @@ export class SnapshotRecord {
 
   /** Counts toward COW only while it can still be read. */
   get live(): boolean {
-    return this.state !== 'invalid' && !this.removing;
+    return this.state !== 'invalid' && this.state !== 'merging' && !this.removing;
   }
 }

@@ -9,6 +9,7 @@ import type { Origin } from './origin.js';
 import type { SnapshotPool } from './snapshot-pool.js';
 import type { SnapshotRecord } from './snapshot-record.js';
 import type { Volume } from './volume.js';
+import type { MergeProgress } from './merge.js';
 
 export interface SnapshotUsage {
   name: string;
@@ -32,6 +33,8 @@ export interface SnapshotUsage {
   reservedBytes: number;
   /** Why it is invalid, and what it held then; null while it is not. */
   invalid: InvalidInfo | null;
+  /** How far its merge into the origin is; null unless it is merging. */
+  merge: MergeProgress | null;
 }
 
 export interface InvalidInfo {
@@ -47,6 +50,8 @@ const FROM_ZEROS = 2;
 
 export class Snapshot implements Volume {
   private readonly cs: number;
+  /** Its merge into the origin, while one runs (manager.ts). */
+  merging: { progress(): MergeProgress } | undefined;
 
   constructor(
     readonly origin: Origin,
@@ -75,6 +80,7 @@ export class Snapshot implements Volume {
   private checkReadable(): void {
     const rec = this.record;
     if (rec.removing || !this.pool.holds(rec)) throw CowErrors.snapshotRemoved(rec.name);
+    if (rec.state === 'merging') throw CowErrors.snapshotMerging(rec.name);
     if (rec.state === 'invalid') throw CowErrors.snapshotInvalid(rec.name, rec.invalidReason);
   }
 
@@ -326,6 +332,7 @@ export class Snapshot implements Volume {
       createdAt: new Date(r.createdAt),
       sparse: this.pool.sparse,
       reservedBytes: this.pool.sparse ? 0 : r.reservedChunks * cs,
+      merge: this.merging?.progress() ?? null,
       invalid:
         r.state === 'invalid'
           ? { reason: r.invalidReason ?? 'unknown', usedChunks: r.usedAtInvalidation, usedBytes: r.usedAtInvalidation * cs }

@@ -9,6 +9,7 @@ import {
   ENTRY_BYTES,
   MAX_SNAPSHOTS,
   META_BLOCK,
+  MERGED_CHUNK,
   SLOT_BYTES,
   ZERO_CHUNK,
   decodeAreaHeader,
@@ -122,7 +123,8 @@ async function replaySnapshot(
       const chunk = buf.readUInt32LE(at);
       const phys = buf.readUInt32LE(at + 4);
       if (buf.readUInt32LE(at + 12) !== entryCheck(chunk, phys, h.nonce, n)) break;
-      rec.map.set(chunk, phys);
+      if (phys === MERGED_CHUNK) rec.map.delete(chunk);
+      else rec.map.set(chunk, phys);
     }
     rec.entries += n;
     if (n === perArea) {

@@ -1,0 +1,262 @@
+// Merging a snapshot back into its origin, as dm-snapshot's snapshot-merge target does
+// for `lvconvert --merge`: each of the snapshot's exceptions is copied back into the
+// origin's file in the background, made durable there, and only then dropped from the
+// snapshot's store (an entry naming MERGED_CHUNK). Until a chunk is copied back the
+// origin reads it from the store, and a write to it copies it back first, so the origin
+// reads as the snapshot from the moment the merge begins. A crash leaves the snapshot in
+// state 'merging' with the exceptions not yet dropped: the merge resumes at the next
+// start and copies them again, which is harmless. Other snapshots get their copies of
+// the origin's old data first, through the origin-write path (Origin.writeMerged).
+import { ChunkLocks } from './chunk-locks.js';
+import { firstChunk, lastChunk } from './chunks.js';
+import { ABSENT } from './chunk-map.js';
+import { MERGED_CHUNK, ZERO_CHUNK } from './format.js';
+import type { OriginMerge } from './origin-contract.js';
+import type { Origin } from './origin.js';
+import type { SnapshotPool } from './snapshot-pool.js';
+import type { SnapshotRecord } from './snapshot-record.js';
+
+/** Chunks copied back per batch: one origin sync and one store commit each (docs/tuning.md, MERGE_BATCH_BYTES). */
+export const MERGE_BATCH_BYTES = 16 << 20;
+/** The background copy's default share of the disk, in bytes a second (docs/tuning.md, DEFAULT_MERGE_RATE). */
+export const DEFAULT_MERGE_RATE = 128 << 20;
+/** A failed batch is tried again after this long: the origin keeps reading the store meanwhile. */
+const RETRY_MS = 5000;
+
+export interface MergeOptions {
+  /** Bytes a second the background copy may take; 0 for no bound. */
+  rate?: number;
+  /** Bytes copied back per batch (default MERGE_BATCH_BYTES). */
+  batchBytes?: number;
+  /** The last chunk is back: the caller removes the snapshot. */
+  onDone(merge: SnapshotMerge): void;
+  /** A batch failed; it is tried again after RETRY_MS. */
+  onError(err: unknown, merge: SnapshotMerge): void;
+}
+
+export interface MergeProgress {
+  totalChunks: number;
+  mergedChunks: number;
+  mergedBytes: number;
+  startedAt: Date;
+  /** The bound on the background copy, bytes a second (0: none). */
+  rate: number;
+}
+
+export class SnapshotMerge implements OriginMerge {
+  readonly epoch: number;
+  readonly totalChunks: number;
+  mergedChunks = 0;
+  readonly startedAt = new Date();
+  rate: number;
+  private readonly cs: number;
+  private readonly locks = new ChunkLocks();
+  /** The snapshot's exceptions when the merge began, in chunk order: the background copy's to-do list. */
+  private readonly todo: Uint32Array;
+  private next = 0;
+  private stopped = false;
+  private wake: (() => void) | undefined;
+  private running: Promise<void> | undefined;
+
+  constructor(
+    readonly origin: Origin,
+    readonly pool: SnapshotPool,
+    readonly rec: SnapshotRecord,
+    private readonly opts: MergeOptions,
+  ) {
+    this.epoch = origin.epoch;
+    this.cs = pool.chunkSize;
+    this.rate = opts.rate ?? DEFAULT_MERGE_RATE;
+    const keys: number[] = [];
+    rec.map.forEach((c) => keys.push(c));
+    this.todo = Uint32Array.from(keys).sort();
+    this.totalChunks = this.todo.length;
+  }
+
+  get name(): string {
+    return this.rec.name;
+  }
+
+  progress(): MergeProgress {
+    return {
+      totalChunks: this.totalChunks,
+      mergedChunks: this.mergedChunks,
+      mergedBytes: this.mergedChunks * this.cs,
+      startedAt: this.startedAt,
+      rate: this.rate,
+    };
+  }
+
+  pending(offset: number, length: number): boolean {
+    const map = this.rec.map;
+    const last = lastChunk(offset, length, this.cs);
+    for (let c = firstChunk(offset, this.cs); c <= last; c++) if (map.has(c)) return true;
+    return false;
+  }
+
+  async read(buf: Buffer, offset: number, file: () => Promise<void>): Promise<void> {
+    const cs = this.cs;
+    const map = this.rec.map;
+    // Where each unmerged chunk lies, taken before the file is read: a chunk copied back
+    // meanwhile reads the same from either, and its store chunk is not reused while
+    // this read is under way (readStarted).
+    const from: number[] = [];
+    const last = lastChunk(offset, buf.length, cs);
+    for (let c = firstChunk(offset, cs); c <= last; c++) {
+      const p = map.get(c);
+      if (p !== ABSENT) from.push(c, p);
+    }
+    const reclaimer = this.pool.reclaimer;
+    reclaimer.readStarted();
+    try {
+      await file();
+      const reads: Promise<void>[] = [];
+      for (let i = 0; i < from.length; i += 2) {
+        const c = from[i]!;
+        const p = from[i + 1]!;
+        const a = Math.max(offset, c * cs);
+        const b = Math.min(offset + buf.length, (c + 1) * cs);
+        const sub = buf.subarray(a - offset, b - offset);
+        if (p === ZERO_CHUNK) sub.fill(0);
+        else reads.push(this.pool.store.dev.read(sub, p * cs + (a - c * cs)));
+      }
+      await Promise.all(reads);
+    } finally {
+      reclaimer.readDone();
+    }
+  }
+
+  async mergeRange(offset: number, length: number): Promise<void> {
+    const chunks: number[] = [];
+    const last = lastChunk(offset, length, this.cs);
+    for (let c = firstChunk(offset, this.cs); c <= last; c++) if (this.rec.map.has(c)) chunks.push(c);
+    if (chunks.length) await this.mergeChunks(chunks);
+  }
+
+  /** Starts (or resumes) the background copy. */
+  start(): void {
+    this.running ??= this.run();
+  }
+
+  /** Stops the background copy (close): the merge resumes at the next open. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.wake?.();
+    await this.running;
+  }
+
+  /** Changes the bound on the background copy at once. */
+  setRate(rate: number): void {
+    this.rate = rate;
+    this.wake?.();
+  }
+
+  private async run(): Promise<void> {
+    const batch = Math.max(1, Math.floor((this.opts.batchBytes ?? MERGE_BATCH_BYTES) / this.cs));
+    let began = performance.now();
+    let bytes = 0;
+    while (!this.stopped) {
+      const chunks: number[] = [];
+      while (this.next < this.todo.length && chunks.length < batch) {
+        const c = this.todo[this.next++]!;
+        if (this.rec.map.has(c)) chunks.push(c);
+      }
+      if (!chunks.length) break;
+      try {
+        await this.mergeChunks(chunks);
+      } catch (e) {
+        this.opts.onError(e, this);
+        this.next -= chunks.length;
+        await this.pause(RETRY_MS);
+        this.next = Math.max(0, this.next);
+        continue;
+      }
+      bytes += chunks.length * this.cs;
+      if (this.rate > 0) {
+        const due = began + (bytes / this.rate) * 1000;
+        const now = performance.now();
+        if (due > now) await this.pause(due - now);
+        // A long pause (a lowered rate, a retry) does not earn a burst afterwards.
+        if (performance.now() - due > 1000) {
+          began = performance.now();
+          bytes = 0;
+        }
+      }
+    }
+    if (!this.stopped && this.rec.map.size === 0) this.opts.onDone(this);
+  }
+
+  private pause(ms: number): Promise<void> {
+    return new Promise<void>((res) => {
+      const t = setTimeout(res, ms);
+      this.wake = () => {
+        clearTimeout(t);
+        res();
+      };
+    }).finally(() => {
+      this.wake = undefined;
+    });
+  }
+
+  /**
+   * Copies chunks back: each one's content is written over the origin's (other snapshots
+   * get their copies first), the origin is synced, and only then are the exceptions
+   * dropped, durably. Chunks another call is merging are waited for, then skipped.
+   */
+  private async mergeChunks(chunks: number[]): Promise<void> {
+    const { pool, rec, cs, origin } = this;
+    chunks.sort((a, b) => a - b);
+    for (const c of chunks) {
+      const held = this.locks.acquire(c);
+      if (held) await held;
+    }
+    try {
+      const todo = chunks.filter((c) => rec.map.has(c));
+      if (!todo.length) return;
+      const buf = Buffer.allocUnsafe(todo.length * cs);
+      await Promise.all(
+        todo.map((c, i) => {
+          const p = rec.map.get(c);
+          const sub = buf.subarray(i * cs, (i + 1) * cs);
+          if (p === ZERO_CHUNK) {
+            sub.fill(0);
+            return undefined;
+          }
+          return pool.store.dev.read(sub, p * cs, true);
+        }),
+      );
+      // One origin write per run of consecutive chunks.
+      const writes: Promise<void>[] = [];
+      let i = 0;
+      while (i < todo.length) {
+        let j = i + 1;
+        while (j < todo.length && todo[j] === todo[j - 1]! + 1) j++;
+        writes.push(origin.writeMerged(buf.subarray(i * cs, j * cs), todo[i]! * cs, this.epoch));
+        i = j;
+      }
+      for (const r of await Promise.allSettled(writes)) if (r.status === 'rejected') throw r.reason;
+      // The origin holds them durably before the snapshot lets go of them.
+      await origin.sync();
+      await pool.store.commit({
+        dataSync: false,
+        count: todo.length,
+        forEach: (fn) => {
+          for (const c of todo) fn(rec, c, MERGED_CHUNK);
+        },
+        apply: () => {
+          for (const c of todo) {
+            const p = rec.map.get(c);
+            rec.map.delete(c);
+            if (p !== ZERO_CHUNK && p !== ABSENT) {
+              rec.reserve(-1, 0);
+              if (pool.alloc.unref(p)) pool.reclaimer.free(p);
+            }
+          }
+          this.mergedChunks += todo.length;
+        },
+      });
+    } finally {
+      for (const c of chunks) this.locks.release(c);
+    }
+  }
+}
