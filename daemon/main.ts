@@ -112,7 +112,12 @@ function serveCommand(y: Argv) {
       describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable',
     })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
-    .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
+    .option('log-format', {
+      type: 'string',
+      default: 'auto',
+      choices: ['auto', 'json', 'pretty'],
+      describe: 'auto: readable lines on a terminal, JSON lines otherwise',
+    });
 }
 
 // A rejection nobody awaited (a connection lost under requests in flight) ends the command as any failure does.
