@@ -14,6 +14,7 @@ import { ExportAccess } from './access.js';
 import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
 import { backupCommands } from './backup-cli.js';
+import { nameKind, namesFor } from './completion.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
 
@@ -294,6 +295,22 @@ await yargs(hideBin(process.argv))
       fail(err);
     }
   })
+  .completion(
+    'completion',
+    'print a bash or zsh completion script: cowbd completion >> ~/.bashrc',
+    (
+      current: string,
+      argv: Record<string, unknown>,
+      defaults: (done: (err: unknown, list?: string[]) => void) => void,
+      done: (list: string[]) => void,
+    ) => {
+      const words = process.argv.slice(process.argv.indexOf('--get-yargs-completions') + 1);
+      const kind = current.startsWith('-') ? null : nameKind((argv._ as (string | number)[]) ?? [], current, words[words.length - 2]);
+      if (!kind) return defaults((_err, list) => done(list ?? []));
+      const dataDir = typeof argv['data-dir'] === 'string' ? argv['data-dir'] : DEFAULT_DATA_DIR;
+      namesFor(kind, dataDir).then(done, () => done([]));
+    },
+  )
   .demandCommand(1, 'name a command; see --help')
   .strict()
   .help()

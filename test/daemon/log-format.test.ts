@@ -13,7 +13,7 @@ const quote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
  */
 async function serveOutput(dir: string, tty: boolean, extra: string[] = []): Promise<string> {
   const args = [CLI, 'serve', '--data-dir', dir, '--listen', '127.0.0.1:0', '--metrics-listen', 'off', '--log-level', 'info', ...extra];
-  const env = { ...process.env, NO_COLOR: '1' };
+  const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: '1' };
   delete env.FORCE_COLOR;
   const proc = tty
     ? spawn('script', ['-qfec', [process.execPath, ...args].map(quote).join(' '), '/dev/null'], { env, detached: true })
@@ -46,9 +46,15 @@ t.test('serve on a terminal logs readable lines; through a pipe, JSON lines', as
 
   const pretty = (await serveOutput(dir, true)).split(/\r?\n/).filter(Boolean);
   const listening = pretty.find((l) => / listening /.test(l));
-  t.match(listening, /^\d\d:\d\d:\d\d\.\d{3} INFO  listening address=127\.0\.0\.1 port=\d+$/, 'a pretty line');
-  t.notOk(pretty.some((l) => l.startsWith('{')), 'no JSON on a terminal');
-  t.notOk(pretty.some((l) => l.includes('\x1b[')), 'NO_COLOR: no escapes');
+  t.match(listening, /^\d\d:\d\d:\d\d\.\d{3} INFO {2}listening address=127\.0\.0\.1 port=\d+$/, 'a pretty line');
+  t.notOk(
+    pretty.some((l) => l.startsWith('{')),
+    'no JSON on a terminal',
+  );
+  t.notOk(
+    pretty.some((l) => l.includes('\x1b[')),
+    'NO_COLOR: no escapes',
+  );
 
   const json = (await serveOutput(dir, false)).split('\n').filter(Boolean);
   t.ok(json.length > 0);
@@ -57,5 +63,9 @@ t.test('serve on a terminal logs readable lines; through a pipe, JSON lines', as
   const forcedJson = (await serveOutput(dir, true, ['--log-format', 'json'])).split(/\r?\n/).filter(Boolean);
   t.match(JSON.parse(forcedJson.find((l) => l.includes('"listening"'))!), { msg: 'listening' }, '--log-format json on a terminal');
   const forcedPretty = (await serveOutput(dir, false, ['--log-format', 'pretty'])).split('\n').filter(Boolean);
-  t.match(forcedPretty.find((l) => / serving /.test(l)), /^\d\d:\d\d:\d\d\.\d{3} INFO  serving /, '--log-format pretty through a pipe');
+  t.match(
+    forcedPretty.find((l) => / serving /.test(l)),
+    /^\d\d:\d\d:\d\d\.\d{3} INFO {2}serving /,
+    '--log-format pretty through a pipe',
+  );
 });
