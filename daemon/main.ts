@@ -234,8 +234,17 @@ await yargs(hideBin(process.argv))
   .command(
     'status',
     'every volume and snapshot, like lvs',
-    (y) => common(y),
-    run((a) => cmd.status({ dataDir: a['data-dir'], json: a.json })),
+    (y) =>
+      common(y).option('watch', {
+        type: 'string',
+        coerce: (v: string) => (v === '' ? 2 : Number(v)),
+        describe: "redraw every SECONDS (default 2) with each snapshot's fill rate and time to full, like watch lvs",
+      }),
+    run((a) =>
+      a.watch === undefined
+        ? cmd.status({ dataDir: a['data-dir'], json: a.json })
+        : cmd.statusWatch({ dataDir: a['data-dir'], json: a.json, intervalSeconds: cmd.requirePositive(a.watch, '--watch') }),
+    ),
   )
   .command('serve', 'serve every volume and snapshot over NBD', serveCommand, async (a) => {
     const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
