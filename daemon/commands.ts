@@ -213,6 +213,37 @@ const CLEAR_SCREEN = '\x1b[H\x1b[2J';
 const HIDE_CURSOR = '\x1b[?25l';
 const SHOW_CURSOR = '\x1b[?25h';
 
+/** Each snapshot's fill estimate since its last sample; `samples` becomes this sample. */
+function sampleFill(rows: StatusRow[], samples: Map<string, FillSample>, atMs: number): Map<string, FillEstimate> {
+  const fill = new Map<string, FillEstimate>();
+  const seen = new Set<string>();
+  for (const r of rows) {
+    if (r.kind !== 'snapshot') continue;
+    const cur = fillSample(r, atMs);
+    fill.set(r.name, fillEstimate(samples.get(r.name), cur));
+    samples.set(r.name, cur);
+    seen.add(r.name);
+  }
+  for (const name of samples.keys()) if (!seen.has(name)) samples.delete(name);
+  return fill;
+}
+
+function watchJson(rows: StatusRow[], fill: Map<string, FillEstimate>, atMs: number, intervalMs: number): string {
+  return JSON.stringify({
+    time: new Date(atMs).toISOString(),
+    intervalSeconds: intervalMs / 1000,
+    rows: rows.map((r) => {
+      const e = fill.get(r.name);
+      return {
+        ...r,
+        fillBytesPerMinute: e?.bytesPerMinute ?? null,
+        fillPercentPerMinute: e?.percentPerMinute ?? null,
+        secondsToFull: e?.secondsToFull ?? null,
+      };
+    }),
+  });
+}
+
 /**
  * `status --watch`, like `watch lvs`: on a terminal the table is redrawn in place; otherwise one
  * table per interval, blank-line separated (or one JSON line each with --json), for logs and tests.
@@ -229,55 +260,27 @@ export async function statusWatch(o: Common & { intervalSeconds: number }): Prom
   };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
-  let samples = new Map<string, FillSample>();
+  const samples = new Map<string, FillSample>();
   for (let frame = 0; ; frame++) {
     const atMs = Date.now();
-    const time = new Date(atMs).toLocaleTimeString('en-GB', { hour12: false });
-    let text: string;
+    let body: string;
     try {
       const rows = await call<StatusRow[]>(o.dataDir, 'GET', '/v1/status');
-      const next = new Map<string, FillSample>();
-      const fill = new Map<string, FillEstimate>();
-      for (const r of rows) {
-        if (r.kind !== 'snapshot') continue;
-        const cur = fillSample(r, atMs);
-        next.set(r.name, cur);
-        fill.set(r.name, fillEstimate(samples.get(r.name), cur));
-      }
-      samples = next;
-      if (o.json) {
-        out.write(
-          `${JSON.stringify({
-            time: new Date(atMs).toISOString(),
-            intervalSeconds: intervalMs / 1000,
-            rows: rows.map((r) => {
-              const e = fill.get(r.name);
-              return {
-                ...r,
-                fillBytesPerMinute: e?.bytesPerMinute ?? null,
-                fillPercentPerMinute: e?.percentPerMinute ?? null,
-                secondsToFull: e?.secondsToFull ?? null,
-              };
-            }),
-          })}\n`,
-        );
-        await sleep(intervalMs - (Date.now() - atMs));
-        continue;
-      }
-      text = statusTable(rows, fill);
+      const fill = sampleFill(rows, samples, atMs);
+      body = o.json ? watchJson(rows, fill, atMs, intervalMs) : statusTable(rows, fill);
     } catch (err) {
       // The first failure ends the command; later ones (a daemon restarting) are shown until it answers again.
       if (frame === 0) throw err;
-      samples = new Map();
-      text = `cowbd: ${err instanceof Error ? err.message : String(err)}`;
-      if (o.json) {
-        await sleep(intervalMs - (Date.now() - atMs));
-        continue;
-      }
+      samples.clear();
+      const message = `cowbd: ${err instanceof Error ? err.message : String(err)}`;
+      body = o.json ? JSON.stringify({ time: new Date(atMs).toISOString(), intervalSeconds: intervalMs / 1000, error: message }) : message;
     }
-    const header = `${every}${' '.repeat(Math.max(2, (out.columns ?? 80) - every.length - time.length))}${time}`;
-    if (redraw) out.write(`${frame === 0 ? HIDE_CURSOR : ''}${CLEAR_SCREEN}${header}\n\n${text}\n`);
-    else out.write(`${frame === 0 ? '' : '\n'}${every}  ${time}\n${text}\n`);
+    const time = new Date(atMs).toLocaleTimeString('en-GB', { hour12: false });
+    if (o.json) out.write(`${body}\n`);
+    else if (redraw) {
+      const header = `${every}${' '.repeat(Math.max(2, (out.columns ?? 80) - every.length - time.length))}${time}`;
+      out.write(`${frame === 0 ? HIDE_CURSOR : ''}${CLEAR_SCREEN}${header}\n\n${body}\n`);
+    } else out.write(`${frame === 0 ? '' : '\n'}${every}  ${time}\n${body}\n`);
     await sleep(intervalMs - (Date.now() - atMs));
   }
 }

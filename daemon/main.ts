@@ -313,6 +313,7 @@ await yargs(hideBin(process.argv))
       defaults: (done: (err: unknown, list?: string[]) => void) => void,
       done: (list: string[]) => void,
     ) => {
+      // yargs passes no raw words, and the one before the current tells an option's value (--origin).
       const words = process.argv.slice(process.argv.indexOf('--get-yargs-completions') + 1);
       const kind = current.startsWith('-') ? null : nameKind((argv._ as (string | number)[]) ?? [], current, words[words.length - 2]);
       if (!kind) return defaults((_err, list) => done(list ?? []));
