@@ -7,6 +7,7 @@ import type { InvalidInfo, InvalidReason, SnapshotUsage } from '../cow/index.js'
 import { invalidWhy, type StatusRow, type VolumeView } from './service.js';
 import { formatSize, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
+import { fillEstimate, timeToFullCell, type FillEstimate, type FillSample } from './fill-rate.js';
 import { createVolume, listVolumes } from './volumes.js';
 
 export interface Common {
@@ -163,31 +164,129 @@ export async function snapshotRemove(o: Common & { name: string }): Promise<void
   print(o.json, r, () => `removed snapshot ${o.name}`);
 }
 
+const STATUS_HEADERS = ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'RESERVED', 'DATA%', 'STATE'];
+
+/** The status table; with `fill`, each snapshot's fill rate and time to full as two more columns. */
+function statusTable(rows: StatusRow[], fill?: Map<string, FillEstimate>): string {
+  const cells = rows.map((r) => {
+    const row = [
+      r.name,
+      r.kind,
+      formatSize(r.size),
+      r.origin ?? '',
+      r.chunkSize ? formatSize(r.chunkSize) : '',
+      r.storeSize ? formatSize(r.storeSize) : '',
+      reservedCell(r),
+      r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
+      stateCell(r.state, r.invalid),
+    ];
+    const e = fill?.get(r.name);
+    if (fill) row.push(e ? fillRateCell(e) : '', e ? timeToFullCell(e) : '');
+    return row;
+  });
+  return (
+    table(fill ? [...STATUS_HEADERS, 'FILL/MIN', 'TO FULL'] : STATUS_HEADERS, cells, fill ? [2, 4, 5, 6, 7, 9, 10] : [2, 4, 5, 6, 7]) +
+    invalidNotes(
+      rows.map((r) => ({ name: r.name, capacityChunks: r.chunkSize ? (r.storeSize ?? 0) / r.chunkSize : 0, invalid: r.invalid })),
+    )
+  );
+}
+
+function fillRateCell(e: FillEstimate): string {
+  if (e.bytesPerMinute === null) return '-';
+  const pct = e.percentPerMinute === null ? '' : ` (${e.percentPerMinute.toFixed(1)}%)`;
+  return `${formatSize(Math.round(e.bytesPerMinute))}${pct}`;
+}
+
 export async function status(o: Common): Promise<void> {
   const rows = await call<StatusRow[]>(o.dataDir, 'GET', '/v1/status');
-  print(
-    o.json,
-    rows,
-    () =>
-      table(
-        ['NAME', 'KIND', 'SIZE', 'ORIGIN', 'CHUNK', 'STORE', 'RESERVED', 'DATA%', 'STATE'],
-        rows.map((r) => [
-          r.name,
-          r.kind,
-          formatSize(r.size),
-          r.origin ?? '',
-          r.chunkSize ? formatSize(r.chunkSize) : '',
-          r.storeSize ? formatSize(r.storeSize) : '',
-          reservedCell(r),
-          r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
-          stateCell(r.state, r.invalid),
-        ]),
-        [2, 4, 5, 6, 7],
-      ) +
-      invalidNotes(
-        rows.map((r) => ({ name: r.name, capacityChunks: r.chunkSize ? (r.storeSize ?? 0) / r.chunkSize : 0, invalid: r.invalid })),
-      ),
-  );
+  print(o.json, rows, () => statusTable(rows));
+}
+
+/** Bytes a snapshot row's store holds, from its DATA%. */
+function fillSample(r: StatusRow, atMs: number): FillSample {
+  const capacityBytes = r.storeSize ?? 0;
+  return { atMs, capacityBytes, usedBytes: ((r.usedPercent ?? 0) / 100) * capacityBytes, invalid: r.state === 'invalid' };
+}
+
+const CLEAR_SCREEN = '\x1b[H\x1b[2J';
+const HIDE_CURSOR = '\x1b[?25l';
+const SHOW_CURSOR = '\x1b[?25h';
+
+/** Each snapshot's fill estimate since its last sample; `samples` becomes this sample. */
+function sampleFill(rows: StatusRow[], samples: Map<string, FillSample>, atMs: number): Map<string, FillEstimate> {
+  const fill = new Map<string, FillEstimate>();
+  const seen = new Set<string>();
+  for (const r of rows) {
+    if (r.kind !== 'snapshot') continue;
+    const cur = fillSample(r, atMs);
+    fill.set(r.name, fillEstimate(samples.get(r.name), cur));
+    samples.set(r.name, cur);
+    seen.add(r.name);
+  }
+  for (const name of samples.keys()) if (!seen.has(name)) samples.delete(name);
+  return fill;
+}
+
+function watchJson(rows: StatusRow[], fill: Map<string, FillEstimate>, atMs: number, intervalMs: number): string {
+  return JSON.stringify({
+    time: new Date(atMs).toISOString(),
+    intervalSeconds: intervalMs / 1000,
+    rows: rows.map((r) => {
+      const e = fill.get(r.name);
+      return {
+        ...r,
+        fillBytesPerMinute: e?.bytesPerMinute ?? null,
+        fillPercentPerMinute: e?.percentPerMinute ?? null,
+        secondsToFull: e?.secondsToFull ?? null,
+      };
+    }),
+  });
+}
+
+/**
+ * `status --watch`, like `watch lvs`: on a terminal the table is redrawn in place; otherwise one
+ * table per interval, blank-line separated (or one JSON line each with --json), for logs and tests.
+ * Runs until SIGINT or SIGTERM, which end it with status 0.
+ */
+export async function statusWatch(o: Common & { intervalSeconds: number }): Promise<void> {
+  const out = process.stdout;
+  const redraw = Boolean(out.isTTY) && !o.json;
+  const intervalMs = Math.max(100, o.intervalSeconds * 1000);
+  const every = `Every ${Number((intervalMs / 1000).toFixed(1))}s: cowbd status`;
+  const stop = () => {
+    if (redraw) out.write(SHOW_CURSOR);
+    process.exit(0);
+  };
+  process.on('SIGINT', stop);
+  process.on('SIGTERM', stop);
+  const samples = new Map<string, FillSample>();
+  for (let frame = 0; ; frame++) {
+    const atMs = Date.now();
+    let body: string;
+    try {
+      const rows = await call<StatusRow[]>(o.dataDir, 'GET', '/v1/status');
+      const fill = sampleFill(rows, samples, atMs);
+      body = o.json ? watchJson(rows, fill, atMs, intervalMs) : statusTable(rows, fill);
+    } catch (err) {
+      // The first failure ends the command; later ones (a daemon restarting) are shown until it answers again.
+      if (frame === 0) throw err;
+      samples.clear();
+      const message = `cowbd: ${err instanceof Error ? err.message : String(err)}`;
+      body = o.json ? JSON.stringify({ time: new Date(atMs).toISOString(), intervalSeconds: intervalMs / 1000, error: message }) : message;
+    }
+    const time = new Date(atMs).toLocaleTimeString('en-GB', { hour12: false });
+    if (o.json) out.write(`${body}\n`);
+    else if (redraw) {
+      const header = `${every}${' '.repeat(Math.max(2, (out.columns ?? 80) - every.length - time.length))}${time}`;
+      out.write(`${frame === 0 ? HIDE_CURSOR : ''}${CLEAR_SCREEN}${header}\n\n${body}\n`);
+    } else out.write(`${frame === 0 ? '' : '\n'}${every}  ${time}\n${body}\n`);
+    await sleep(intervalMs - (Date.now() - atMs));
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, Math.max(0, ms)));
 }
 
 export function requirePositive(n: number, what: string): number {

@@ -14,6 +14,7 @@ import { ExportAccess } from './access.js';
 import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
 import { backupCommands } from './backup-cli.js';
+import { nameKind, namesFor } from './completion.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
 
@@ -112,7 +113,12 @@ function serveCommand(y: Argv) {
       describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable',
     })
     .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
-    .option('log-format', { type: 'string', default: 'json', choices: ['json', 'pretty'] });
+    .option('log-format', {
+      type: 'string',
+      default: 'auto',
+      choices: ['auto', 'json', 'pretty'],
+      describe: 'auto: readable lines on a terminal, JSON lines otherwise',
+    });
 }
 
 // A rejection nobody awaited (a connection lost under requests in flight) ends the command as any failure does.
@@ -228,8 +234,17 @@ await yargs(hideBin(process.argv))
   .command(
     'status',
     'every volume and snapshot, like lvs',
-    (y) => common(y),
-    run((a) => cmd.status({ dataDir: a['data-dir'], json: a.json })),
+    (y) =>
+      common(y).option('watch', {
+        type: 'string',
+        coerce: (v: string) => (v === '' ? 2 : Number(v)),
+        describe: "redraw every SECONDS (default 2) with each snapshot's fill rate and time to full, like watch lvs",
+      }),
+    run((a) =>
+      a.watch === undefined
+        ? cmd.status({ dataDir: a['data-dir'], json: a.json })
+        : cmd.statusWatch({ dataDir: a['data-dir'], json: a.json, intervalSeconds: cmd.requirePositive(a.watch, '--watch') }),
+    ),
   )
   .command('serve', 'serve every volume and snapshot over NBD', serveCommand, async (a) => {
     const log = createLogger(a['log-level'], a['log-format'] as LogFormat);
@@ -289,6 +304,23 @@ await yargs(hideBin(process.argv))
       fail(err);
     }
   })
+  .completion(
+    'completion',
+    'print a bash or zsh completion script: cowbd completion >> ~/.bashrc',
+    (
+      current: string,
+      argv: Record<string, unknown>,
+      defaults: (done: (err: unknown, list?: string[]) => void) => void,
+      done: (list: string[]) => void,
+    ) => {
+      // yargs passes no raw words, and the one before the current tells an option's value (--origin).
+      const words = process.argv.slice(process.argv.indexOf('--get-yargs-completions') + 1);
+      const kind = current.startsWith('-') ? null : nameKind((argv._ as (string | number)[]) ?? [], current, words[words.length - 2]);
+      if (!kind) return defaults((_err, list) => done(list ?? []));
+      const dataDir = typeof argv['data-dir'] === 'string' ? argv['data-dir'] : DEFAULT_DATA_DIR;
+      namesFor(kind, dataDir).then(done, () => done([]));
+    },
+  )
   .demandCommand(1, 'name a command; see --help')
   .strict()
   .help()
