@@ -63,7 +63,11 @@ export const CowErrors = {
     (name: string) =>
       `snapshot ${name} is transient: its exceptions would not survive a crash in the middle of a merge, so it cannot be merged`,
   ),
-  mergeInvalid: define('COW_MERGE_INVALID', 'EINVAL', (name: string) => `snapshot ${name} is invalid: it no longer holds its point in time`),
+  mergeInvalid: define(
+    'COW_MERGE_INVALID',
+    'EINVAL',
+    (name: string) => `snapshot ${name} is invalid: it no longer holds its point in time`,
+  ),
   mergeReleased: define(
     'COW_MERGE_RELEASED',
     'EINVAL',

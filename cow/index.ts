@@ -37,6 +37,7 @@ export { CowError, CowErrors, INVALID_WHY, isCowError, type Errno } from './erro
 export type { Volume } from './volume.js';
 export { Origin } from './origin.js';
 export { Snapshot, type InvalidInfo, type SnapshotUsage } from './snapshot.js';
+export { DEFAULT_MERGE_RATE, type MergeProgress } from './merge.js';
 export { SnapshotPool, type PoolEvents, type PoolOptions, type NewSnapshot } from './snapshot-pool.js';
 export { OriginPools } from './origin-copy.js';
 export type { ExceptionStore } from './exception-store.js';
@@ -52,6 +53,8 @@ export {
   type CowStats,
   type CowLogger,
   type InvalidatedEvent,
+  type MergeEvent,
+  type MergeSnapshotOptions,
   type UsageEvent,
   type CowManagerEvents,
 } from './manager.js';

@@ -152,11 +152,11 @@ export class SnapshotMerge implements OriginMerge {
   }
 
   private async run(): Promise<void> {
-    const batch = Math.max(1, Math.floor((this.opts.batchBytes ?? MERGE_BATCH_BYTES) / this.cs));
     let began = performance.now();
     let bytes = 0;
     while (!this.stopped) {
       const chunks: number[] = [];
+      const batch = this.batchChunks();
       while (this.next < this.todo.length && chunks.length < batch) {
         const c = this.todo[this.next++]!;
         if (this.rec.map.has(c)) chunks.push(c);
@@ -184,6 +184,13 @@ export class SnapshotMerge implements OriginMerge {
       }
     }
     if (!this.stopped && this.rec.map.size === 0) this.opts.onDone(this);
+  }
+
+  /** A batch takes at most a tenth of a second's worth of the rate, so a bound holds from the start. */
+  private batchChunks(): number {
+    const most = this.opts.batchBytes ?? MERGE_BATCH_BYTES;
+    const bytes = this.rate > 0 ? Math.min(most, this.rate / 10) : most;
+    return Math.max(1, Math.floor(bytes / this.cs));
   }
 
   private pause(ms: number): Promise<void> {

@@ -142,9 +142,11 @@ for (const seed of seeds(Number(process.env.COWBD_MERGE_CRASH_RUNS ?? 12))) {
     rig.storeDev.onIo = capture;
     const writers = Array.from({ length: 3 }, async (_v, w) => {
       for (let i = 0; i < 12; i++) {
-        const c = int(r, 0, CHUNKS - 1);
+        // Each writer its own chunks: the model orders writes to a sector by issue, which
+        // two writes in flight at once to the same sector do not keep.
+        const c = int(r, 0, CHUNKS / 3 - 1) * 3 + w;
         const first = c * PER_CHUNK + (r() < 0.5 ? 0 : int(r, 0, PER_CHUNK - 1));
-        const count = Math.min(int(r, 1, PER_CHUNK), SECTORS - first);
+        const count = Math.min(int(r, 1, PER_CHUNK), (c + 1) * PER_CHUNK - first);
         const id = 10_000 + w * 1000 + i;
         const fua = r() < 0.3;
         const recs = model.issueWrite(first, count, id, fua, clock++);
