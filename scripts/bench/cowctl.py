@@ -203,7 +203,9 @@ def cmd_merge(args):
     wait = "--wait" in args
     rate = args[args.index("--rate") + 1] if "--rate" in args else None
     sock, name = args[0], args[1]
+    t0 = time.perf_counter()
     before = snapshot(sock, name)
+    get_seconds = time.perf_counter() - t0
     if before is None:
         print(f"cowctl: no snapshot {name}", file=sys.stderr)
         return 1
@@ -213,7 +215,7 @@ def cmd_merge(args):
     if status >= 400:
         print(f"cowctl: merge {name}: HTTP {status}: {text}", file=sys.stderr)
         return 1
-    out = {"before": before, "reply": json.loads(text) if text.strip().startswith("{") else text, "rate": rate}
+    out = {"before": before, "getSeconds": get_seconds, "reply": json.loads(text) if text.strip().startswith("{") else text, "rate": rate}
     # Polled often enough that the poll adds little to a merge of a few seconds.
     last = None
     while True:

@@ -2,8 +2,8 @@
 # Merging a snapshot back into its origin (issue 20), two figures:
 # 1. Throughput: a MERGE_SIZE volume, filled, a snapshot, then every chunk rewritten (so
 #    every chunk is copied into the store); the merge with no rate bound ("rate": "0"),
-#    timed from the POST until the snapshot is gone (GET answers 404) plus a sync of the
-#    volume file, against `cp --reflink=never` of the same volume file to a new file on the
+#    timed from the POST until the snapshot is gone (GET answers 404, cowctl.py's clock)
+#    plus a sync of the volume file, against `cp --reflink=never` of the same volume file to a new file on the
 #    same file system plus a sync of the copy. Before each: sync, then drop the page cache
 #    when root (echo 3 > /proc/sys/vm/drop_caches), so both read from disk.
 # 2. Origin 4K random reads (fio nbd engine, randread 4k qd16, MERGE_FIO_SECONDS) during a
@@ -107,10 +107,10 @@ cp_seconds=$(since "$t0")
 rm -f "$W/copy"
 settle
 log "merging ms, no rate bound ($CACHE first)"
-t0=$(now)
 ctl merge "$SOCK" ms --rate 0 --wait >"$W/merge-fast.json"
+t0=$(now)
 sync "$D/m.vol"
-merge_seconds=$(since "$t0")
+merge_sync=$(since "$t0")
 grep -q '"merge done"' "$W/daemon.log" || { echo "no 'merge done' in the daemon's log" >&2; exit 1; }
 rm -f "$D/m.vol"
 
@@ -134,9 +134,9 @@ ctl progress "$SOCK" rs >"$W/progress-after.json"
 log "waiting for the merge of rs to finish"
 ctl merge-wait "$SOCK" rs >"$W/merge-default-done.json"
 
-python3 - "$W" "$OUT/merge.json" "$merge_seconds" "$cp_seconds" "$CACHE" "$MERGE_SIZE" "$MERGE_IOPS_SIZE" "$MERGE_FIO_SECONDS" <<'PY'
+python3 - "$W" "$OUT/merge.json" "$merge_sync" "$cp_seconds" "$CACHE" "$MERGE_SIZE" "$MERGE_IOPS_SIZE" "$MERGE_FIO_SECONDS" <<'PY'
 import json, sys
-w, out, merge_s, cp_s, cache, size, iops_size, fio_s = sys.argv[1:9]
+w, out, merge_sync, cp_s, cache, size, iops_size, fio_s = sys.argv[1:9]
 j = lambda n: json.load(open(f"{w}/{n}"))
 iops = lambda n: j(n)["jobs"][0]["read"]["iops"]
 fast = j("merge-fast.json")
@@ -145,7 +145,9 @@ json.dump({
     "size": size, "iopsSize": iops_size, "fioSeconds": int(fio_s), "cache": cache,
     "chunkSize": before["chunkSize"], "exceptions": before["exceptions"],
     "volumeBytes": before["exceptions"] * before["chunkSize"],
-    "mergeSeconds": float(merge_s), "mergePollSeconds": fast["seconds"], "cpSeconds": float(cp_s),
+    # From the POST (cowctl's own clock, not its start-up) until 404, then the sync.
+    "mergeSeconds": fast["seconds"] + float(merge_sync), "mergeSyncSeconds": float(merge_sync),
+    "mergeFirstGetSeconds": fast["getSeconds"], "cpSeconds": float(cp_s),
     "iopsAlone": iops("fio-alone.json"), "iopsDuring": iops("fio-during.json"),
     "progressBefore": j("progress-before.json"), "progressAfter": j("progress-after.json"),
     "defaultRate": j("merge-default.json").get("reply"),
