@@ -4,8 +4,18 @@ import { call } from './control-client.js';
 import { Errors, isCowbdError } from './errors.js';
 import { checkName } from './names.js';
 import type { InvalidInfo, InvalidReason, SnapshotUsage } from '../cow/index.js';
-import { invalidWhy, type StatusRow, type VolumeView } from './service.js';
-import { formatSize, parseSizeNumber } from './sizes.js';
+import {
+  invalidWhy,
+  mergeStatus,
+  rateText,
+  type MergeStatus,
+  type MergeView,
+  type PendingMerge,
+  type SnapshotView,
+  type StatusRow,
+  type VolumeView,
+} from './service.js';
+import { formatSize, parseRate, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
 import { fillEstimate, timeToFullCell, type FillEstimate, type FillSample } from './fill-rate.js';
 import { createVolume, listVolumes } from './volumes.js';
@@ -70,8 +80,30 @@ const INVALID_LABEL: Record<InvalidReason, string> = {
   removed: 'removed',
 };
 
-function stateCell(state: string, invalid: InvalidInfo | null): string {
-  return invalid ? `${state} (${INVALID_LABEL[invalid.reason]})` : state;
+/** The STATE cell: `merging 34%` as lvs's merge progress, `merge pending (2 clients)`, `invalid (full)`. */
+function stateCell(r: {
+  state: string;
+  invalid: InvalidInfo | null;
+  merge: MergeStatus | null;
+  mergePending: PendingMerge | null;
+}): string {
+  if (r.merge) return `merging ${r.merge.percent}%`;
+  if (r.mergePending) return `merge pending (${clientsText(r.mergePending.clients)})`;
+  return r.invalid ? `${r.state} (${INVALID_LABEL[r.invalid.reason]})` : r.state;
+}
+
+function clientsText(n: number): string {
+  return `${n} client${n === 1 ? '' : 's'}`;
+}
+
+/** Lines after a table: what each pending merge waits for. */
+function mergeNotes(list: { name: string; origin: string | null; mergePending: PendingMerge | null }[]): string {
+  const lines = list.flatMap((r) =>
+    r.mergePending
+      ? [`${r.name}: merge pending: ${clientsText(r.mergePending.clients)} on ${r.origin}; it starts when the last disconnects`]
+      : [],
+  );
+  return lines.length ? `\n\n${lines.join('\n')}` : '';
 }
 
 function reservedCell(u: { sparse: boolean | null; reservedBytes: number | null }): string {
@@ -87,7 +119,7 @@ function invalidNotes(list: { name: string; capacityChunks: number; invalid: Inv
   return lines.length ? `\n\n${lines.join('\n')}` : '';
 }
 
-function snapshotRows(list: SnapshotUsage[]): (string | number)[][] {
+function snapshotRows(list: SnapshotView[]): (string | number)[][] {
   return list.map((u) => [
     u.name,
     u.origin,
@@ -95,7 +127,7 @@ function snapshotRows(list: SnapshotUsage[]): (string | number)[][] {
     reservedCell(u),
     formatSize(u.chunkSize),
     u.capacityChunks ? ((100 * u.usedChunks) / u.capacityChunks).toFixed(2) : '0.00',
-    stateCell(u.state, u.invalid),
+    stateCell({ ...u, merge: u.merge ? mergeStatus(u.merge) : null }),
     u.policy,
     u.transient ? 'transient' : 'persistent',
     new Date(u.createdAt).toISOString(),
@@ -135,7 +167,7 @@ export async function snapshotCreate(
 }
 
 export async function snapshotList(o: Common): Promise<void> {
-  const list = await call<SnapshotUsage[]>(o.dataDir, 'GET', '/v1/snapshots');
+  const list = await call<SnapshotView[]>(o.dataDir, 'GET', '/v1/snapshots');
   print(
     o.json,
     list,
@@ -144,7 +176,9 @@ export async function snapshotList(o: Common): Promise<void> {
         ['NAME', 'ORIGIN', 'SIZE', 'RESERVED', 'CHUNK', 'DATA%', 'STATE', 'POLICY', 'KIND', 'CREATED'],
         snapshotRows(list),
         [2, 3, 4, 5],
-      ) + invalidNotes(list),
+      ) +
+      invalidNotes(list) +
+      mergeNotes(list),
   );
 }
 
@@ -156,6 +190,22 @@ export async function snapshotExtend(o: Common & { name: string; size: string })
     size: (rel ? '+' : '') + bytes,
   });
   print(o.json, u, () => `snapshot ${u.name} is now ${formatSize(u.capacityBytes)} (${u.usedChunks}/${u.capacityChunks} chunks used)`);
+}
+
+export async function snapshotMerge(o: Common & { name: string; now: boolean; rate?: string }): Promise<void> {
+  checkName(o.name);
+  const body: Record<string, unknown> = { now: o.now };
+  if (o.rate !== undefined) body.rate = String(parseRate(o.rate));
+  const m = await call<MergeView>(o.dataDir, 'POST', `/v1/snapshots/${encodeURIComponent(o.name)}/merge`, body);
+  print(o.json, m, () => {
+    if (m.state === 'pending')
+      return `merge of snapshot ${m.snapshot} into ${m.origin} pending: ${clientsText(m.clients)} on ${m.origin}; it starts when the last disconnects`;
+    const p = mergeStatus(m.progress!);
+    return (
+      `merging snapshot ${m.snapshot} into ${m.origin} (${rateText(p.rate)}): ${m.origin} reads as ${m.snapshot} now; ` +
+      `${p.mergedChunks}/${p.totalChunks} chunks copied back (${p.percent}%), and ${m.snapshot} goes when all are`
+    );
+  });
 }
 
 export async function snapshotRemove(o: Common & { name: string }): Promise<void> {
@@ -178,7 +228,7 @@ function statusTable(rows: StatusRow[], fill?: Map<string, FillEstimate>): strin
       r.storeSize ? formatSize(r.storeSize) : '',
       reservedCell(r),
       r.usedPercent === null ? '' : r.usedPercent.toFixed(2),
-      stateCell(r.state, r.invalid),
+      stateCell(r),
     ];
     const e = fill?.get(r.name);
     if (fill) row.push(e ? fillRateCell(e) : '', e ? timeToFullCell(e) : '');
@@ -188,7 +238,8 @@ function statusTable(rows: StatusRow[], fill?: Map<string, FillEstimate>): strin
     table(fill ? [...STATUS_HEADERS, 'FILL/MIN', 'TO FULL'] : STATUS_HEADERS, cells, fill ? [2, 4, 5, 6, 7, 9, 10] : [2, 4, 5, 6, 7]) +
     invalidNotes(
       rows.map((r) => ({ name: r.name, capacityChunks: r.chunkSize ? (r.storeSize ?? 0) / r.chunkSize : 0, invalid: r.invalid })),
-    )
+    ) +
+    mergeNotes(rows)
   );
 }
 

@@ -19,7 +19,8 @@ export function nameKind(words: readonly (string | number)[], current: string, p
   if (String(words[words.length - 1]) !== current) return null;
   const [group, command] = words.map(String);
   if (group === 'volume' && command === 'remove' && words.length === 3) return 'volume';
-  if (group === 'snapshot' && (command === 'extend' || command === 'remove') && words.length === 3) return 'snapshot';
+  if (group === 'snapshot' && (command === 'extend' || command === 'merge' || command === 'remove') && words.length === 3)
+    return 'snapshot';
   if (group === 'backup' && command === 'create' && words.length >= 3) return 'volume';
   return null;
 }

@@ -40,6 +40,24 @@ export const Errors = {
   /** The engine refused the request as given (a bad chunk size, no room for another snapshot). */
   invalidRequest: define('COWBD_INVALID_REQUEST', 400, (why: string) => why),
   noSpace: define('COWBD_NO_SPACE', 507, (why: string) => why),
+
+  // Merging a snapshot back into its origin.
+  /** The engine refuses to merge this snapshot at all (transient, invalid, released to a backup). */
+  mergeRefused: define('COWBD_MERGE_REFUSED', 400, (why: string) => why),
+  /** A merge runs or waits on this origin or snapshot; the request conflicts with it. */
+  merging: define('COWBD_MERGING', 409, (why: string) => why),
+  mergePending: define(
+    'COWBD_MERGING',
+    409,
+    (origin: string, snapshot: string) =>
+      `a merge of snapshot ${snapshot} into ${origin} is already pending; it starts when ${origin}'s last NBD client disconnects`,
+  ),
+  mergeDeferred: define(
+    'COWBD_MERGE_DEFERRED',
+    409,
+    (origin: string, clients: number) =>
+      `volume ${origin} has ${clients} NBD client${clients === 1 ? '' : 's'} connected: --now merges only when none is; disconnect ${clients === 1 ? 'it' : 'them'}, or leave out --now to merge when the last one disconnects`,
+  ),
   volumeNoSpace: define(
     'COWBD_NO_SPACE',
     507,

@@ -223,6 +223,24 @@ await yargs(hideBin(process.argv))
         run((a) => cmd.snapshotExtend({ dataDir: a['data-dir'], json: a.json, name: a.name, size: a.size })),
       )
       .command(
+        'merge <name>',
+        'merge a snapshot back into its origin, like lvconvert --merge: the origin becomes the snapshot, which then goes',
+        (y) =>
+          common(y)
+            .positional('name', { type: 'string', demandOption: true })
+            .option('now', {
+              type: 'boolean',
+              default: false,
+              describe: 'refuse rather than wait while the origin has NBD clients connected',
+            })
+            .option('rate', {
+              type: 'string',
+              describe:
+                'bytes a second the background copy may take, e.g. 64M; 0 for no bound (default 128M); on a running merge, changes it',
+            }),
+        run((a) => cmd.snapshotMerge({ dataDir: a['data-dir'], json: a.json, name: a.name, now: a.now, rate: a.rate })),
+      )
+      .command(
         'remove <name>',
         'remove a snapshot and free its space',
         (y) => common(y).positional('name', { type: 'string', demandOption: true }),

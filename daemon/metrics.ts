@@ -6,7 +6,7 @@ import client from 'prom-client';
 import type { RequestObserver } from '../protocol/connection-options.js';
 import type { Service } from './service.js';
 
-const STATES = ['valid', 'invalid', 'overflow'] as const;
+const STATES = ['valid', 'invalid', 'overflow', 'merging'] as const;
 const COMMANDS = ['read', 'write', 'disc', 'flush', 'trim', 'cache', 'write_zeroes', 'block_status', 'unknown'];
 const RESULTS = ['ok', 'EPERM', 'EIO', 'ENOMEM', 'EINVAL', 'ENOSPC', 'EOVERFLOW', 'ENOTSUP', 'ESHUTDOWN'];
 
@@ -106,6 +106,37 @@ export class Metrics {
     perSnapshot('cowbd_snapshot_created_timestamp_seconds', 'When the snapshot was taken', (u) => u.createdAt.getTime() / 1000);
     perSnapshot('cowbd_snapshot_reserved_bytes', 'Bytes kept allocated on disk for the snapshot (0 when sparse)', (u) => u.reservedBytes);
     perSnapshot('cowbd_snapshot_sparse', '1 when the snapshot reserves nothing on disk (--sparse), else 0', (u) => (u.sparse ? 1 : 0));
+    const perMerge = (name: string, help: string, pick: (m: NonNullable<ReturnType<Service['snapshots']>[number]['merge']>) => number) =>
+      new client.Gauge({
+        name,
+        help,
+        labelNames: ['snapshot', 'origin'],
+        registers,
+        collect() {
+          this.reset();
+          for (const u of svc.snapshots()) if (u.merge) this.set({ snapshot: u.name, origin: u.origin }, pick(u.merge));
+        },
+      });
+    perMerge(
+      'cowbd_snapshot_merge_total_chunks',
+      'Chunks a merging snapshot copies back into its origin; no series unless merging',
+      (m) => m.totalChunks,
+    );
+    perMerge(
+      'cowbd_snapshot_merge_merged_chunks',
+      'Chunks a merging snapshot has copied back so far; no series unless merging',
+      (m) => m.mergedChunks,
+    );
+    perMerge(
+      'cowbd_snapshot_merge_rate_bytes',
+      "Bound on a merge's background copy, bytes a second (0: none); no series unless merging",
+      (m) => m.rate,
+    );
+    perSnapshot(
+      'cowbd_snapshot_merge_pending',
+      "1 while the snapshot's merge waits for its origin's NBD clients to disconnect, else 0",
+      (u) => (u.mergePending ? 1 : 0),
+    );
     new client.Gauge({
       name: 'cowbd_snapshot_invalid_reason',
       help: 'Why an invalid snapshot was invalidated: 1 for its reason (full, disk-full, io-error, unknown); no series while valid',
@@ -128,7 +159,7 @@ export class Metrics {
     });
     new client.Gauge({
       name: 'cowbd_snapshot_state',
-      help: 'Snapshot state: 1 for the current one of valid, invalid, overflow',
+      help: 'Snapshot state: 1 for the current one of valid, invalid, overflow, merging',
       labelNames: ['snapshot', 'origin', 'state'],
       registers,
       collect() {

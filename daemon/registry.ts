@@ -10,7 +10,9 @@ export interface AccessPolicy {
 
 export class Registry implements ExportRegistry {
   private readonly exports = new Map<string, Backend>();
+  /** Per export, one listener per connection in transmission: their count is the export's connections. */
   private readonly goneListeners = new Map<string, Set<() => Promise<void> | void>>();
+  private readonly closedListeners = new Set<(exportName: string, connections: number) => void>();
   // Only origins may be the default: a client asking for "" wants the disk, never a snapshot of it.
   private readonly defaultCandidates = new Set<string>();
   /** Per-export client allow-lists (the config file's `exports`); none: every client may. */
@@ -36,6 +38,17 @@ export class Registry implements ExportRegistry {
     const listeners = this.goneListeners.get(name);
     this.goneListeners.delete(name);
     await Promise.all([...(listeners ?? [])].map((l) => l()));
+  }
+
+  /** Connections in transmission on an export. */
+  connections(name: string): number {
+    return this.goneListeners.get(name)?.size ?? 0;
+  }
+
+  /** Told whenever a connection on an export closes, with the connections left on it. */
+  onConnectionClosed(listener: (exportName: string, connections: number) => void): () => void {
+    this.closedListeners.add(listener);
+    return () => this.closedListeners.delete(listener);
   }
 
   backends(): Backend[] {
@@ -76,7 +89,11 @@ export class Registry implements ExportRegistry {
             this.goneListeners.set(exportName, set);
           }
           set.add(listener);
-          return () => set!.delete(listener);
+          return () => {
+            if (!set!.delete(listener)) return;
+            const left = this.connections(exportName);
+            for (const l of this.closedListeners) l(exportName, left);
+          };
         },
       },
     });

@@ -4,7 +4,7 @@ import { Errors } from './errors.js';
 import type { BackupReport } from '../backup/create.js';
 import { backupSource, releaseForBackup, snapshotForBackup } from './backup-snapshots.js';
 import type { Service } from './service.js';
-import { parseSizeNumber } from './sizes.js';
+import { parseRate, parseSizeNumber } from './sizes.js';
 
 function str(body: Record<string, unknown>, key: string, required = true): string | undefined {
   const v = body[key];
@@ -59,6 +59,10 @@ export function controlRoutes(c: ControlServer, svc: Service, backups?: { record
     const text = str(b, 'size')!;
     const relative = text.startsWith('+');
     return svc.extendSnapshot(p.name!, parseSizeNumber(relative ? text.slice(1) : text), relative);
+  });
+  c.route('POST', '/v1/snapshots/:name/merge', async (p, b) => {
+    const rate = str(b, 'rate', false);
+    return svc.mergeSnapshot(p.name!, { now: bool(b, 'now'), rate: rate === undefined ? undefined : parseRate(rate) });
   });
   c.route('DELETE', '/v1/snapshots/:name', async (p) => {
     await svc.removeSnapshot(p.name!);

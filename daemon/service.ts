@@ -13,6 +13,8 @@ import {
   type Snapshot,
   type SnapshotUsage,
 } from '../cow/index.js';
+import type { MergeEvent } from '../cow/manager.js';
+import type { MergeProgress } from '../cow/merge.js';
 import { ChangeContexts } from './change-contexts.js';
 import { Errors, isCowbdError } from './errors.js';
 import { checkName } from './names.js';
@@ -54,6 +56,41 @@ export interface SnapshotCreate {
   sparse?: boolean;
 }
 
+/** A merge waiting for its origin's NBD clients to disconnect, as LVM waits for the origin to close. */
+export interface PendingMerge {
+  /** NBD clients connected to the origin now. */
+  clients: number;
+  /** The bound asked for, bytes a second (0: none); null: the engine's default. */
+  rate: number | null;
+}
+
+/** A snapshot as the daemon shows it: the engine's usage and a merge the daemon holds back. */
+export interface SnapshotView extends SnapshotUsage {
+  mergePending: PendingMerge | null;
+}
+
+/** The answer to a merge request. */
+export interface MergeView {
+  snapshot: string;
+  origin: string;
+  /** merging: under way, the origin reads as the snapshot; pending: waits for the origin's clients to leave. */
+  state: 'merging' | 'pending';
+  /** NBD clients connected to the origin now. */
+  clients: number;
+  /** The bound, bytes a second (0: none); null for a pending merge using the engine's default. */
+  rate: number | null;
+  /** Null while pending. */
+  progress: MergeProgress | null;
+}
+
+/** A merge's progress as status shows it, like lvs's Merge% column. */
+export interface MergeStatus {
+  totalChunks: number;
+  mergedChunks: number;
+  percent: number;
+  rate: number;
+}
+
 export interface VolumeView {
   name: string;
   size: number;
@@ -77,6 +114,15 @@ export interface StatusRow {
   usedBytes: number | null;
   /** Why the snapshot is invalid and what it held then; null otherwise. */
   invalid: InvalidInfo | null;
+  /** Snapshots only: its merge into the origin while one runs. */
+  merge: MergeStatus | null;
+  /** Snapshots only: a merge waiting for the origin's NBD clients to disconnect. */
+  mergePending: PendingMerge | null;
+}
+
+export function mergeStatus(p: MergeProgress): MergeStatus {
+  const percent = p.totalChunks ? Math.floor((100 * p.mergedChunks) / p.totalChunks) : 100;
+  return { totalChunks: p.totalChunks, mergedChunks: p.mergedChunks, percent, rate: p.rate };
 }
 
 /**
@@ -88,6 +134,10 @@ export function invalidWhy(invalid: InvalidInfo, capacityChunks: number): string
   if (invalid.reason === 'unknown') return INVALID_WHY.unknown;
   const pct = capacityChunks ? ((100 * invalid.usedChunks) / capacityChunks).toFixed(1) : '0.0';
   return `${INVALID_WHY[invalid.reason]}; it held ${invalid.usedChunks} of ${capacityChunks} chunks (${pct}%)`;
+}
+
+export function rateText(rate: number): string {
+  return rate > 0 ? `${formatSize(rate)}/s` : 'unbounded';
 }
 
 /** Free space held back from auto-extend so the file system never fills to the last byte. */
@@ -106,6 +156,15 @@ export function toCowbdError(err: unknown, what: { volume?: string; snapshot?: s
       return Errors.nameTaken(what.snapshot ?? what.volume ?? '?');
     case CowErrors.noSpace.id:
       return Errors.noSpace(err.message);
+    case CowErrors.mergeTransient.id:
+    case CowErrors.mergeInvalid.id:
+    case CowErrors.mergeReleased.id:
+      return Errors.mergeRefused(err.message);
+    case CowErrors.mergeBusy.id:
+    case CowErrors.originMerging.id:
+    case CowErrors.removeMerging.id:
+    case CowErrors.snapshotMerging.id:
+      return Errors.merging(err.message);
   }
   // The rest by kind: a request the engine refuses as given is the caller's to fix;
   // I/O errors pass through as they are.
@@ -126,6 +185,15 @@ export class Service {
   private autoTimer?: NodeJS.Timeout;
   private extending = new Set<string>();
   private closed = false;
+  /**
+   * Merges waiting for their origin's NBD clients to disconnect, by origin. In memory only:
+   * after a restart a merge that was pending is not, and the user asks again.
+   */
+  private readonly pendingMerges = new Map<string, { snapshot: string; rate: number | undefined }>();
+  /** Snapshot by origin, for merges between their start and the engine taking them. */
+  private readonly mergeStarting = new Map<string, string>();
+  /** Each merging snapshot's chunk size, for the figures logged once it is gone. */
+  private readonly mergeChunkSize = new Map<string, number>();
   /** Told when an export goes away, so its metric series can be dropped. */
   onExportRemoved?: (name: string) => void;
 
@@ -155,11 +223,19 @@ export class Service {
         const origin = await cow.attachOrigin(v.name);
         svc.exportOrigin(origin);
       }
-      for (const s of cow.snapshotsOf()) svc.exportSnapshot(s);
+      for (const s of cow.snapshotsOf()) {
+        // A merge the engine resumed: the snapshot is on its way into the origin and serves no I/O.
+        if (s.merging) svc.mergeChunkSize.set(s.name, s.pool.chunkSize);
+        else svc.exportSnapshot(s);
+      }
     } catch (err) {
       await cow.close();
       throw err;
     }
+    cow.on('merge', (e) => svc.merged(e));
+    svc.registry.onConnectionClosed((exportName, left) => {
+      if (left === 0) svc.startPending(exportName);
+    });
     cow.on('usage', (e) => {
       log.warn(
         { snapshot: e.name, origin: e.origin, percent: e.percent, usedChunks: e.usedChunks, capacityChunks: e.capacityChunks },
@@ -200,8 +276,11 @@ export class Service {
   }
 
   private describeOrigin(o: Origin): string {
-    const n = this.cow.snapshotsOf(o.name).length;
-    return `origin volume ${o.name}, ${formatSize(o.size)}, ${n} snapshot${n === 1 ? '' : 's'}${this.readOnlyExport(o.name) ? ', read-only' : ''}`;
+    const snaps = this.cow.snapshotsOf(o.name);
+    const n = snaps.length;
+    const m = snaps.find((s) => s.merging);
+    const merging = m ? `, merging snapshot ${m.name} (${mergeStatus(m.merging!.progress()).percent}%)` : '';
+    return `origin volume ${o.name}, ${formatSize(o.size)}, ${n} snapshot${n === 1 ? '' : 's'}${merging}${this.readOnlyExport(o.name) ? ', read-only' : ''}`;
   }
 
   private describeSnapshot(s: Snapshot): string {
@@ -275,14 +354,27 @@ export class Service {
     this.log.info({ volume: name }, 'volume removed');
   }
 
-  snapshots(): SnapshotUsage[] {
-    return this.cow.list().sort((a, b) => a.name.localeCompare(b.name));
+  snapshots(): SnapshotView[] {
+    return this.cow
+      .list()
+      .map((u) => this.snapshotView(u))
+      .sort((a, b) => a.name.localeCompare(b.name));
   }
 
-  snapshot(name: string): SnapshotUsage {
+  snapshot(name: string): SnapshotView {
     const s = this.cow.snapshot(name);
     if (!s) throw Errors.unknownSnapshot(name);
-    return s.usage();
+    return this.snapshotView(s.usage());
+  }
+
+  private snapshotView(u: SnapshotUsage): SnapshotView {
+    return { ...u, mergePending: this.mergePending(u.name, u.origin) };
+  }
+
+  private mergePending(snapshot: string, origin: string): PendingMerge | null {
+    const p = this.pendingMerges.get(origin);
+    if (p?.snapshot !== snapshot) return null;
+    return { clients: this.registry.connections(origin), rate: p.rate ?? null };
   }
 
   async createSnapshot(o: SnapshotCreate): Promise<SnapshotUsage> {
@@ -325,7 +417,14 @@ export class Service {
   }
 
   async removeSnapshot(name: string): Promise<void> {
-    if (!this.cow.snapshot(name)) throw Errors.unknownSnapshot(name);
+    const s = this.cow.snapshot(name);
+    if (!s) throw Errors.unknownSnapshot(name);
+    // Refused before its export is touched: a merging snapshot has none, one starting still has.
+    if (s.merging || this.mergeStarting.get(s.origin.name) === name) throw toCowbdError(CowErrors.removeMerging(name), { snapshot: name });
+    if (this.pendingMerges.get(s.origin.name)?.snapshot === name) {
+      this.pendingMerges.delete(s.origin.name);
+      this.log.info({ snapshot: name, origin: s.origin.name }, `pending merge of snapshot ${name} dropped: the snapshot is removed`);
+    }
     // Connections first: they close cleanly, then the space is freed.
     await this.registry.remove(name);
     this.onExportRemoved?.(name);
@@ -334,6 +433,144 @@ export class Service {
     } catch (err) {
       throw toCowbdError(err, { snapshot: name });
     }
+  }
+
+  /**
+   * lvconvert --merge: the origin becomes the snapshot's content, and the snapshot goes once its
+   * chunks are copied back. While the origin has NBD clients the merge waits for the last one to
+   * disconnect (a mounted file system must not see its blocks change); `now` refuses instead. On
+   * a merge that runs, or waits, `rate` changes its bound (bytes a second, 0: none).
+   */
+  async mergeSnapshot(name: string, opts: { now?: boolean; rate?: number } = {}): Promise<MergeView> {
+    checkName(name);
+    const s = this.cow.snapshot(name);
+    if (!s) throw Errors.unknownSnapshot(name);
+    const origin = s.origin.name;
+    if (s.merging) {
+      if (opts.rate === undefined) throw Errors.merging(`snapshot ${name} is already merging into ${origin}; --rate changes its bound`);
+      this.cow.setMergeRate(name, opts.rate);
+      this.log.info({ snapshot: name, origin, rate: opts.rate }, `merge rate of snapshot ${name} now ${rateText(opts.rate)}`);
+      return this.mergeView(s);
+    }
+    const starting = this.mergeStarting.get(origin);
+    if (starting) throw Errors.merging(`origin ${origin} is starting a merge of snapshot ${starting}`);
+    const pending = this.pendingMerges.get(origin);
+    if (pending && pending.snapshot !== name) throw Errors.mergePending(origin, pending.snapshot);
+    this.checkMergeable(s);
+    const clients = this.registry.connections(origin);
+    if (opts.now && clients > 0) throw Errors.mergeDeferred(origin, clients);
+    if (pending) {
+      // Asking again with --rate changes the bound it will start with.
+      if (opts.rate !== undefined) pending.rate = opts.rate;
+      return this.mergeView(s);
+    }
+    if (clients > 0 || !(await this.startMerge(s, opts.rate))) this.deferMerge(s, opts.rate);
+    return this.mergeView(s);
+  }
+
+  /** The engine's refusals, asked before the snapshot's export is taken down. */
+  private checkMergeable(s: Snapshot): void {
+    const other = this.cow.snapshotsOf(s.origin.name).find((x) => x.merging);
+    let err: CowError | undefined;
+    if (other) err = CowErrors.mergeBusy(s.origin.name, other.name);
+    else if (!s.pool.store.persistent) err = CowErrors.mergeTransient(s.name);
+    else if (s.state === 'invalid') err = CowErrors.mergeInvalid(s.name);
+    else if (s.record.released) err = CowErrors.mergeReleased(s.name);
+    if (err) throw toCowbdError(err, { volume: s.origin.name, snapshot: s.name });
+  }
+
+  private deferMerge(s: Snapshot, rate: number | undefined): void {
+    const origin = s.origin.name;
+    const clients = this.registry.connections(origin);
+    this.pendingMerges.set(origin, { snapshot: s.name, rate });
+    this.log.info(
+      { snapshot: s.name, origin, clients },
+      `merge of snapshot ${s.name} pending: ${clients} client${clients === 1 ? '' : 's'} on ${origin}`,
+    );
+  }
+
+  /**
+   * Takes the snapshot's export down and hands the merge to the engine; false, with the export
+   * back, when a client reached the origin meanwhile. A refusal leaves the snapshot served as it was.
+   */
+  private async startMerge(s: Snapshot, rate: number | undefined): Promise<boolean> {
+    const name = s.name;
+    const origin = s.origin.name;
+    this.mergeStarting.set(origin, name);
+    try {
+      // Its connections close first, their requests answered: once its chunks are being copied
+      // back nothing may write to it.
+      await this.registry.remove(name);
+      this.onExportRemoved?.(name);
+      if (this.registry.connections(origin) > 0) {
+        this.exportSnapshot(s);
+        return false;
+      }
+      this.mergeChunkSize.set(name, s.pool.chunkSize);
+      try {
+        await this.cow.mergeSnapshot(name, { rate });
+      } catch (err) {
+        this.mergeChunkSize.delete(name);
+        if (this.cow.snapshot(name) === s && !s.merging) this.exportSnapshot(s);
+        throw toCowbdError(err, { volume: origin, snapshot: name });
+      }
+      return true;
+    } finally {
+      this.mergeStarting.delete(origin);
+    }
+  }
+
+  /** The origin's last NBD client is gone: a merge waiting for that starts. */
+  private startPending(origin: string): void {
+    const p = this.pendingMerges.get(origin);
+    if (!p || this.closed || this.mergeStarting.has(origin)) return;
+    const s = this.cow.snapshot(p.snapshot);
+    this.pendingMerges.delete(origin);
+    if (!s) return;
+    this.log.info({ snapshot: p.snapshot, origin }, `last NBD client of ${origin} disconnected: merging snapshot ${p.snapshot}`);
+    this.startMerge(s, p.rate).then(
+      (started) => {
+        if (!started) this.deferMerge(s, p.rate);
+      },
+      (err: unknown) =>
+        this.log.error(
+          { err, snapshot: p.snapshot, origin },
+          `pending merge of snapshot ${p.snapshot} into ${origin} failed: ${err instanceof Error ? err.message : String(err)}`,
+        ),
+    );
+  }
+
+  private mergeView(s: Snapshot): MergeView {
+    const origin = s.origin.name;
+    const progress = s.merging?.progress() ?? null;
+    return {
+      snapshot: s.name,
+      origin,
+      state: progress ? 'merging' : 'pending',
+      clients: this.registry.connections(origin),
+      rate: progress ? progress.rate : (this.pendingMerges.get(origin)?.rate ?? null),
+      progress,
+    };
+  }
+
+  /** The engine logs a merge's start and end; the daemon adds the throughput, and its errors. */
+  private merged(e: MergeEvent): void {
+    if (e.phase === 'error') {
+      this.log.error(
+        { err: e.error, snapshot: e.name, origin: e.origin, mergedChunks: e.mergedChunks, totalChunks: e.totalChunks },
+        `merge of snapshot ${e.name} into ${e.origin} failed: ${e.error instanceof Error ? e.error.message : String(e.error)}`,
+      );
+      return;
+    }
+    if (e.phase !== 'done') return;
+    this.createdAt.delete(e.name);
+    const bytes = e.totalChunks * (this.mergeChunkSize.get(e.name) ?? 0);
+    this.mergeChunkSize.delete(e.name);
+    const mibPerSecond = e.seconds > 0 ? Number((bytes / 2 ** 20 / e.seconds).toFixed(1)) : null;
+    this.log.info(
+      { snapshot: e.name, origin: e.origin, chunks: e.totalChunks, bytes, seconds: e.seconds, mibPerSecond },
+      `snapshot ${e.name} merged into ${e.origin} and removed`,
+    );
   }
 
   status(): StatusRow[] {
@@ -352,6 +589,8 @@ export class Service {
         reservedBytes: null,
         usedBytes: null,
         invalid: null,
+        merge: null,
+        mergePending: null,
       });
     }
     for (const u of this.snapshots()) {
@@ -369,6 +608,8 @@ export class Service {
         reservedBytes: u.reservedBytes,
         usedBytes: u.usedBytes,
         invalid: u.invalid,
+        merge: u.merge ? mergeStatus(u.merge) : null,
+        mergePending: u.mergePending,
       });
     }
     return rows;

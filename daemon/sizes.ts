@@ -21,6 +21,11 @@ export function parseSizeNumber(text: string, multipleOf = 1): number {
   return n;
 }
 
+/** A bound in bytes a second: a size ("64M"), or 0 for none. */
+export function parseRate(text: string): number {
+  return parseSize(text) === 0n ? 0 : parseSizeNumber(text);
+}
+
 export function formatSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   let v = bytes;
