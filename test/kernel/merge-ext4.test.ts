@@ -4,9 +4,12 @@
 // and disconnects, the host starts a rate-limited merge of "s", and the guest
 // reconnects and mounts the origin while the merge still copies: every file is as it
 // was at "s", the deleted ones are back, fsck is clean; "early" still shows its own
-// point in time; and the host sees the merge finish and "s" go away.
+// point in time; and once the host lifts the rate bound it sees the merge finish and
+// "s" go away.
 import t from 'tap';
-import { startDaemon } from '../helpers/daemon.js';
+import { request } from 'node:http';
+import { join } from 'node:path';
+import { startDaemon, type Daemon } from '../helpers/daemon.js';
 import { startHostHooks } from '../helpers/host-hooks.js';
 import {
   POPULATE,
@@ -31,10 +34,28 @@ interface Merge {
 }
 type MergeUsage = Usage & { merge?: Merge | null };
 
+/** GET /v1/snapshots/NAME on the control socket: milliseconds, where the CLI takes a
+ *  node start-up, so the state is the one at the moment the guest asked. */
+function usageNow(d: Daemon, name: string): Promise<MergeUsage | undefined> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath: join(d.dataDir, 'control.sock'), path: `/v1/snapshots/${name}` }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        const body = Buffer.concat(chunks).toString('utf8');
+        if (res.statusCode === 404) resolve(undefined);
+        else if (res.statusCode !== 200) reject(new Error(`GET /v1/snapshots/${name}: ${res.statusCode} ${body}`));
+        else resolve(JSON.parse(body) as MergeUsage);
+      });
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 t.test('merging a snapshot of an ext4 volume back into its origin', { skip: await guestSkipReason() }, async (t) => {
   const t0 = Date.now();
   const d = await startDaemon({ volumes: [{ name: 'vol', size: '256M' }], logLevel: 'info' });
-  const stateOf = async (name: string) => (await json<StatusRow[]>(d, 'status')).find((s) => s.name === name)?.state;
   const snapshot = async (name: string) => {
     const r = await cli(d, 'snapshot', 'create', name, '--origin', 'vol', '--size', '64M', '--chunk-size', '64K');
     if (r.code !== 0) throw new Error(`snapshot create ${name} exited ${r.code}: ${r.stderr}`);
@@ -42,7 +63,7 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
   };
   let merged: Usage | undefined;
   let mergeCli = '';
-  const seen: { atMerge?: string; atMount?: string; mountUsage?: MergeUsage } = {};
+  const seen: { atMerge?: string; atMount?: string; mountUsage?: MergeUsage; statusRow?: string } = {};
   const hooks = await startHostHooks({
     early: () => snapshot('early'),
     s: () => snapshot('s'),
@@ -56,7 +77,7 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
       // The daemon may not have seen the guest's disconnect yet, and then defers the
       // merge: the guest reconnects only once it really runs.
       for (let i = 0; i < 100; i++) {
-        seen.atMerge = await stateOf('s');
+        seen.atMerge = (await usageNow(d, 's'))?.state;
         if (seen.atMerge?.startsWith('merging')) return seen.atMerge;
         await new Promise((r) => setTimeout(r, 100));
       }
@@ -64,8 +85,10 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
     },
     // The guest has mounted the merged origin: is the merge still copying?
     mounted: async () => {
-      seen.atMount = await stateOf('s');
-      seen.mountUsage = (await json<MergeUsage[]>(d, 'snapshot', 'list')).find((u) => u.name === 's');
+      seen.mountUsage = await usageNow(d, 's');
+      seen.atMount = seen.mountUsage?.state;
+      const row = (await json<StatusRow[]>(d, 'status')).find((r) => r.name === 's');
+      seen.statusRow = row ? `${row.state} ${JSON.stringify((row as { merge?: unknown }).merge ?? null)}` : 'gone';
       return seen.atMount ?? 'gone';
     },
   });
@@ -101,9 +124,12 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
       # The change that goes wrong: files deleted, rewritten in place, appended, created.
       rm /mnt/precious.txt /mnt/dir/photo.bin /mnt/between.bin
       rm /mnt/many/f1* /mnt/many/g1*
-      dd if=/dev/urandom of=/mnt/random.bin bs=1M count=3 seek=1 conv=notrunc
+      # About 22 MiB of chunks to copy back, more than one batch of the merge (16 MiB):
+      # at 1 MiB/s the rest waits long enough to be read by the guest from "s".
+      dd if=/dev/urandom of=/mnt/random.bin bs=1M count=6 conv=notrunc
+      dd if=/dev/urandom of=/mnt/keep.bin bs=1M count=1 conv=notrunc
       echo changed >> /mnt/dir/seq.txt
-      head -c $((2 << 20)) /dev/urandom > /mnt/new.bin
+      head -c $((14 << 20)) /dev/urandom > /mnt/new.bin
       (cd /mnt && ${SUMS}) > /root/after
       wget -q -O /root/reply --post-file=/root/after ${hooks.url('after')}
       umount /mnt
@@ -156,11 +182,17 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
   const log = r.log.replace(/\r/g, '');
   t.ok((merged?.exceptions ?? 0) > 0, `"s" held the changed chunks when the merge began (${merged?.exceptions} exceptions)`);
   t.match(seen.atMerge, /^merging/, `status right after "snapshot merge": ${seen.atMerge}`);
-  t.match(seen.atMount, /^merging/, `status when the guest had mounted the origin again: ${seen.atMount}`);
+  t.match(seen.atMount, /^merging/, `state when the guest had mounted the origin again: ${seen.atMount}`);
+  t.match(seen.statusRow, /^merging/, `cowbd status --json then: ${seen.statusRow}`);
   const m = seen.mountUsage?.merge;
-  t.ok(m && m.mergedChunks < m.totalChunks, `the merge was still copying then (${m?.mergedChunks} of ${m?.totalChunks} chunks)`);
+  t.ok(
+    m && m.mergedChunks < m.totalChunks,
+    `chunks of "s" were still to copy back when the guest read the origin (${m?.mergedChunks} of ${m?.totalChunks} copied)`,
+  );
   const okLines = (text: string) => (text.match(/^\.\/\S+: OK$/gm) ?? []).length;
-  const [originPart, earlyPart] = log.split('COWBD-ORIGIN-FSCK-CLEAN');
+  // Split at the marker's output line, not at sh -x's trace of the echo.
+  const cut = /^COWBD-ORIGIN-FSCK-CLEAN$/m.exec(log)?.index ?? log.length;
+  const [originPart, earlyPart] = [log.slice(0, cut), log.slice(cut)];
   t.equal(okLines(originPart ?? ''), s.size, `every file of "s" is back with its checksum (${s.size})`);
   t.match(originPart, /^\.\/precious\.txt: OK$/m, 'the deleted precious.txt is back, in its "s" version');
   t.match(originPart, /^\.\/dir\/photo\.bin: OK$/m, 'the deleted photo.bin is back');
@@ -173,7 +205,10 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
   t.match(log, /^COWBD-EARLY-FSCK-CLEAN$/m, 'fsck.ext4 -fn is clean on "early"');
   t.notMatch(log, /I\/O error|EXT4-fs error/, 'the kernel logged no I/O or ext4 errors');
 
-  // The merge finishes by itself and "s" goes away; "early" stays valid.
+  // Lifting the bound of the running merge lets it finish at once; "s" goes away by
+  // itself, and "early" stays valid.
+  const unbound = await cli(d, 'snapshot', 'merge', 's', '--rate', '0');
+  t.equal(unbound.code, 0, `snapshot merge s --rate 0 on the running merge: ${(unbound.stdout + unbound.stderr).trim()}`);
   const waitStart = Date.now();
   let left: MergeUsage[] = [];
   while (Date.now() - waitStart < 120_000) {
@@ -184,7 +219,7 @@ t.test('merging a snapshot of an ext4 volume back into its origin', { skip: awai
   t.same(
     left.map((u) => u.name),
     ['early'],
-    `the merge finished and "s" is gone (${Date.now() - waitStart} ms after the guest was done)`,
+    `the merge finished and "s" is gone (${Date.now() - waitStart} ms after the bound was lifted)`,
   );
   t.equal(left.find((u) => u.name === 'early')?.state, 'valid', '"early" is still valid');
   const done = d.logs.find((l) => l.msg === 'merge done');
