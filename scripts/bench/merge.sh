@@ -152,5 +152,6 @@ json.dump({
     "progressBefore": j("progress-before.json"), "progressAfter": j("progress-after.json"),
     "defaultRate": j("merge-default.json").get("reply"),
     "defaultMergeSeconds": j("merge-default-done.json")["seconds"],
+    "iopsVolumeBytes": j("merge-default.json")["before"]["exceptions"] * before["chunkSize"],
 }, open(out, "w"))
 PY

@@ -188,6 +188,7 @@ def merge_table(results):
         print(f"merge: results missing ({e})")
         print()
         return False
+    size = lambda n: f"{n / 1024 ** 3:g} GiB" if n >= 1024 ** 3 else f"{n / MiB:g} MiB"
     mib = d["volumeBytes"] / MiB
     merge_bw, cp_bw = mib / d["mergeSeconds"], mib / d["cpSeconds"]
     ratio = merge_bw / cp_bw
@@ -196,13 +197,13 @@ def merge_table(results):
     # The reads ran during the merge only if it had started before fio and was still copying after.
     throughout = not pb.get("gone") and not pa.get("gone") and (pa.get("mergedChunks") or 0) < (pa.get("totalChunks") or 0)
     moved = None if pa.get("gone") else (pa.get("mergedChunks") or 0) - (pb.get("mergedChunks") or 0)
-    print(f"Throughput: a {d['size']} volume, filled, snapshotted, then every chunk rewritten ({d['exceptions']} exceptions of "
+    print(f"Throughput: a {size(d['volumeBytes'])} volume, filled, snapshotted, then every chunk rewritten ({d['exceptions']} exceptions of "
           f"{d['chunkSize'] // 1024} KiB); the merge with rate 0 (no bound) from the POST until GET answers 404, plus a sync of "
           f"the volume file: {d['mergeSeconds']:.2f} s; `cp --reflink=never` of the volume file to a new file on the same file "
           f"system, plus a sync of the copy: {d['cpSeconds']:.2f} s. Before each: {d['cache']}.")
     print()
     print(f"Reads: fio randread 4k qd16 on the origin for {d['fioSeconds']} s, right before and then during a merge at the "
-          f"default rate of a {d['iopsSize']} snapshot with every chunk copied (that merge took {d['defaultMergeSeconds']:.1f} s "
+          f"default rate of a {size(d['iopsVolumeBytes'])} snapshot with every chunk copied (that merge took {d['defaultMergeSeconds']:.1f} s "
           f"after fio). Merge progress: {pb.get('mergedChunks')} of {pb.get('totalChunks')} chunks when fio started, "
           + ("done when it ended" if pa.get("gone") else f"{pa.get('mergedChunks')} when it ended ({moved} chunks merged during the reads)")
           + f"; running throughout: {'yes' if throughout else 'no'}.")
