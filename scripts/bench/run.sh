@@ -489,7 +489,7 @@ if has merge; then
   log "merge: a snapshot merged back into its origin"
   # In the background and tracked, so an interrupted bench ends it and its trap cleans up.
   COWBD_CLI=$WORK/build/dist/daemon/cli.cjs CHUNK=$CHUNK BENCH_DIR=$WORK MERGE_SIZE=${MERGE_SIZE:-$SIZE} \
-    MERGE_IOPS_SIZE=${MERGE_IOPS_SIZE:-$((2 * SIZE_BYTES))} bash "$BENCH/merge.sh" "$RESULTS" &
+    MERGE_IOPS_SIZE=${MERGE_IOPS_SIZE:-$((2 * $(bytes "${MERGE_SIZE:-$SIZE}")))} bash "$BENCH/merge.sh" "$RESULTS" &
   gpid=$!
   track_pid "$gpid"
   wait "$gpid"

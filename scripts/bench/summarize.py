@@ -204,9 +204,10 @@ def merge_table(results):
     print()
     print(f"Reads: fio randread 4k qd16 on the origin for {d['fioSeconds']} s, right before and then during a merge at the "
           f"default rate of a {size(d['iopsVolumeBytes'])} snapshot with every chunk copied (that merge took {d['defaultMergeSeconds']:.1f} s "
-          f"after fio). Merge progress: {pb.get('mergedChunks')} of {pb.get('totalChunks')} chunks when fio started, "
-          + ("done when it ended" if pa.get("gone") else f"{pa.get('mergedChunks')} when it ended ({moved} chunks merged during the reads)")
-          + f"; running throughout: {'yes' if throughout else 'no'}.")
+          f"after fio). Merge progress: "
+          + ("done before fio started" if pb.get("gone") else f"{pb.get('mergedChunks')} of {pb.get('totalChunks')} chunks when fio started, "
+             + ("done when it ended" if pa.get("gone") else f"{pa.get('mergedChunks')} when it ended ({moved} chunks merged during the reads)"))
+          + f"; running throughout: {'yes' if throughout else 'no (a bigger MERGE_IOPS_SIZE makes it outlast the reads)'}.")
     print()
     print("| measure | merge | reference | ratio | target | met |")
     print("|---|---:|---:|---:|---:|---|")
