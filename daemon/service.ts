@@ -218,6 +218,8 @@ export class Service {
       changeTracking: !opts.readOnly,
     });
     const svc = new Service(cow, opts, log);
+    // Before any origin is attached: a merge resumed there can finish while the others attach.
+    cow.on('merge', (e) => svc.merged(e));
     try {
       for (const v of await listVolumes(opts.dataDir)) {
         const origin = await cow.attachOrigin(v.name);
@@ -225,14 +227,12 @@ export class Service {
       }
       for (const s of cow.snapshotsOf()) {
         // A merge the engine resumed: the snapshot is on its way into the origin and serves no I/O.
-        if (s.merging) svc.mergeChunkSize.set(s.name, s.pool.chunkSize);
-        else svc.exportSnapshot(s);
+        if (!s.merging) svc.exportSnapshot(s);
       }
     } catch (err) {
       await cow.close();
       throw err;
     }
-    cow.on('merge', (e) => svc.merged(e));
     svc.registry.onConnectionClosed((exportName, left) => {
       if (left === 0) svc.startPending(exportName);
     });
@@ -506,11 +506,9 @@ export class Service {
         this.exportSnapshot(s);
         return false;
       }
-      this.mergeChunkSize.set(name, s.pool.chunkSize);
       try {
         await this.cow.mergeSnapshot(name, { rate });
       } catch (err) {
-        this.mergeChunkSize.delete(name);
         if (this.cow.snapshot(name) === s && !s.merging) this.exportSnapshot(s);
         throw toCowbdError(err, { volume: origin, snapshot: name });
       }
@@ -562,7 +560,11 @@ export class Service {
       );
       return;
     }
-    if (e.phase !== 'done') return;
+    if (e.phase === 'started' || e.phase === 'resumed') {
+      const s = this.cow.snapshot(e.name);
+      if (s) this.mergeChunkSize.set(e.name, s.pool.chunkSize);
+      return;
+    }
     this.createdAt.delete(e.name);
     const bytes = e.totalChunks * (this.mergeChunkSize.get(e.name) ?? 0);
     this.mergeChunkSize.delete(e.name);
