@@ -12,6 +12,15 @@ restarts and a random-write iolog. Standard library only (no curl needed).
                                                read VmRSS after 1 s idle, SIGTERM and wait; JSON to OUT
   cowctl.py iolog OUT SIZE CHUNK N             fio v2 iolog: N 4 KiB writes, each in a distinct
                                                CHUNK-sized chunk picked at random (fixed seed)
+  cowctl.py merge SOCK NAME [--rate R] [--wait]
+                                               POST /v1/snapshots/NAME/merge (rate as the API takes it,
+                                               e.g. "0" or "64M"; absent = the daemon's default), then
+                                               wait until it runs (a merge may be deferred while the
+                                               origin has clients); --wait: until NAME is gone (404).
+                                               Prints JSON: the snapshot before, seconds to running and
+                                               to gone (from the POST)
+  cowctl.py merge-wait SOCK NAME               wait until NAME is gone (404); JSON: seconds waited
+  cowctl.py progress SOCK NAME                 JSON: NAME's state and merge progress, or {"gone": true}
 """
 
 import http.client
@@ -168,11 +177,85 @@ def cmd_iolog(args):
     return 0
 
 
+def snapshot(sock, name):
+    """GET /v1/snapshots/NAME: the usage, or None once it is gone (404)."""
+    status, text, _ = call(sock, "GET", f"/v1/snapshots/{name}")
+    if status == 404:
+        return None
+    if status >= 400:
+        raise SystemExit(f"cowctl: GET /v1/snapshots/{name}: HTTP {status}: {text}")
+    return json.loads(text)
+
+
+def progress(usage):
+    if usage is None:
+        return {"gone": True}
+    m = usage.get("merge") or {}
+    return {"gone": False, "state": usage.get("state"), "mergedChunks": m.get("mergedChunks"), "totalChunks": m.get("totalChunks")}
+
+
+def cmd_progress(args):
+    print(json.dumps(progress(snapshot(args[0], args[1]))))
+    return 0
+
+
+def cmd_merge(args):
+    wait = "--wait" in args
+    rate = args[args.index("--rate") + 1] if "--rate" in args else None
+    sock, name = args[0], args[1]
+    t0 = time.perf_counter()
+    before = snapshot(sock, name)
+    get_seconds = time.perf_counter() - t0
+    if before is None:
+        print(f"cowctl: no snapshot {name}", file=sys.stderr)
+        return 1
+    body = {} if rate is None else {"rate": rate}
+    t0 = time.perf_counter()
+    status, text, _ = call(sock, "POST", f"/v1/snapshots/{name}/merge", body)
+    if status >= 400:
+        print(f"cowctl: merge {name}: HTTP {status}: {text}", file=sys.stderr)
+        return 1
+    out = {"before": before, "getSeconds": get_seconds, "reply": json.loads(text) if text.strip().startswith("{") else text, "rate": rate}
+    # Polled often enough that the poll adds little to a merge of a few seconds.
+    last = None
+    while True:
+        u = snapshot(sock, name)
+        if u is not None:
+            last = progress(u)
+        if u is None or str(u.get("state", "")).startswith("merging"):
+            out.setdefault("runningSeconds", time.perf_counter() - t0)
+            out.setdefault("running", last)
+        if u is None or not wait and "runningSeconds" in out:
+            break
+        if time.perf_counter() - t0 > 3600:
+            print(f"cowctl: merge {name} still not done after an hour: {last}", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    if wait:
+        out["seconds"] = time.perf_counter() - t0
+        out["last"] = last
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_merge_wait(args):
+    sock, name = args[0], args[1]
+    t0 = time.perf_counter()
+    while snapshot(sock, name) is not None:
+        if time.perf_counter() - t0 > 3600:
+            print(f"cowctl: {name} still there after an hour", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    return 0
+
+
 def main():
     if len(sys.argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    cmds = {"call": cmd_call, "create-times": cmd_create_times, "restart": cmd_restart, "iolog": cmd_iolog}
+    cmds = {"call": cmd_call, "create-times": cmd_create_times, "restart": cmd_restart, "iolog": cmd_iolog, "merge": cmd_merge, "merge-wait": cmd_merge_wait,
+            "progress": cmd_progress}
     f = cmds.get(sys.argv[1])
     if not f:
         print(__doc__, file=sys.stderr)

@@ -11,7 +11,7 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create reserve memory engine backup"   which parts to run:
+#   SECTIONS="base cow rewrite snapread create reserve memory engine backup merge"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
@@ -29,6 +29,9 @@
 #     backup    cowbd backup against restic, fed the same snapshot (backup.sh)
 #     engine    the COW engine in process (engine.ts): first-write ratios with 0, 1
 #               and 4 snapshots and snapshot/origin read speed on ENGINE_SIZE
+#     merge     merging a snapshot with every chunk copied back into its origin
+#               (merge.sh): its throughput against cp of a file as big, and origin
+#               4K random reads during a merge at the default rate against without
 #   ROUNDS=5 RUNTIME=6 SIZE=1G        rounds, seconds per time-based job, volume size
 #   CHUNK=64K                         snapshot chunk size for cow/rewrite/snapread
 #   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
@@ -38,6 +41,9 @@
 #   RESERVE_SIZES="1G 100G" RESERVE_FS=256G   reserve: store sizes, apparent size of its ext4 image
 #   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
 #   ENGINE_SIZE=256M                  engine: volume size
+#   MERGE_SIZE=(SIZE) MERGE_IOPS_SIZE=(2 x MERGE_SIZE) MERGE_FIO_SECONDS=10
+#                                     merge: volume merged for throughput, volume merged
+#                                     under the reads (big enough to outlast them), fio time
 #   BENCH_DIR=/tmp                    where the volumes live (one filesystem)
 #   KEEP=1                            keep the raw fio JSON and logs
 #
@@ -52,7 +58,7 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup"}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup merge"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
@@ -65,7 +71,7 @@ ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup | merge) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -477,6 +483,17 @@ fi
 if has backup; then
   log "backup: cowbd backup against restic"
   bash "$BENCH/backup.sh" "$RESULTS" >/dev/null
+fi
+
+if has merge; then
+  log "merge: a snapshot merged back into its origin"
+  # In the background and tracked, so an interrupted bench ends it and its trap cleans up.
+  COWBD_CLI=$WORK/build/dist/daemon/cli.cjs CHUNK=$CHUNK BENCH_DIR=$WORK MERGE_SIZE=${MERGE_SIZE:-$SIZE} \
+    MERGE_IOPS_SIZE=${MERGE_IOPS_SIZE:-$((2 * $(bytes "${MERGE_SIZE:-$SIZE}")))} bash "$BENCH/merge.sh" "$RESULTS" &
+  gpid=$!
+  track_pid "$gpid"
+  wait "$gpid"
+  untrack_pid "$gpid"
 fi
 
 log "done"

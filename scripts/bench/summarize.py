@@ -177,6 +177,48 @@ def reserve_table(results, create_n):
     print()
 
 
+def merge_table(results):
+    """merge.sh's figures: merge throughput against cp, origin random reads during a merge."""
+    print("### Merging a snapshot back into its origin")
+    print()
+    try:
+        with open(os.path.join(results, "merge.json")) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"merge: results missing ({e})")
+        print()
+        return False
+    size = lambda n: f"{n / 1024 ** 3:g} GiB" if n >= 1024 ** 3 else f"{n / MiB:g} MiB"
+    mib = d["volumeBytes"] / MiB
+    merge_bw, cp_bw = mib / d["mergeSeconds"], mib / d["cpSeconds"]
+    ratio = merge_bw / cp_bw
+    iops_ratio = d["iopsDuring"] / d["iopsAlone"] if d["iopsAlone"] else None
+    pb, pa = d["progressBefore"], d["progressAfter"]
+    # The reads ran during the merge only if it had started before fio and was still copying after.
+    throughout = not pb.get("gone") and not pa.get("gone") and (pa.get("mergedChunks") or 0) < (pa.get("totalChunks") or 0)
+    moved = None if pa.get("gone") else (pa.get("mergedChunks") or 0) - (pb.get("mergedChunks") or 0)
+    print(f"Throughput: a {size(d['volumeBytes'])} volume, filled, snapshotted, then every chunk rewritten ({d['exceptions']} exceptions of "
+          f"{d['chunkSize'] // 1024} KiB); the merge with rate 0 (no bound) from the POST until GET answers 404, plus a sync of "
+          f"the volume file: {d['mergeSeconds']:.2f} s; `cp --reflink=never` of the volume file to a new file on the same file "
+          f"system, plus a sync of the copy: {d['cpSeconds']:.2f} s. Before each: {d['cache']}.")
+    print()
+    print(f"Reads: fio randread 4k qd16 on the origin for {d['fioSeconds']} s, right before and then during a merge at the "
+          f"default rate of a {size(d['iopsVolumeBytes'])} snapshot with every chunk copied (that merge took {d['defaultMergeSeconds']:.1f} s "
+          f"after fio). Merge progress: "
+          + ("done before fio started" if pb.get("gone") else f"{pb.get('mergedChunks')} of {pb.get('totalChunks')} chunks when fio started, "
+             + ("done when it ended" if pa.get("gone") else f"{pa.get('mergedChunks')} when it ended ({moved} chunks merged during the reads)"))
+          + f"; running throughout: {'yes' if throughout else 'no (a bigger MERGE_IOPS_SIZE makes it outlast the reads)'}.")
+    print()
+    print("| measure | merge | reference | ratio | target | met |")
+    print("|---|---:|---:|---:|---:|---|")
+    print(f"| merge throughput, MiB/s, against cp | {merge_bw:.0f} | {cp_bw:.0f} | {fmt_ratio(ratio)} | ≥ 0.5 | {'yes' if ratio >= 0.5 else 'no'} |")
+    met = "–" if iops_ratio is None else ("yes" if iops_ratio >= 0.7 else "no")
+    print(f"| 4K random reads of the origin, IOPS, during / without a merge | {d['iopsDuring']:.0f} | {d['iopsAlone']:.0f} | "
+          f"{fmt_ratio(iops_ratio)} | ≥ 0.7 | {met} |")
+    print()
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
@@ -361,6 +403,8 @@ def main():
     if "reserve" in sections:
         reserve_table(args.results, args.create_n)
 
+    merged = "merge" not in sections or merge_table(args.results)
+
     if "memory" in sections:
         p = lambda n: os.path.join(args.results, f"memory.{n}")
         try:
@@ -402,7 +446,7 @@ def main():
         for e in R.errors:
             print(f"- {e}")
         return 1
-    return 0
+    return 0 if merged else 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     BK_HUGE: '8G',
     BK_HUGE_DATA: '16M',
     BK_FIO_SECONDS: '1',
+    MERGE_FIO_SECONDS: '1',
   });
   t.equal(r.code, 0, `run.sh exit code (stderr tail: ${r.stderr.slice(-2000)})`);
   const rows = r.stdout.split('\n').filter((l) => l.startsWith('| '));
@@ -118,5 +119,21 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     .filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
   t.equal(backups.length, 7, `backup rows: ${backups.map((c) => c[0]).join('; ')}`);
   for (const c of backups) t.match(c[1], /^\d+(\.\d+)?$/, `cowbd figure of "${c[0]}"`);
+  // Merging back: throughput against cp, and origin random reads during a merge, each against its goal.
+  t.match(r.stdout, /### Merging a snapshot back into its origin/, 'merge table');
+  const merge = rows.map(cells).filter((c) => /^(merge throughput|4K random reads of the origin)/.test(c[0]!));
+  t.same(
+    merge.map((c) => c[0]),
+    ['merge throughput, MiB/s, against cp', '4K random reads of the origin, IOPS, during / without a merge'],
+    'merge rows',
+  );
+  for (const c of merge) {
+    t.match(c[1], /^\d+$/, `merge figure of "${c[0]}"`);
+    t.match(c[2], /^\d+$/, `merge reference of "${c[0]}"`);
+    t.match(c[3], RATIO, `merge ratio of "${c[0]}"`);
+    t.ok(c[5] === 'yes' || c[5] === 'no', `merge met column of "${c[0]}"`);
+  }
+  t.same(merge.map((c) => c[4]), ['≥ 0.5', '≥ 0.7'], 'merge targets');
+  t.match(r.stdout, /a 64 MiB volume, filled, snapshotted, then every chunk rewritten \(1024 exceptions of 64 KiB\)/, 'the merged snapshot had every chunk of the 64M volume copied');
   t.notMatch(r.stdout, /\b(nan|NaN|None|undefined)\b/, 'no missing values (Python None, NaN)');
 });
