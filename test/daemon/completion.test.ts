@@ -20,7 +20,7 @@ t.test('cowbd completion prints a completion script for cowbd', async (t) => {
 });
 
 t.test('commands and options complete', async (t) => {
-  t.strictSame((await complete(['snapshot', ''])).sort(), ['create', 'extend', 'list', 'remove']);
+  t.strictSame((await complete(['snapshot', ''])).sort(), ['create', 'extend', 'list', 'merge', 'remove']);
   t.ok((await complete([''])).includes('status'));
   t.ok((await complete(['snapshot', 'create', 'x', '--'])).includes('--origin'));
   t.ok((await complete(['serve', '--log-format', ''])).includes('auto'), 'choices of an option');
