@@ -18,8 +18,10 @@ import type { SnapshotRecord } from './snapshot-record.js';
 
 /** Chunks copied back per batch: one origin sync and one store commit each (docs/tuning.md, MERGE_BATCH_BYTES). */
 export const MERGE_BATCH_BYTES = 16 << 20;
+/** Batches of the background copy in flight at once (docs/tuning.md, MERGE_IN_FLIGHT). */
+export const MERGE_IN_FLIGHT = 2;
 /** The background copy's default share of the disk, in bytes a second (docs/tuning.md, DEFAULT_MERGE_RATE). */
-export const DEFAULT_MERGE_RATE = 128 << 20;
+export const DEFAULT_MERGE_RATE = 64 << 20;
 /** A failed batch is tried again after this long: the origin keeps reading the store meanwhile. */
 const RETRY_MS = 5000;
 
@@ -154,7 +156,12 @@ export class SnapshotMerge implements OriginMerge {
   private async run(): Promise<void> {
     let began = performance.now();
     let bytes = 0;
+    // Two batches in flight: one reads the store while the other writes and syncs the
+    // origin (docs/tuning.md, MERGE_IN_FLIGHT).
+    const inflight = new Set<Promise<void>>();
+    let failed: { error: unknown; from: number } | undefined;
     while (!this.stopped) {
+      const from = this.next;
       const chunks: number[] = [];
       const batch = this.batchChunks();
       while (this.next < this.todo.length && chunks.length < batch) {
@@ -162,13 +169,24 @@ export class SnapshotMerge implements OriginMerge {
         if (this.rec.map.has(c)) chunks.push(c);
       }
       if (!chunks.length) break;
-      try {
-        await this.mergeChunks(chunks);
-      } catch (e) {
-        this.opts.onError(e, this);
-        this.next -= chunks.length;
+      const job: Promise<void> = this.mergeChunks(chunks).then(
+        () => {
+          inflight.delete(job);
+        },
+        (error: unknown) => {
+          inflight.delete(job);
+          if (!failed || from < failed.from) failed = { error, from };
+        },
+      );
+      inflight.add(job);
+      if (inflight.size >= MERGE_IN_FLIGHT) await Promise.race(inflight);
+      if (failed) {
+        await Promise.all(inflight);
+        this.opts.onError(failed.error, this);
+        // Chunks already back are skipped when the list is walked again.
+        this.next = Math.min(this.next, failed.from);
+        failed = undefined;
         await this.pause(RETRY_MS);
-        this.next = Math.max(0, this.next);
         continue;
       }
       bytes += chunks.length * this.cs;
@@ -182,6 +200,14 @@ export class SnapshotMerge implements OriginMerge {
           bytes = 0;
         }
       }
+    }
+    await Promise.all(inflight);
+    if (failed && !this.stopped) {
+      // The last batches failed: try again as the loop does.
+      this.opts.onError(failed.error, this);
+      this.next = Math.min(this.next, failed.from);
+      await this.pause(RETRY_MS);
+      if (!this.stopped) return this.run();
     }
     if (!this.stopped && this.rec.map.size === 0) this.opts.onDone(this);
   }

@@ -236,7 +236,7 @@ await yargs(hideBin(process.argv))
             .option('rate', {
               type: 'string',
               describe:
-                'bytes a second the background copy may take, e.g. 64M; 0 for no bound (default 128M); on a running merge, changes it',
+                'bytes a second the background copy may take, e.g. 64M; 0 for no bound (default 64M); on a running merge, changes it',
             }),
         run((a) => cmd.snapshotMerge({ dataDir: a['data-dir'], json: a.json, name: a.name, now: a.now, rate: a.rate })),
       )

@@ -133,7 +133,15 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     t.match(c[3], RATIO, `merge ratio of "${c[0]}"`);
     t.ok(c[5] === 'yes' || c[5] === 'no', `merge met column of "${c[0]}"`);
   }
-  t.same(merge.map((c) => c[4]), ['≥ 0.5', '≥ 0.7'], 'merge targets');
-  t.match(r.stdout, /a 64 MiB volume, filled, snapshotted, then every chunk rewritten \(1024 exceptions of 64 KiB\)/, 'the merged snapshot had every chunk of the 64M volume copied');
+  t.same(
+    merge.map((c) => c[4]),
+    ['≥ 0.5', '≥ 0.7'],
+    'merge targets',
+  );
+  t.match(
+    r.stdout,
+    /a 64 MiB volume, filled, snapshotted, then every chunk rewritten \(1024 exceptions of 64 KiB\)/,
+    'the merged snapshot had every chunk of the 64M volume copied',
+  );
   t.notMatch(r.stdout, /\b(nan|NaN|None|undefined)\b/, 'no missing values (Python None, NaN)');
 });
