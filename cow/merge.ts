@@ -69,9 +69,12 @@ export class SnapshotMerge implements OriginMerge {
     this.epoch = origin.epoch;
     this.cs = pool.chunkSize;
     this.rate = opts.rate ?? DEFAULT_MERGE_RATE;
-    const keys: number[] = [];
-    rec.map.forEach((c) => keys.push(c));
-    this.todo = Uint32Array.from(keys).sort();
+    const todo = new Uint32Array(rec.map.size);
+    let n = 0;
+    rec.map.forEach((c) => {
+      todo[n++] = c;
+    });
+    this.todo = todo.sort();
     this.totalChunks = this.todo.length;
   }
 

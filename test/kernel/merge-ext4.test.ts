@@ -23,10 +23,6 @@ import {
 } from '../helpers/snapshot-checks.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 
-/** The sums back in `sha256sum -c` form, for a guest heredoc. */
-function sumsFile(sums: Map<string, string>): string {
-  return [...sums].map(([f, h]) => `${h}  ${f}`).join('\n');
-}
 
 interface Merge {
   totalChunks: number;
