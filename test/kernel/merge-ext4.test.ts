@@ -23,7 +23,6 @@ import {
 } from '../helpers/snapshot-checks.js';
 import { runGuest, guestSkipReason, guestLogPath, killGuests, tail } from '../helpers/vm.js';
 
-
 interface Merge {
   totalChunks: number;
   mergedChunks: number;
