@@ -106,15 +106,17 @@ export class SnapshotMerge implements OriginMerge {
     // meanwhile reads the same from either, and its store chunk is not reused while
     // this read is under way (readStarted).
     const from: number[] = [];
+    const first = firstChunk(offset, cs);
     const last = lastChunk(offset, buf.length, cs);
-    for (let c = firstChunk(offset, cs); c <= last; c++) {
+    for (let c = first; c <= last; c++) {
       const p = map.get(c);
       if (p !== ABSENT) from.push(c, p);
     }
     const reclaimer = this.pool.reclaimer;
     reclaimer.readStarted();
     try {
-      await file();
+      // A range the store holds whole (a small read, mostly) needs nothing of the file.
+      if (from.length / 2 < last - first + 1) await file();
       const reads: Promise<void>[] = [];
       for (let i = 0; i < from.length; i += 2) {
         const c = from[i]!;
