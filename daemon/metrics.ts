@@ -86,7 +86,8 @@ export class Metrics {
   /** Storage gauges and totals, computed from the service at scrape time. */
   watch(svc: Service): void {
     const registers = [this.registry];
-    const perSnapshot = (name: string, help: string, pick: (u: ReturnType<Service['snapshots']>[number]) => number) =>
+    /** One series per snapshot; none for a snapshot pick gives undefined. */
+    const perSnapshot = (name: string, help: string, pick: (u: ReturnType<Service['snapshots']>[number]) => number | undefined) =>
       new client.Gauge({
         name,
         help,
@@ -94,7 +95,10 @@ export class Metrics {
         registers,
         collect() {
           this.reset();
-          for (const u of svc.snapshots()) this.set({ snapshot: u.name, origin: u.origin }, pick(u));
+          for (const u of svc.snapshots()) {
+            const v = pick(u);
+            if (v !== undefined) this.set({ snapshot: u.name, origin: u.origin }, v);
+          }
         },
       });
     perSnapshot('cowbd_snapshot_chunks_used', 'Chunks charged to the snapshot, data and metadata', (u) => u.usedChunks);
@@ -107,16 +111,7 @@ export class Metrics {
     perSnapshot('cowbd_snapshot_reserved_bytes', 'Bytes kept allocated on disk for the snapshot (0 when sparse)', (u) => u.reservedBytes);
     perSnapshot('cowbd_snapshot_sparse', '1 when the snapshot reserves nothing on disk (--sparse), else 0', (u) => (u.sparse ? 1 : 0));
     const perMerge = (name: string, help: string, pick: (m: NonNullable<ReturnType<Service['snapshots']>[number]['merge']>) => number) =>
-      new client.Gauge({
-        name,
-        help,
-        labelNames: ['snapshot', 'origin'],
-        registers,
-        collect() {
-          this.reset();
-          for (const u of svc.snapshots()) if (u.merge) this.set({ snapshot: u.name, origin: u.origin }, pick(u.merge));
-        },
-      });
+      perSnapshot(name, help, (u) => (u.merge ? pick(u.merge) : undefined));
     perMerge(
       'cowbd_snapshot_merge_total_chunks',
       'Chunks a merging snapshot copies back into its origin; no series unless merging',

@@ -24,6 +24,8 @@ MERGE_IOPS_SIZE=${MERGE_IOPS_SIZE:-2G}
 CHUNK=${CHUNK:-64K}
 MERGE_FIO_SECONDS=${MERGE_FIO_SECONDS:-10}
 COWBD=(node "${COWBD_CLI:-$ROOT/dist/daemon/cli.cjs}")
+# shellcheck source=scripts/bench/serve.sh
+. "$BENCH/serve.sh"
 mkdir -p "$OUT"
 log() { echo "[merge bench] $*" >&2; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -55,15 +57,7 @@ CHUNK_BYTES=$(bytes "$CHUNK")
 mkdir -p "$D"
 "${COWBD[@]}" volume create m --size "$MERGE_SIZE" --data-dir "$D" >/dev/null
 "${COWBD[@]}" volume create r --size "$MERGE_IOPS_SIZE" --data-dir "$D" >/dev/null
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${COWBD[@]}" serve --data-dir "$D" --listen "127.0.0.1:$PORT" --metrics-listen off --log-level info >"$W/daemon.log" 2>&1 &
-DPID=$!
-SOCK=$D/control.sock
-for _ in $(seq 1 600); do
-  kill -0 "$DPID" 2>/dev/null || { echo "daemon died: $(tail -5 "$W/daemon.log")" >&2; exit 1; }
-  python3 "$BENCH/cowctl.py" call "$SOCK" GET /v1/status >/dev/null 2>&1 && break
-  sleep 0.05
-done
+serve_daemon "$D" info "$W/daemon.log"
 ctl() { python3 "$BENCH/cowctl.py" "$@"; }
 
 seqwrite() { # volume

@@ -22,6 +22,8 @@ RESERVE_SIZES=${RESERVE_SIZES:-"1G 100G"}
 RESERVE_FS=${RESERVE_FS:-256G}
 CREATE_N=${CREATE_N:-15}
 COWBD=(node "${COWBD_CLI:-$ROOT/dist/daemon/cli.cjs}")
+# shellcheck source=scripts/bench/serve.sh
+. "$BENCH/serve.sh"
 mkdir -p "$OUT"
 log() { echo "[reserve bench] $*" >&2; }
 
@@ -65,15 +67,7 @@ mkdir -p "$D"
 log "ext4 of $RESERVE_FS on $(findmnt -n -o SOURCE "$MNT"), $(df -h --output=avail "$MNT" | tail -1 | tr -d ' ') free"
 
 "${COWBD[@]}" volume create big --size 1T --data-dir "$D" >/dev/null
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${COWBD[@]}" serve --data-dir "$D" --listen "127.0.0.1:$PORT" --metrics-listen off --log-level warn >"$W/daemon.log" 2>&1 &
-DPID=$!
-SOCK=$D/control.sock
-for _ in $(seq 1 600); do
-  kill -0 "$DPID" 2>/dev/null || { echo "daemon died: $(tail -5 "$W/daemon.log")" >&2; exit 1; }
-  python3 "$BENCH/cowctl.py" call "$SOCK" GET /v1/status >/dev/null 2>&1 && break
-  sleep 0.05
-done
+serve_daemon "$D" warn "$W/daemon.log"
 
 for s in $RESERVE_SIZES; do
   store=$(numfmt --from=iec "$s")
