@@ -269,7 +269,10 @@ export class SnapshotMerge implements OriginMerge {
       while (i < todo.length) {
         let j = i + 1;
         while (j < todo.length && todo[j] === todo[j - 1]! + 1) j++;
-        writes.push(origin.writeMerged(buf.subarray(i * cs, j * cs), todo[i]! * cs, this.epoch));
+        // The last chunk may reach past the origin's end: only its own bytes go back.
+        const at = todo[i]! * cs;
+        const end = Math.min(todo[j - 1]! * cs + cs, origin.size);
+        writes.push(origin.writeMerged(buf.subarray(i * cs, i * cs + (end - at)), at, this.epoch));
         i = j;
       }
       for (const r of await Promise.allSettled(writes)) if (r.status === 'rejected') throw r.reason;

@@ -202,3 +202,19 @@ for (const seed of seeds(Number(process.env.COWBD_MERGE_CRASH_RUNS ?? 12))) {
     t.same(failures.slice(0, 5), [], `${points.length} crash points (reproduce: COWBD_SEED=${seed})`);
   });
 }
+
+t.test('an origin whose size is not a whole number of chunks keeps its size', async (t) => {
+  // 10.5 chunks: the last chunk's copy reaches past the origin's end.
+  const rig = await makeRig(21 * (CS / SECTOR / 2), CS);
+  const size = rig.origin.size;
+  const s = await snap(rig, 's', 40);
+  await rig.origin.write(pattern(0, size / SECTOR, 7), 0, false);
+  await rig.origin.flush();
+  const { done } = await startMerge(rig.origin, rig.pool, s);
+  await done;
+  await rig.origin.flush();
+  t.equal(rig.originDev.size, size, 'the volume file did not grow');
+  const b = Buffer.alloc(size);
+  await rig.origin.read(b, 0);
+  t.equal(sectorId(b, size - SECTOR, size / SECTOR - 1), 1, "and its last sector is the snapshot's");
+});
