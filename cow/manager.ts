@@ -554,6 +554,15 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
    */
   async mergeSnapshot(name: string, opts: MergeSnapshotOptions = {}): Promise<MergeProgress> {
     this.checkOpen();
+    this.checkMergeable(name);
+    const s = this.snaps.get(name)!;
+    const a = this.origins.get(s.origin.name)!;
+    await this.startMerge(a, s, opts, 'started');
+    return a.merge!.progress();
+  }
+
+  /** Throws the CowError mergeSnapshot would refuse the snapshot with; returns when it may be merged. */
+  checkMergeable(name: string): void {
     const s = this.snaps.get(name);
     if (!s) throw CowErrors.unknownSnapshot(name);
     const a = this.origins.get(s.origin.name)!;
@@ -562,8 +571,6 @@ export class CowManager extends EventEmitter<CowManagerEvents> {
     if (!s.pool.store.persistent) throw CowErrors.mergeTransient(name);
     if (rec.state === 'invalid') throw CowErrors.mergeInvalid(name);
     if (rec.released) throw CowErrors.mergeReleased(name);
-    await this.startMerge(a, s, opts, 'started');
-    return a.merge!.progress();
   }
 
   /** Sets a running merge's bound on its background copy. */

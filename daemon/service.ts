@@ -470,13 +470,11 @@ export class Service {
 
   /** The engine's refusals, asked before the snapshot's export is taken down. */
   private checkMergeable(s: Snapshot): void {
-    const other = this.cow.snapshotsOf(s.origin.name).find((x) => x.merging);
-    let err: CowError | undefined;
-    if (other) err = CowErrors.mergeBusy(s.origin.name, other.name);
-    else if (!s.pool.store.persistent) err = CowErrors.mergeTransient(s.name);
-    else if (s.state === 'invalid') err = CowErrors.mergeInvalid(s.name);
-    else if (s.record.released) err = CowErrors.mergeReleased(s.name);
-    if (err) throw toCowbdError(err, { volume: s.origin.name, snapshot: s.name });
+    try {
+      this.cow.checkMergeable(s.name);
+    } catch (err) {
+      throw toCowbdError(err, { volume: s.origin.name, snapshot: s.name });
+    }
   }
 
   private deferMerge(s: Snapshot, rate: number | undefined): void {
