@@ -79,7 +79,8 @@ t.test('status --watch prints a table per interval with the fill rate and time t
 t.test('on a terminal the table is redrawn in place and Ctrl-C restores the cursor', async (t) => {
   const d = await startDaemon({ volumes: [{ name: 'vol0', size: '16M' }], logLevel: 'info' });
   t.teardown(() => d.stop());
-  const cmd = `'${process.execPath}' '${CLI}' status --watch 1 --data-dir '${d.dataDir}'`;
+  // exec: a shell left waiting (dash, CI's /bin/sh) would die of the same SIGINT and set the status.
+  const cmd = `exec '${process.execPath}' '${CLI}' status --watch 1 --data-dir '${d.dataDir}'`;
   const proc = spawn('script', ['-qfec', cmd, '/dev/null'], { detached: true });
   t.teardown(() => {
     if (proc.exitCode === null) process.kill(-proc.pid!, 'SIGKILL');
