@@ -1,12 +1,11 @@
 // Writes blobs into pack files: each blob is zstd-compressed (or kept raw when that does not
-// shrink it), appended to the open pack, and the pack is closed, named by its hash and made
-// durable once it reaches PACK_TARGET_BYTES. Compression runs on libuv's threadpool, at most
-// COMPRESSIONS_IN_FLIGHT at once; add() waits for a slot, which bounds the bytes in flight.
+// shrink it), appended to the open pack, and the pack is closed, named by its hash and saved to
+// the repository's storage once it reaches PACK_TARGET_BYTES. Compression runs on libuv's
+// threadpool, at most COMPRESSIONS_IN_FLIGHT at once, and at most the storage's parallelSaves
+// packs are saved at once; add() waits for both, which bounds the bytes in memory.
 import { createHash, type Hash } from 'node:crypto';
-import { promises as fs } from 'node:fs';
-import path from 'node:path';
 import { compress } from '@mongodb-js/zstd';
-import { commitFile, createFile, ensureDir, isDiskFull, tempName } from './durable-file.js';
+import { isDiskFull } from './durable-file.js';
 import { BackupErrors } from './errors.js';
 import { type BlobEntry, encodeTrailer, PACK_TARGET_BYTES } from './pack-format.js';
 
@@ -30,20 +29,27 @@ export interface PackRecord {
 
 /** What a writer needs of its repository. */
 export interface WriterHost {
+  /** The repository as the user named it, for messages. */
   readonly dir: string;
+  /** Packs saved at once. */
+  readonly parallelSaves: number;
   has(id: Buffer): boolean;
   /** Marks a blob as being written by this process, so has() is true for it and other writers skip it. */
   claim(hex: string): void;
   unclaim(hex: string): void;
-  packPath(id: string): string;
+  /** A blob's stored form from its packed (compressed or raw) bytes: sealed when the repository is encrypted. */
+  storeBlob(packed: Buffer): Buffer;
+  /** A pack's trailer as it is written into the pack. */
+  storeTrailer(trailer: Buffer): Buffer;
+  /** Stores a whole pack durably. */
+  savePack(id: string, data: Buffer): Promise<void>;
   /** A pack is durable: its blobs become readable. */
   addPack(p: PackRecord): void;
   writeIndex(packs: readonly PackRecord[]): Promise<void>;
 }
 
 interface OpenPack {
-  fd: fs.FileHandle;
-  tmp: string;
+  parts: Buffer[];
   hash: Hash;
   size: number;
   blobs: BlobEntry[];
@@ -54,6 +60,7 @@ export class PackWriter implements BlobWriter {
   private waiting: Array<() => void> = [];
   private chain: Promise<void> = Promise.resolve();
   private open?: OpenPack;
+  private readonly saving = new Set<Promise<void>>();
   private unindexed: PackRecord[] = [];
   private claimed: string[] = [];
   private failed?: Error;
@@ -73,7 +80,8 @@ export class PackWriter implements BlobWriter {
     try {
       const packed = await compress(data, ZSTD_LEVEL);
       const compressed = packed.length < data.length;
-      const stored = compressed ? packed : data;
+      // The caller reuses `data` once this resolves: the pack keeps a copy.
+      const stored = this.host.storeBlob(compressed ? packed : Buffer.from(data));
       await this.append({ id: Buffer.from(id), offset: 0, length: stored.length, rawLength: data.length, compressed }, stored);
       return { fresh: true, storedBytes: stored.length };
     } finally {
@@ -92,6 +100,7 @@ export class PackWriter implements BlobWriter {
     this.closed = true;
     await this.serial(async () => {
       if (this.open) await this.closePack();
+      await this.drain(0);
       if (this.unindexed.length > 0) await this.host.writeIndex(this.unindexed);
       this.unindexed = [];
     });
@@ -102,7 +111,8 @@ export class PackWriter implements BlobWriter {
   async abort(): Promise<void> {
     this.closed = true;
     await this.chain.catch(() => {});
-    await this.dropOpen();
+    this.open = undefined;
+    await Promise.allSettled([...this.saving]);
     this.releaseClaims();
   }
 
@@ -125,6 +135,12 @@ export class PackWriter implements BlobWriter {
     else this.free++;
   }
 
+  private fail(e: unknown): Error {
+    this.open = undefined;
+    this.failed ??= isDiskFull(e) ? BackupErrors.diskFull(this.host.dir) : (e as Error);
+    return this.failed;
+  }
+
   /** Runs `fn` after every earlier pack operation; the first failure poisons the writer. */
   private serial(fn: () => Promise<void>): Promise<void> {
     const run = this.chain.then(async () => {
@@ -132,9 +148,7 @@ export class PackWriter implements BlobWriter {
       try {
         await fn();
       } catch (e) {
-        await this.dropOpen();
-        this.failed = isDiskFull(e) ? BackupErrors.diskFull(this.host.dir) : (e as Error);
-        throw this.failed;
+        throw this.fail(e);
       }
     });
     this.chain = run.catch(() => {});
@@ -143,9 +157,10 @@ export class PackWriter implements BlobWriter {
 
   private append(e: BlobEntry, stored: Buffer): Promise<void> {
     return this.serial(async () => {
-      const p = this.open ?? (await this.newPack());
+      this.open ??= { parts: [], hash: createHash('sha256'), size: 0, blobs: [] };
+      const p = this.open;
       e.offset = p.size;
-      await p.fd.write(stored, 0, stored.length, p.size);
+      p.parts.push(stored);
       p.hash.update(stored);
       p.size += stored.length;
       p.blobs.push(e);
@@ -153,49 +168,42 @@ export class PackWriter implements BlobWriter {
     });
   }
 
-  private async newPack(): Promise<OpenPack> {
-    const dataDir = path.join(this.host.dir, 'data');
-    await ensureDir(dataDir);
-    const tmp = tempName(path.join(dataDir, 'pack'));
-    const fd = await createFile(tmp);
-    this.open = { fd, tmp, hash: createHash('sha256'), size: 0, blobs: [] };
-    return this.open;
+  /** Waits until at most `max` saves are in flight; a failed save fails the writer. */
+  private async drain(max: number): Promise<void> {
+    while (this.saving.size > max) await Promise.race(this.saving);
+    if (this.failed) throw this.failed;
   }
 
   private async closePack(): Promise<void> {
     const p = this.open!;
-    const trailer = encodeTrailer(p.blobs);
-    await p.fd.write(trailer, 0, trailer.length, p.size);
-    p.hash.update(trailer);
-    const size = p.size + trailer.length;
+    this.open = undefined;
+    const trailer = this.host.storeTrailer(encodeTrailer(p.blobs));
+    const tail = Buffer.alloc(4);
+    tail.writeUInt32LE(trailer.length);
+    p.hash.update(trailer).update(tail);
+    const data = Buffer.concat([...p.parts, trailer, tail]);
     const id = p.hash.digest('hex');
-    const final = this.host.packPath(id);
-    await ensureDir(path.dirname(final));
-    this.open = undefined;
-    try {
-      await commitFile(p.fd, p.tmp, final);
-    } catch (e) {
-      await p.fd.close().catch(() => {});
-      await fs.rm(p.tmp, { force: true }).catch(() => {});
-      throw e;
-    }
-    const record = { id, size, blobs: p.blobs };
-    this.host.addPack(record);
-    this.unindexed.push(record);
-    this.packs++;
-    this.storedBytes += size;
+    const record = { id, size: data.length, blobs: p.blobs };
+    await this.drain(this.host.parallelSaves - 1);
+    const save: Promise<void> = this.host.savePack(id, data).then(
+      () => {
+        this.saving.delete(save);
+        this.host.addPack(record);
+        this.unindexed.push(record);
+        this.packs++;
+        this.storedBytes += record.size;
+      },
+      (e: unknown) => {
+        this.saving.delete(save);
+        this.fail(e);
+      },
+    );
+    this.saving.add(save);
     if (this.unindexed.length >= INDEX_EVERY_PACKS) {
-      await this.host.writeIndex(this.unindexed);
+      const packs = this.unindexed;
       this.unindexed = [];
+      await this.host.writeIndex(packs);
     }
-  }
-
-  private async dropOpen(): Promise<void> {
-    const p = this.open;
-    if (!p) return;
-    this.open = undefined;
-    await p.fd.close().catch(() => {});
-    await fs.rm(p.tmp, { force: true }).catch(() => {});
   }
 
   private releaseClaims(): void {

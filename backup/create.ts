@@ -162,7 +162,9 @@ export async function createBackup(link: DaemonLink, o: CreateOptions): Promise<
       await writer.abort().catch(() => undefined);
       throw err;
     }
-    // Every chunk is durable: now the manifests, one atomic rename each.
+    // Every chunk is durable: now the manifests, each one file written whole, if no prune could have
+    // run meanwhile (a lost lock means one might have deleted chunks this backup found already stored).
+    await lock.check();
     for (const r of results) await repo.saveManifest(r.manifest);
     for (const r of results) {
       reported.add(r.src.volume);

@@ -41,6 +41,16 @@ export const BackupErrors = {
       `repository ${dir} has format version ${found}; this cowbd reads version ${supported} at most, upgrade cowbd`,
   ),
   damagedConfig: define('COWBD_BACKUP_DAMAGED_CONFIG', 'EIO', (dir: string, why: string) => `repository ${dir}: config is damaged: ${why}`),
+  badLocation: define(
+    'COWBD_BACKUP_BAD_LOCATION',
+    'EINVAL',
+    (location: string, why: string) => `repository location ${location}: ${why}; expected a directory or s3://BUCKET/PREFIX`,
+  ),
+  storage: define(
+    'COWBD_BACKUP_STORAGE',
+    'EIO',
+    (location: string, op: string, why: string) => `repository ${location}: ${op} failed: ${why}`,
+  ),
 
   // Locks.
   locked: define(
@@ -48,6 +58,12 @@ export const BackupErrors = {
     'EBUSY',
     (kind: string, purpose: string, host: string, pid: number, since: string) =>
       `repository is locked (${kind}) by "${purpose}" on ${host}, pid ${pid}, since ${since}`,
+  ),
+  lockLost: define(
+    'COWBD_BACKUP_LOCK_LOST',
+    'EBUSY',
+    (purpose: string, why: string) =>
+      `the repository lock of "${purpose}" was lost (${why}); a prune may have run meanwhile, so nothing was committed`,
   ),
 
   // Data.

@@ -1,15 +1,18 @@
-// Repository locks in restic's manner: one file per holder under locks/. Backups share, prune is
-// exclusive. A lock whose process is gone on this host, or that was not refreshed within
-// STALE_LOCK_MS, is stale and removed; a held lock is refreshed every REFRESH_LOCK_MS.
+// Repository locks in restic's manner: one file (or object) per holder under locks/, naming its
+// owner (host and pid) and when it was last refreshed. Backups share, prune is exclusive. A lock
+// whose process is gone on this host, or that was not refreshed within STALE_LOCK_MS, is stale
+// and removed; a held lock is refreshed every REFRESH_LOCK_MS. Object storage has no atomic
+// create, so a holder writes its lock, then looks again and backs off on a conflict; a holder
+// whose lock could not be refreshed, or was removed, knows it lost it and commits nothing.
 import { randomBytes } from 'node:crypto';
-import { promises as fs } from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
-import { listNames, writeDurable } from './durable-file.js';
 import { BackupErrors } from './errors.js';
+import type { RepoStorage } from './storage/storage.js';
 
 export const STALE_LOCK_MS = 30 * 60 * 1000;
 export const REFRESH_LOCK_MS = 5 * 60 * 1000;
+/** A holder stops trusting its lock this long before others may call it stale, for clocks that differ. */
+const LOCK_SAFETY_MS = 5 * 60 * 1000;
 
 export interface LockInfo {
   exclusive: boolean;
@@ -20,7 +23,15 @@ export interface LockInfo {
 }
 
 export interface RepoLock {
+  /** Throws COWBD_BACKUP_LOCK_LOST when the lock may have been taken over; call before committing. */
+  check(): Promise<void>;
   release(): Promise<void>;
+}
+
+/** Knobs for tests; the defaults are the constants above. */
+export interface LockTiming {
+  staleMs?: number;
+  refreshMs?: number;
 }
 
 function processGone(pid: number): boolean {
@@ -32,32 +43,34 @@ function processGone(pid: number): boolean {
   }
 }
 
-export function isStale(l: LockInfo, now = Date.now()): boolean {
+export function isStale(l: LockInfo, now = Date.now(), staleMs = STALE_LOCK_MS): boolean {
   const t = Date.parse(l.time);
-  if (Number.isNaN(t) || now - t > STALE_LOCK_MS) return true;
+  if (Number.isNaN(t) || now - t > staleMs) return true;
   return l.host === os.hostname() && processGone(l.pid);
 }
 
-async function readLock(file: string): Promise<LockInfo | undefined> {
+async function readLock(storage: RepoStorage, name: string): Promise<LockInfo | undefined> {
   try {
-    const l = JSON.parse(await fs.readFile(file, 'utf8')) as LockInfo;
+    const file = await storage.load('locks', name);
+    if (!file) return undefined;
+    const l = JSON.parse(file.toString('utf8')) as LockInfo;
     if (typeof l !== 'object' || l === null || typeof l.exclusive !== 'boolean') return undefined;
     return l;
-  } catch {
-    return undefined; // vanished, or half written by a holder that died: treated as absent
+  } catch (e) {
+    if (e instanceof SyntaxError) return undefined; // half written by a holder that died: treated as absent
+    throw e;
   }
 }
 
 /** The live locks other than `mine`, removing stale ones on the way. */
-async function otherLocks(dir: string, mine?: string): Promise<LockInfo[]> {
+async function otherLocks(storage: RepoStorage, staleMs: number, mine?: string): Promise<LockInfo[]> {
   const live: LockInfo[] = [];
-  for (const name of await listNames(dir)) {
+  for (const name of await storage.list('locks')) {
     if (name === mine) continue;
-    const file = path.join(dir, name);
-    const l = await readLock(file);
+    const l = await readLock(storage, name);
     if (!l) continue;
-    if (isStale(l)) {
-      await fs.rm(file, { force: true });
+    if (isStale(l, Date.now(), staleMs)) {
+      await storage.remove('locks', name);
       continue;
     }
     live.push(l);
@@ -73,31 +86,48 @@ function lockedBy(l: LockInfo) {
   return BackupErrors.locked(l.exclusive ? 'exclusive' : 'shared', l.purpose, l.host, l.pid, l.time);
 }
 
-/** Takes a lock on the repository whose locks directory is `dir`. */
-export async function takeLock(dir: string, exclusive: boolean, purpose: string): Promise<RepoLock> {
-  const before = conflict(exclusive, await otherLocks(dir));
+/** Takes a lock on the repository in `storage`. */
+export async function takeLock(storage: RepoStorage, exclusive: boolean, purpose: string, timing: LockTiming = {}): Promise<RepoLock> {
+  const staleMs = timing.staleMs ?? STALE_LOCK_MS;
+  const refreshMs = timing.refreshMs ?? REFRESH_LOCK_MS;
+  const before = conflict(exclusive, await otherLocks(storage, staleMs));
   if (before) throw lockedBy(before);
   const name = randomBytes(16).toString('hex');
-  const file = path.join(dir, name);
   const info = (): LockInfo => ({ exclusive, host: os.hostname(), pid: process.pid, time: new Date().toISOString(), purpose });
-  await writeDurable(file, JSON.stringify(info()));
+  await storage.save('locks', name, JSON.stringify(info()));
+  let refreshedAt = Date.now();
   // Two holders may have written at once: both look again, and a conflict makes this one back off.
-  const after = conflict(exclusive, await otherLocks(dir, name));
+  const after = conflict(exclusive, await otherLocks(storage, staleMs, name));
   if (after) {
-    await fs.rm(file, { force: true });
+    await storage.remove('locks', name);
     throw lockedBy(after);
   }
   let released = false;
+  let refreshing: Promise<void> | undefined;
   const timer = setInterval(() => {
-    writeDurable(file, JSON.stringify(info())).catch(() => {});
-  }, REFRESH_LOCK_MS);
+    const at = Date.now();
+    refreshing = storage.save('locks', name, JSON.stringify(info())).then(
+      () => {
+        refreshedAt = at;
+      },
+      () => {},
+    );
+  }, refreshMs);
   timer.unref();
+  const trustMs = Math.max(refreshMs, staleMs - Math.min(LOCK_SAFETY_MS, staleMs / 2));
   return {
+    async check() {
+      await refreshing;
+      const age = Date.now() - refreshedAt;
+      if (age > trustMs) throw BackupErrors.lockLost(purpose, `not refreshed for ${Math.round(age / 1000)} s`);
+      if (!(await storage.stat('locks', name))) throw BackupErrors.lockLost(purpose, 'its lock file was removed by another process');
+    },
     async release() {
       if (released) return;
       released = true;
       clearInterval(timer);
-      await fs.rm(file, { force: true });
+      await refreshing;
+      await storage.remove('locks', name);
     },
   };
 }

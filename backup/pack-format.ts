@@ -21,9 +21,10 @@ export interface BlobEntry {
   compressed: boolean;
 }
 
+/** The trailer without its length word, which follows it in the pack (after sealing, if encrypted). */
 export function encodeTrailer(blobs: readonly BlobEntry[]): Buffer {
   const size = HEAD_BYTES + blobs.length * ENTRY_BYTES;
-  const b = Buffer.alloc(size + 4);
+  const b = Buffer.alloc(size);
   b.write(PACK_MAGIC, 0, 'latin1');
   b.writeUInt32LE(PACK_VERSION, 4);
   b.writeUInt32LE(blobs.length, 8);
@@ -36,28 +37,29 @@ export function encodeTrailer(blobs: readonly BlobEntry[]): Buffer {
     b.writeUInt8(e.compressed ? FLAG_ZSTD : 0, at + 44);
     at += ENTRY_BYTES;
   }
-  b.writeUInt32LE(size, at);
   return b;
 }
 
-/** The trailer's length, read from a pack's last 4 bytes; checked against the pack's size. */
-export function trailerLength(last4: Buffer, packSize: number, pack: string): number {
+/**
+ * The stored trailer's length, read from a pack's last 4 bytes; checked against the pack's size.
+ * `overhead` is what sealing adds to a trailer in an encrypted repository.
+ */
+export function trailerLength(last4: Buffer, packSize: number, pack: string, overhead = 0): number {
   const n = last4.readUInt32LE(0);
-  if (n < HEAD_BYTES || n + 4 > packSize || (n - HEAD_BYTES) % ENTRY_BYTES !== 0) {
+  if (n < HEAD_BYTES + overhead || n + 4 > packSize || (n - overhead - HEAD_BYTES) % ENTRY_BYTES !== 0) {
     throw BackupErrors.damagedPack(pack, `trailer length ${n} does not fit a pack of ${packSize} bytes`);
   }
   return n;
 }
 
-/** Decodes a trailer (without its length word) of a pack of `packSize` bytes. */
-export function decodeTrailer(t: Buffer, packSize: number, pack: string): BlobEntry[] {
+/** Decodes a trailer (without its length word) of a pack whose blobs end at `dataEnd`. */
+export function decodeTrailer(t: Buffer, dataEnd: number, pack: string): BlobEntry[] {
   if (t.toString('latin1', 0, 4) !== PACK_MAGIC) throw BackupErrors.damagedPack(pack, 'trailer has no pack magic');
   const version = t.readUInt32LE(4);
   if (version !== PACK_VERSION) throw BackupErrors.damagedPack(pack, `trailer version ${version}, expected ${PACK_VERSION}`);
   const count = t.readUInt32LE(8);
   if (HEAD_BYTES + count * ENTRY_BYTES !== t.length)
     throw BackupErrors.damagedPack(pack, `trailer counts ${count} blobs, its length disagrees`);
-  const dataEnd = packSize - t.length - 4;
   const blobs: BlobEntry[] = [];
   for (let i = 0, at = HEAD_BYTES; i < count; i++, at += ENTRY_BYTES) {
     const e: BlobEntry = {

@@ -1,10 +1,9 @@
 // Forgets the backups a keep policy does not keep, then frees the chunks no remaining backup
 // uses: packs with nothing used are deleted, packs with more than REPACK_UNUSED_FRACTION unused
-// are rewritten. New packs and the new index are durable before anything old is deleted.
-import { promises as fs } from 'node:fs';
-import path from 'node:path';
+// are rewritten. New packs and the new index are durable before anything old is deleted. A pack
+// holding chunks of no backup at all (a backup still running elsewhere) is left alone until it
+// is older than the grace period.
 import { PackWriter } from './blob-writer.js';
-import { fsyncDir, TEMP_SUFFIX } from './durable-file.js';
 import { BackupErrors } from './errors.js';
 import { type KeepPolicy, keptByPolicy } from './keep-policy.js';
 import type { ManifestHeader } from './manifest.js';
@@ -14,6 +13,8 @@ export type { KeepPolicy } from './keep-policy.js';
 
 /** A partly used pack is rewritten when more than this fraction of it is unused; see docs/backup-repository.md, "Prune". */
 export const REPACK_UNUSED_FRACTION = 1 / 5;
+/** Packs with chunks of no backup stay this long: a backup on another host may still name them; see docs/backup-repository.md, "Prune". */
+export const PRUNE_GRACE_MS = 60 * 60 * 1000;
 
 export interface PruneOptions {
   keep: KeepPolicy;
@@ -21,6 +22,8 @@ export interface PruneOptions {
   dryRun?: boolean;
   /** Accepted for policies relative to the present; the count-based rules here do not use it. */
   now?: Date;
+  /** PRUNE_GRACE_MS unless given. */
+  graceMs?: number;
 }
 
 export interface PruneResult {
@@ -29,6 +32,8 @@ export interface PruneResult {
   packsDeleted: number;
   packsRewritten: number;
   bytesFreed: number;
+  /** Packs left alone because they hold chunks of no backup and are younger than the grace period. */
+  packsInGrace: number;
 }
 
 /** The backups to forget: per volume by policy, then whole consistency groups kept if any member is. */
@@ -57,17 +62,33 @@ export async function prune(repo: Repository, o: PruneOptions): Promise<PruneRes
 
     const used = new Set<string>();
     for (const id of kept) for (const [, chunk] of (await repo.loadManifest(id)).chunks.entries()) used.add(chunk.toString('hex'));
+    // Chunks of the backups forgotten now: unused, but known, so no grace is owed to them.
+    const known = new Set(used);
+    for (const id of forgotten) for (const [, chunk] of (await repo.loadManifest(id)).chunks.entries()) known.add(chunk.toString('hex'));
 
+    const graceMs = o.graceMs ?? PRUNE_GRACE_MS;
+    const now = Date.now();
     const deletes: string[] = [];
     const rewrites: string[] = [];
     let bytesFreed = 0;
+    let packsInGrace = 0;
     for (const [pack, info] of repo.packs) {
       let usedBytes = 0;
       let blobBytes = 0;
+      let orphans = false;
       for (const b of info.blobs) {
         blobBytes += b.length;
         const hex = b.id.toString('hex');
         if (used.has(hex) && repo.locate(hex)?.pack === pack) usedBytes += b.length;
+        else if (!known.has(hex)) orphans = true;
+      }
+      const garbage = usedBytes === 0 || blobBytes - usedBytes > blobBytes * REPACK_UNUSED_FRACTION;
+      if (garbage && orphans && graceMs > 0) {
+        const st = await repo.storage.stat('data', pack);
+        if (st && now - st.mtimeMs < graceMs) {
+          packsInGrace++;
+          continue;
+        }
       }
       if (usedBytes === 0) {
         deletes.push(pack);
@@ -78,16 +99,25 @@ export async function prune(repo: Repository, o: PruneOptions): Promise<PruneRes
         bytesFreed += blobBytes - usedBytes; // an estimate: the new pack's trailer is smaller too
       }
     }
-    const result = { kept, forgotten: [...forgotten], packsDeleted: deletes.length, packsRewritten: rewrites.length, bytesFreed };
+    const result = {
+      kept,
+      forgotten: [...forgotten],
+      packsDeleted: deletes.length,
+      packsRewritten: rewrites.length,
+      bytesFreed,
+      packsInGrace,
+    };
     if (o.dryRun) return result;
 
+    await lock.check();
     for (const id of forgotten) await repo.removeManifest(id);
     let newBytes = 0;
     if (rewrites.length > 0) {
       const writer = new PackWriter(repo);
       try {
         for (const pack of rewrites) {
-          const data = await fs.readFile(repo.packPath(pack));
+          const data = await repo.loadPack(pack);
+          if (!data) throw BackupErrors.damagedPack(pack, 'it vanished during prune');
           for (const b of repo.packs.get(pack)!.blobs) {
             const hex = b.id.toString('hex');
             if (!used.has(hex) || repo.locate(hex)?.pack !== pack) continue;
@@ -108,31 +138,14 @@ export async function prune(repo: Repository, o: PruneOptions): Promise<PruneRes
     for (const pack of old) oldBytes += repo.packs.get(pack)!.size;
     if (old.length > 0) {
       repo.dropPacks(old);
-      const indexDir = path.join(repo.dir, 'index');
       const keepIndex = await repo.writeIndexFile([...repo.packs].map(([id, p]) => ({ id, size: p.size, blobs: p.blobs })));
-      for (const name of await fs.readdir(indexDir)) if (name !== keepIndex) await fs.rm(path.join(indexDir, name), { force: true });
-      await fsyncDir(indexDir);
-      const dirs = new Set<string>();
-      for (const pack of old) {
-        const file = repo.packPath(pack);
-        await fs.rm(file, { force: true });
-        dirs.add(path.dirname(file));
-      }
-      for (const d of dirs) await fsyncDir(d);
+      for (const name of await repo.storage.list('index')) if (name !== keepIndex) await repo.storage.remove('index', name);
+      for (const pack of old) await repo.storage.remove('data', pack);
     }
-    await removeTempFiles(repo.dir);
+    await repo.storage.removeLeftovers();
     result.bytesFreed = oldBytes - newBytes;
     return result;
   } finally {
     await lock.release();
-  }
-}
-
-/** Temp files left by killed writers: safe to remove under the exclusive lock, which no writer holds. */
-async function removeTempFiles(dir: string): Promise<void> {
-  for (const sub of ['data', 'index', 'backups']) {
-    const d = path.join(dir, sub);
-    const names = await fs.readdir(d).catch(() => [] as string[]);
-    for (const n of names) if (n.endsWith(TEMP_SUFFIX)) await fs.rm(path.join(d, n), { force: true });
   }
 }

@@ -1,13 +1,14 @@
-// A backup repository on disk (docs/backup-repository.md): config, content-addressed blobs in
-// pack files, index files caching the packs' trailers, one manifest per backup, and locks.
+// A backup repository (docs/backup-repository.md): config, content-addressed blobs in pack files,
+// index files caching the packs' trailers, one manifest per backup, and locks, kept in a
+// directory or a bucket through RepoStorage.
 import { createHash, randomBytes } from 'node:crypto';
-import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { decompress } from '@mongodb-js/zstd';
 import { type BlobWriter, type PackRecord, PackWriter, type WriterHost } from './blob-writer.js';
-import { ensureDir, fsyncDir, listNames, writeDurable } from './durable-file.js';
 import { BackupErrors, isBackupError } from './errors.js';
 import { type RepoLock, takeLock } from './lock.js';
+import { openStorage, type S3Options } from './storage/open-storage.js';
+import type { RepoStorage } from './storage/storage.js';
 import {
   decodeHeader,
   decodeManifest,
@@ -25,6 +26,8 @@ import { type BlobEntry, decodeTrailer, trailerLength } from './pack-format.js';
 export { ChunkTable } from './chunk-table.js';
 export type { BlobWriter } from './blob-writer.js';
 export type { RepoLock } from './lock.js';
+export type { S3Options } from './storage/open-storage.js';
+export type { RepoStorage } from './storage/storage.js';
 export { type BackupStats, type Manifest, type ManifestHeader, newManifestId } from './manifest.js';
 
 export const REPOSITORY_FORMAT = 'cowbd-backup-repository';
@@ -76,22 +79,25 @@ export class Repository implements WriterHost {
   private readonly claims = new Set<string>();
 
   private constructor(
-    readonly dir: string,
+    readonly storage: RepoStorage,
     readonly id: string,
     readonly version: number,
     readonly chunkSize: number,
   ) {}
 
-  static async init(dir: string): Promise<Repository> {
-    let names: string[] = [];
-    try {
-      names = await fs.readdir(dir);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-    }
-    if (names.length > 0) throw BackupErrors.notEmpty(dir);
-    await ensureDir(dir);
-    await fs.chmod(dir, 0o700);
+  /** The repository as the user named it (a directory, or s3://BUCKET/PREFIX). */
+  get dir(): string {
+    return this.storage.location;
+  }
+
+  get parallelSaves(): number {
+    return this.storage.parallelSaves;
+  }
+
+  static async init(where: string | RepoStorage, s3?: S3Options): Promise<Repository> {
+    const storage = typeof where === 'string' ? openStorage(where, s3) : where;
+    if (!(await storage.isEmpty())) throw BackupErrors.notEmpty(storage.location);
+    await storage.create();
     const config: Config = {
       format: REPOSITORY_FORMAT,
       version: REPOSITORY_VERSION,
@@ -100,25 +106,21 @@ export class Repository implements WriterHost {
       hash: 'sha256',
       compression: 'zstd',
     };
-    for (const sub of ['data', 'index', 'backups', 'locks']) await ensureDir(path.join(dir, sub));
-    await writeDurable(path.join(dir, 'config'), `${JSON.stringify(config, null, 2)}\n`);
-    return new Repository(dir, config.id, config.version, config.chunkSize);
+    await storage.save('config', 'config', `${JSON.stringify(config, null, 2)}\n`);
+    return new Repository(storage, config.id, config.version, config.chunkSize);
   }
 
-  static async open(dir: string): Promise<Repository> {
-    let text: string;
-    try {
-      text = await fs.readFile(path.join(dir, 'config'), 'utf8');
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code !== 'ENOENT' && code !== 'ENOTDIR') throw e;
-      const names = await fs.readdir(dir).catch(() => [] as string[]);
-      if (names.length > 0) throw BackupErrors.foreign(dir, 'it has files but no config');
+  static async open(where: string | RepoStorage, s3?: S3Options): Promise<Repository> {
+    const storage = typeof where === 'string' ? openStorage(where, s3) : where;
+    const dir = storage.location;
+    const file = await storage.load('config', 'config');
+    if (!file) {
+      if (!(await storage.isEmpty())) throw BackupErrors.foreign(dir, 'it has files but no config');
       throw BackupErrors.noRepository(dir);
     }
     let c: Partial<Config>;
     try {
-      c = JSON.parse(text);
+      c = JSON.parse(file.toString('utf8'));
     } catch {
       throw BackupErrors.damagedConfig(dir, 'not JSON');
     }
@@ -132,11 +134,15 @@ export class Repository implements WriterHost {
     if (c.chunkSize !== CHUNK_SIZE) throw BackupErrors.damagedConfig(dir, `chunk size ${c.chunkSize}, expected ${CHUNK_SIZE}`);
     if (c.hash !== 'sha256' || c.compression !== 'zstd')
       throw BackupErrors.damagedConfig(dir, `hash ${c.hash} / compression ${c.compression}`);
-    return new Repository(dir, c.id, c.version, c.chunkSize);
+    return new Repository(storage, c.id, c.version, c.chunkSize);
+  }
+
+  close(): Promise<void> {
+    return this.storage.close();
   }
 
   lock(exclusive: boolean, purpose: string): Promise<RepoLock> {
-    return takeLock(path.join(this.dir, 'locks'), exclusive, purpose);
+    return takeLock(this.storage, exclusive, purpose);
   }
 
   // ---- index
@@ -147,13 +153,15 @@ export class Repository implements WriterHost {
     this.blobs.clear();
     this.unreadablePacks.clear();
     this.indexFiles = [];
-    const indexDir = path.join(this.dir, 'index');
-    for (const name of await listNames(indexDir)) {
+    for (const name of await this.storage.list('index')) {
       let f: IndexFile;
       try {
-        f = JSON.parse(await fs.readFile(path.join(indexDir, name), 'utf8'));
+        const file = await this.storage.load('index', name);
+        if (!file) continue;
+        f = JSON.parse(file.toString('utf8'));
         if (!Array.isArray(f.packs)) throw new Error('no packs');
-      } catch {
+      } catch (e) {
+        if (isBackupError(e, BackupErrors.storage)) throw e;
         continue; // a damaged index file is only a cache: the packs' trailers are read instead
       }
       this.indexFiles.push(name);
@@ -167,36 +175,32 @@ export class Repository implements WriterHost {
       try {
         this.addPack({ id: pack, ...(await this.readTrailer(pack)) });
       } catch (e) {
+        if (isBackupError(e, BackupErrors.storage)) throw e;
         this.unreadablePacks.set(pack, (e as Error).message);
       }
     }
   }
 
   /** The ids of the pack files in data/. */
-  async listPackFiles(): Promise<string[]> {
-    const out: string[] = [];
-    const dataDir = path.join(this.dir, 'data');
-    for (const sub of await listNames(dataDir)) {
-      if (!/^[0-9a-f]{2}$/.test(sub)) continue;
-      for (const name of await listNames(path.join(dataDir, sub))) if (HEX64.test(name) && name.startsWith(sub)) out.push(name);
-    }
-    return out;
+  listPackFiles(): Promise<string[]> {
+    return this.storage.list('data');
   }
 
   async readTrailer(pack: string): Promise<PackInfo> {
-    const fd = await fs.open(this.packPath(pack), 'r');
-    try {
-      const { size } = await fd.stat();
-      if (size < 4) throw BackupErrors.damagedPack(pack, `only ${size} bytes`);
-      const last4 = Buffer.alloc(4);
-      await fd.read(last4, 0, 4, size - 4);
-      const n = trailerLength(last4, size, pack);
-      const t = Buffer.alloc(n);
-      await fd.read(t, 0, n, size - 4 - n);
-      return { size, blobs: decodeTrailer(t, size, pack) };
-    } finally {
-      await fd.close();
-    }
+    const st = await this.storage.stat('data', pack);
+    if (!st) throw BackupErrors.damagedPack(pack, 'it is gone');
+    const size = st.size;
+    if (size < 4) throw BackupErrors.damagedPack(pack, `only ${size} bytes`);
+    const last4 = await this.loadExactly(pack, size - 4, 4);
+    const n = trailerLength(last4, size, pack);
+    const t = await this.loadExactly(pack, size - 4 - n, n);
+    return { size, blobs: decodeTrailer(t, size - 4 - n, pack) };
+  }
+
+  private async loadExactly(pack: string, offset: number, length: number): Promise<Buffer> {
+    const b = await this.storage.load('data', pack, { offset, length });
+    if (!b || b.length !== length) throw BackupErrors.damagedPack(pack, `short read at byte ${offset}`);
+    return b;
   }
 
   has(id: Buffer): boolean {
@@ -217,8 +221,26 @@ export class Repository implements WriterHost {
     this.claims.delete(hex);
   }
 
+  /** A pack's file in a directory repository (tests damage them). */
   packPath(id: string): string {
     return path.join(this.dir, 'data', id.slice(0, 2), id);
+  }
+
+  storeBlob(packed: Buffer): Buffer {
+    return packed;
+  }
+
+  storeTrailer(trailer: Buffer): Buffer {
+    return trailer;
+  }
+
+  savePack(id: string, data: Buffer): Promise<void> {
+    return this.storage.save('data', id, data);
+  }
+
+  /** A pack's whole stored bytes; undefined when it is gone. */
+  loadPack(id: string): Promise<Buffer | undefined> {
+    return this.storage.load('data', id);
   }
 
   addPack(p: PackRecord): void {
@@ -264,7 +286,7 @@ export class Repository implements WriterHost {
     };
     const text = JSON.stringify(f);
     const name = createHash('sha256').update(text).digest('hex');
-    await writeDurable(path.join(this.dir, 'index', name), text);
+    await this.storage.save('index', name, text);
     return name;
   }
 
@@ -278,22 +300,10 @@ export class Repository implements WriterHost {
     const hex = id.toString('hex');
     const loc = this.blobs.get(hex);
     if (!loc) throw BackupErrors.missingChunk(hex, 'no pack holds it');
-    let fd: fs.FileHandle;
-    try {
-      fd = await fs.open(this.packPath(loc.pack), 'r');
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw BackupErrors.missingChunk(hex, `its pack ${loc.pack} is gone`);
-      throw e;
-    }
-    let stored: Buffer;
-    try {
-      stored = Buffer.alloc(loc.length);
-      const { bytesRead } = await fd.read(stored, 0, loc.length, loc.offset);
-      if (bytesRead !== loc.length)
-        throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${bytesRead} of ${loc.length} bytes)`);
-    } finally {
-      await fd.close();
-    }
+    const stored = await this.storage.load('data', loc.pack, { offset: loc.offset, length: loc.length });
+    if (!stored) throw BackupErrors.missingChunk(hex, `its pack ${loc.pack} is gone`);
+    if (stored.length !== loc.length)
+      throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${stored.length} of ${loc.length} bytes)`);
     return this.unpack(hex, loc, stored);
   }
 
@@ -314,14 +324,10 @@ export class Repository implements WriterHost {
 
   // ---- manifests
 
-  private manifestPath(id: string): string {
-    return path.join(this.dir, 'backups', id);
-  }
-
   async saveManifest(m: Manifest): Promise<void> {
     const problem = manifestProblem(m);
     if (problem) throw BackupErrors.badManifest(problem);
-    await writeDurable(this.manifestPath(m.id), await encodeManifest(m));
+    await this.storage.save('backups', m.id, await encodeManifest(m));
   }
 
   async listManifests(): Promise<{ headers: ManifestHeader[]; damaged: { file: string; reason: string }[] }> {
@@ -329,8 +335,10 @@ export class Repository implements WriterHost {
     const damaged: { file: string; reason: string }[] = [];
     for (const name of await this.manifestIds()) {
       try {
-        headers.push(await this.readHeader(name));
+        const h = await this.readHeader(name);
+        if (h) headers.push(h);
       } catch (e) {
+        if (isBackupError(e, BackupErrors.storage)) throw e;
         damaged.push({ file: name, reason: (e as Error).message });
       }
     }
@@ -339,34 +347,25 @@ export class Repository implements WriterHost {
   }
 
   private async manifestIds(): Promise<string[]> {
-    return (await listNames(path.join(this.dir, 'backups'))).filter((n) => MANIFEST_ID_RE.test(n));
+    return (await this.storage.list('backups')).filter((n) => MANIFEST_ID_RE.test(n));
   }
 
-  private async readHeader(id: string): Promise<ManifestHeader> {
-    const fd = await fs.open(this.manifestPath(id), 'r');
-    try {
-      const prefix = Buffer.alloc(MANIFEST_PREFIX_BYTES);
-      await fd.read(prefix, 0, prefix.length, 0);
-      const n = headerLength(prefix);
-      const { size } = await fd.stat();
-      if (MANIFEST_PREFIX_BYTES + n > size) throw new Error('header runs past the end of the file');
-      const json = Buffer.alloc(n);
-      await fd.read(json, 0, n, MANIFEST_PREFIX_BYTES);
-      return toHeader(decodeHeader(json, id));
-    } finally {
-      await fd.close();
-    }
+  /** A manifest's header, read without its chunk table; undefined when it vanished meanwhile. */
+  private async readHeader(id: string): Promise<ManifestHeader | undefined> {
+    const prefix = await this.storage.load('backups', id, { offset: 0, length: MANIFEST_PREFIX_BYTES });
+    if (!prefix) return undefined;
+    if (prefix.length < MANIFEST_PREFIX_BYTES) throw new Error('header runs past the end of the file');
+    const n = headerLength(prefix);
+    const json = await this.storage.load('backups', id, { offset: MANIFEST_PREFIX_BYTES, length: n });
+    if (!json) return undefined;
+    if (json.length < n) throw new Error('header runs past the end of the file');
+    return toHeader(decodeHeader(json, id));
   }
 
   async loadManifest(idOrUniquePrefix: string): Promise<Manifest> {
     const id = await this.resolveId(idOrUniquePrefix);
-    let file: Buffer;
-    try {
-      file = await fs.readFile(this.manifestPath(id));
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw BackupErrors.unknownBackup(id);
-      throw e;
-    }
+    const file = await this.storage.load('backups', id);
+    if (!file) throw BackupErrors.unknownBackup(id);
     try {
       return await decodeManifest(file, id);
     } catch (e) {
@@ -385,13 +384,7 @@ export class Repository implements WriterHost {
   }
 
   async removeManifest(id: string): Promise<void> {
-    if (!MANIFEST_ID_RE.test(id)) throw BackupErrors.unknownBackup(id);
-    try {
-      await fs.rm(this.manifestPath(id));
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw BackupErrors.unknownBackup(id);
-      throw e;
-    }
-    await fsyncDir(path.join(this.dir, 'backups'));
+    if (!MANIFEST_ID_RE.test(id) || !(await this.storage.stat('backups', id))) throw BackupErrors.unknownBackup(id);
+    await this.storage.remove('backups', id);
   }
 }

@@ -2,7 +2,7 @@
 // exists with the size the index says; with readData, every pack is read whole and every blob in
 // it decompressed and hashed. Damage is named, with the backups that use a damaged chunk.
 import { createHash } from 'node:crypto';
-import { promises as fs } from 'node:fs';
+import { BackupErrors, isBackupError } from './errors.js';
 import type { Repository } from './repository.js';
 
 export interface Damage {
@@ -64,9 +64,12 @@ export async function verifyRepository(
     if (!packSize.has(loc.pack)) {
       packSize.set(
         loc.pack,
-        await fs.stat(repo.packPath(loc.pack)).then(
-          (s) => s.size,
-          () => undefined,
+        await repo.storage.stat('data', loc.pack).then(
+          (s) => s?.size,
+          (e: unknown) => {
+            if (isBackupError(e, BackupErrors.storage)) throw e;
+            return undefined;
+          },
         ),
       );
     }
@@ -104,11 +107,16 @@ export async function verifyRepository(
 }
 
 async function readPack(repo: Repository, pack: string, bad: Map<string, string>, damaged: Damage[]): Promise<void> {
-  let data: Buffer;
+  let data: Buffer | undefined;
   try {
-    data = await fs.readFile(repo.packPath(pack));
+    data = await repo.loadPack(pack);
   } catch (e) {
+    if (isBackupError(e, BackupErrors.storage)) throw e;
     damaged.push({ what: 'pack', id: pack, reason: (e as Error).message });
+    return;
+  }
+  if (!data) {
+    damaged.push({ what: 'pack', id: pack, reason: 'it is gone' });
     return;
   }
   if (createHash('sha256').update(data).digest('hex') !== pack)

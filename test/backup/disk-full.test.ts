@@ -10,25 +10,25 @@ import { PACK_TARGET_BYTES } from '../../backup/pack-format.js';
 import { CHUNK, sha } from './helpers.js';
 
 t.test('ENOSPC on the second pack: DISK_FULL, first pack kept, no temp file left', async (t) => {
-  // Packs are the only files written with FileHandle.write (the others use writeFile), so
-  // failing that method past one and a half packs fills the disk in the middle of the second pack.
+  // Every file is written whole by FileHandle.writeFile: failing it past one and a half packs'
+  // worth of bytes fills the disk in the middle of the second pack.
   const probe = await fs.open(process.execPath, 'r');
-  const proto = Object.getPrototypeOf(probe) as { write: (...a: unknown[]) => Promise<unknown> };
+  const proto = Object.getPrototypeOf(probe) as { writeFile: (...a: unknown[]) => Promise<unknown> };
   await probe.close();
-  const write = proto.write;
+  const writeFile = proto.writeFile;
   let written = 0;
-  proto.write = async function (this: FileHandle, ...a: unknown[]) {
+  proto.writeFile = async function (this: FileHandle, ...a: unknown[]) {
     written += (a[0] as Buffer).length;
     if (written > PACK_TARGET_BYTES * 1.5) throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' });
-    return write.apply(this, a);
+    return writeFile.apply(this, a);
   };
   t.teardown(() => {
-    proto.write = write;
+    proto.writeFile = writeFile;
   });
   const dir = path.join(t.testdir(), 'repo');
   const repo = await Repository.init(dir);
   const w = repo.newWriter();
-  const chunks = Array.from({ length: 400 }, () => randomBytes(CHUNK));
+  const chunks = Array.from({ length: 600 }, () => randomBytes(CHUNK));
   let error: unknown;
   for (const c of chunks) {
     try {
@@ -39,7 +39,7 @@ t.test('ENOSPC on the second pack: DISK_FULL, first pack kept, no temp file left
     }
   }
   t.match(error, { code: 'COWBD_BACKUP_DISK_FULL', kind: 'ENOSPC', message: /disk full/ });
-  await t.rejects(w.add(sha(chunks[399]!), chunks[399]!), { code: 'COWBD_BACKUP_DISK_FULL' }, 'the writer stays failed');
+  await t.rejects(w.add(sha(chunks[599]!), chunks[599]!), { code: 'COWBD_BACKUP_DISK_FULL' }, 'the writer stays failed');
   await t.rejects(w.finish(), { code: 'COWBD_BACKUP_DISK_FULL' });
   await w.abort();
   const data = readdirSync(path.join(dir, 'data'), { recursive: true }).map(String);

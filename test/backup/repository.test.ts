@@ -105,9 +105,10 @@ t.test('a backup killed before its index and manifest: not listed, its packs are
   const w = repo.newWriter();
   const chunks = Array.from({ length: 300 }, () => randomBytes(CHUNK));
   for (const c of chunks) await w.add(sha(c), c);
-  // Packs closed so far are durable; the open one is lost, as a kill would lose it. No finish(), no manifest.
-  const packsBefore = readdirSync(path.join(dir, 'data'), { recursive: true }).filter((n) => /[0-9a-f]{64}$/.test(String(n)));
-  t.ok(packsBefore.length >= 1, 'a pack was closed while writing');
+  // Packs closed so far are saved in the background; the open one is lost, as a kill would lose it. No finish(), no manifest.
+  const packs = () => readdirSync(path.join(dir, 'data'), { recursive: true }).filter((n) => /[0-9a-f]{64}$/.test(String(n)));
+  for (let i = 0; i < 100 && packs().length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+  t.ok(packs().length >= 1, 'a pack was closed while writing');
   t.same(readdirSync(path.join(dir, 'index')), [], 'no index yet');
   await w.abort();
   t.same(
