@@ -124,7 +124,7 @@ t.test('the default cost is recorded and honoured', async (t) => {
 
 t.test('a wrong secret is COWBD_BACKUP_WRONG_KEY naming the repository, never the secret', async (t) => {
   const file = await makeKeyFile(secret, newMasterKey(), { N });
-  for (const wrong of ['correct horse battery stapler', 'x', secret.toString() + '\n']) {
+  for (const wrong of ['correct horse battery stapler', 'x', `${secret.toString()}\n`]) {
     const e = await openKeyFile(file, Buffer.from(wrong), 's3://bucket/repo').catch((x: unknown) => x);
     t.match(e, { code: 'COWBD_BACKUP_WRONG_KEY', kind: 'EINVAL', message: 'the key does not open repository s3://bucket/repo' });
     t.notMatch((e as Error).message, wrong.trim());
