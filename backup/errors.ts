@@ -131,6 +131,33 @@ export const BackupErrors = {
     'EIO',
     (offset: number) => `the data read back at byte ${offset} of the target is not what was written: the target is not reliable`,
   ),
+
+  // Encryption. No message ever holds the secret or any key's bytes.
+  wrongKey: define(
+    'COWBD_BACKUP_WRONG_KEY',
+    'EINVAL',
+    (repo: string) => `the key does not open repository ${repo}: wrong key or passphrase`,
+  ),
+  keyRequired: define(
+    'COWBD_BACKUP_KEY_REQUIRED',
+    'EINVAL',
+    (repo: string) =>
+      `repository ${repo} is encrypted; give its key with --encryption FILE or the COWBD_BACKUP_PASSPHRASE environment variable`,
+  ),
+  notEncrypted: define(
+    'COWBD_BACKUP_NOT_ENCRYPTED',
+    'EINVAL',
+    (repo: string) =>
+      `repository ${repo} is not encrypted but a key was given; refusing to store in plain what was meant to be encrypted (leave out --encryption and COWBD_BACKUP_PASSPHRASE to use it)`,
+  ),
+  damagedKey: define('COWBD_BACKUP_DAMAGED_KEY', 'EIO', (keyFile: string, why: string) => `key file ${keyFile} is damaged: ${why}`),
+  decryptFailed: define(
+    'COWBD_BACKUP_DECRYPT_FAILED',
+    'EIO',
+    (what: string, why: string) =>
+      `${what} cannot be decrypted (${why}): it is damaged, was tampered with, or was written with another key`,
+  ),
+  badSecret: define('COWBD_BACKUP_BAD_SECRET', 'EINVAL', (source: string, why: string) => `cannot use ${source} as the key: ${why}`),
 } as const;
 
 /** True for any BackupError, or with `of`, for one made by that factory's code. */
