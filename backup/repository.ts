@@ -5,7 +5,9 @@ import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { decompress } from '@mongodb-js/zstd';
 import { type BlobWriter, type PackRecord, PackWriter, type WriterHost } from './blob-writer.js';
+import { chunkId, newMasterKey, objectAad, type RepoKey, SEAL_OVERHEAD, seal, unseal } from './crypto.js';
 import { BackupErrors, isBackupError } from './errors.js';
+import { keyFileId, makeKeyFile, openKeyFile } from './key-file.js';
 import { type RepoLock, takeLock } from './lock.js';
 import { openStorage, type S3Options } from './storage/open-storage.js';
 import type { RepoStorage } from './storage/storage.js';
@@ -31,9 +33,14 @@ export type { RepoStorage } from './storage/storage.js';
 export { type BackupStats, type Manifest, type ManifestHeader, newManifestId } from './manifest.js';
 
 export const REPOSITORY_FORMAT = 'cowbd-backup-repository';
-export const REPOSITORY_VERSION = 1;
+/** The newest format this code reads; a plain repository is still written as version 1, so older cowbd reads it. */
+export const REPOSITORY_VERSION = 2;
+/** Version 2 adds encryption (docs/backup-repository.md, "Encryption"). */
+const ENCRYPTED_VERSION = 2;
+const CIPHER_NAME = 'aes-256-gcm';
 export const CHUNK_SIZE = 65536;
 const HEX64 = /^[0-9a-f]{64}$/;
+const INDEX_AAD = Buffer.from('index');
 
 interface Config {
   format: string;
@@ -42,6 +49,15 @@ interface Config {
   chunkSize: number;
   hash: string;
   compression: string;
+  encryption?: string;
+}
+
+export interface OpenOptions {
+  s3?: S3Options;
+  /** The user's key or passphrase: init encrypts the new repository with it, open needs it for an encrypted one. */
+  secret?: Buffer;
+  /** scrypt's cost for a new key file; tests lower it. */
+  scryptN?: number;
 }
 
 /** Where a blob lives. */
@@ -83,7 +99,12 @@ export class Repository implements WriterHost {
     readonly id: string,
     readonly version: number,
     readonly chunkSize: number,
+    private readonly key?: RepoKey,
   ) {}
+
+  get encrypted(): boolean {
+    return this.key !== undefined;
+  }
 
   /** The repository as the user named it (a directory, or s3://BUCKET/PREFIX). */
   get dir(): string {
@@ -94,24 +115,29 @@ export class Repository implements WriterHost {
     return this.storage.parallelSaves;
   }
 
-  static async init(where: string | RepoStorage, s3?: S3Options): Promise<Repository> {
-    const storage = typeof where === 'string' ? openStorage(where, s3) : where;
+  static async init(where: string | RepoStorage, o: OpenOptions = {}): Promise<Repository> {
+    const storage = typeof where === 'string' ? openStorage(where, o.s3) : where;
     if (!(await storage.isEmpty())) throw BackupErrors.notEmpty(storage.location);
+    const key = o.secret ? newMasterKey() : undefined;
+    const keyFile = o.secret && key ? await makeKeyFile(o.secret, key, { N: o.scryptN }) : undefined;
     await storage.create();
     const config: Config = {
       format: REPOSITORY_FORMAT,
-      version: REPOSITORY_VERSION,
+      version: key ? ENCRYPTED_VERSION : 1,
       id: randomBytes(32).toString('hex'),
       chunkSize: CHUNK_SIZE,
-      hash: 'sha256',
+      hash: key ? 'hmac-sha256' : 'sha256',
       compression: 'zstd',
+      ...(key ? { encryption: CIPHER_NAME } : {}),
     };
+    // The key file first: a config naming encryption must never be there without a key to open it.
+    if (keyFile) await storage.save('keys', keyFileId(keyFile), keyFile);
     await storage.save('config', 'config', `${JSON.stringify(config, null, 2)}\n`);
-    return new Repository(storage, config.id, config.version, config.chunkSize);
+    return new Repository(storage, config.id, config.version, config.chunkSize, key);
   }
 
-  static async open(where: string | RepoStorage, s3?: S3Options): Promise<Repository> {
-    const storage = typeof where === 'string' ? openStorage(where, s3) : where;
+  static async open(where: string | RepoStorage, o: OpenOptions = {}): Promise<Repository> {
+    const storage = typeof where === 'string' ? openStorage(where, o.s3) : where;
     const dir = storage.location;
     const file = await storage.load('config', 'config');
     if (!file) {
@@ -132,9 +158,47 @@ export class Repository implements WriterHost {
     if (c.version > REPOSITORY_VERSION) throw BackupErrors.newerVersion(dir, c.version, REPOSITORY_VERSION);
     if (typeof c.id !== 'string' || !HEX64.test(c.id)) throw BackupErrors.damagedConfig(dir, 'id is not 64 hex digits');
     if (c.chunkSize !== CHUNK_SIZE) throw BackupErrors.damagedConfig(dir, `chunk size ${c.chunkSize}, expected ${CHUNK_SIZE}`);
-    if (c.hash !== 'sha256' || c.compression !== 'zstd')
+    const encrypted = c.encryption !== undefined;
+    if (encrypted && (c.encryption !== CIPHER_NAME || c.version < ENCRYPTED_VERSION))
+      throw BackupErrors.damagedConfig(dir, `encryption ${JSON.stringify(c.encryption)} in version ${c.version}`);
+    if (c.hash !== (encrypted ? 'hmac-sha256' : 'sha256') || c.compression !== 'zstd')
       throw BackupErrors.damagedConfig(dir, `hash ${c.hash} / compression ${c.compression}`);
-    return new Repository(storage, c.id, c.version, c.chunkSize);
+    if (!encrypted) {
+      if (o.secret) throw BackupErrors.notEncrypted(dir);
+      return new Repository(storage, c.id, c.version, c.chunkSize);
+    }
+    if (!o.secret) throw BackupErrors.keyRequired(dir);
+    return new Repository(storage, c.id, c.version, c.chunkSize, await Repository.openKey(storage, o.secret));
+  }
+
+  /** The master key from the first key file the secret opens; nothing else is read before it. */
+  private static async openKey(storage: RepoStorage, secret: Buffer): Promise<RepoKey> {
+    const names = await storage.list('keys');
+    if (names.length === 0) throw BackupErrors.damagedConfig(storage.location, 'it is encrypted but has no key file');
+    let firstError: unknown;
+    for (const name of names) {
+      const bytes = await storage.load('keys', name);
+      if (!bytes) continue;
+      try {
+        return await openKeyFile(bytes, secret, storage.location, `keys/${name}`);
+      } catch (e) {
+        firstError ??= e;
+      }
+    }
+    throw firstError ?? BackupErrors.wrongKey(storage.location);
+  }
+
+  /** A chunk's id: its SHA-256, or in an encrypted repository its HMAC under the repository's key. */
+  chunkId(raw: Uint8Array): Buffer {
+    return chunkId(this.key, raw);
+  }
+
+  private seal(plain: Buffer, aad?: Buffer): Buffer {
+    return this.key ? seal(this.key, plain, aad) : plain;
+  }
+
+  private unseal(stored: Buffer, what: string, aad?: Buffer): Buffer {
+    return this.key ? unseal(this.key, stored, what, aad) : stored;
   }
 
   close(): Promise<void> {
@@ -158,7 +222,7 @@ export class Repository implements WriterHost {
       try {
         const file = await this.storage.load('index', name);
         if (!file) continue;
-        f = JSON.parse(file.toString('utf8'));
+        f = JSON.parse(this.unseal(file, `index file ${name}`, INDEX_AAD).toString('utf8'));
         if (!Array.isArray(f.packs)) throw new Error('no packs');
       } catch (e) {
         if (isBackupError(e, BackupErrors.storage)) throw e;
@@ -192,8 +256,8 @@ export class Repository implements WriterHost {
     const size = st.size;
     if (size < 4) throw BackupErrors.damagedPack(pack, `only ${size} bytes`);
     const last4 = await this.loadExactly(pack, size - 4, 4);
-    const n = trailerLength(last4, size, pack);
-    const t = await this.loadExactly(pack, size - 4 - n, n);
+    const n = trailerLength(last4, size, pack, this.key ? SEAL_OVERHEAD : 0);
+    const t = this.unseal(await this.loadExactly(pack, size - 4 - n, n), `the trailer of pack ${pack}`);
     return { size, blobs: decodeTrailer(t, size - 4 - n, pack) };
   }
 
@@ -227,11 +291,11 @@ export class Repository implements WriterHost {
   }
 
   storeBlob(packed: Buffer): Buffer {
-    return packed;
+    return this.seal(packed);
   }
 
   storeTrailer(trailer: Buffer): Buffer {
-    return trailer;
+    return this.seal(trailer);
   }
 
   savePack(id: string, data: Buffer): Promise<void> {
@@ -284,9 +348,9 @@ export class Repository implements WriterHost {
         })),
       })),
     };
-    const text = JSON.stringify(f);
-    const name = createHash('sha256').update(text).digest('hex');
-    await this.storage.save('index', name, text);
+    const stored = this.seal(Buffer.from(JSON.stringify(f)), INDEX_AAD);
+    const name = createHash('sha256').update(stored).digest('hex');
+    await this.storage.save('index', name, stored);
     return name;
   }
 
@@ -310,15 +374,23 @@ export class Repository implements WriterHost {
   /** The raw bytes of a blob from its stored bytes, checked against its id. */
   async unpack(hex: string, loc: { pack: string; rawLength: number; compressed: boolean }, stored: Buffer): Promise<Buffer> {
     let raw = stored;
+    if (this.key) {
+      try {
+        raw = unseal(this.key, stored, `chunk ${hex}`);
+      } catch {
+        throw BackupErrors.damagedChunk(hex, loc.pack, 'it does not authenticate under the repository key');
+      }
+    }
     if (loc.compressed) {
       try {
-        raw = await decompress(stored);
+        raw = await decompress(raw);
       } catch (e) {
         throw BackupErrors.damagedChunk(hex, loc.pack, `does not decompress: ${(e as Error).message}`);
       }
     }
     if (raw.length !== loc.rawLength) throw BackupErrors.damagedChunk(hex, loc.pack, `${raw.length} bytes, expected ${loc.rawLength}`);
-    if (createHash('sha256').update(raw).digest('hex') !== hex) throw BackupErrors.damagedChunk(hex, loc.pack, 'SHA-256 mismatch');
+    if (this.chunkId(raw).toString('hex') !== hex)
+      throw BackupErrors.damagedChunk(hex, loc.pack, this.key ? 'HMAC mismatch' : 'SHA-256 mismatch');
     return raw;
   }
 
@@ -327,7 +399,7 @@ export class Repository implements WriterHost {
   async saveManifest(m: Manifest): Promise<void> {
     const problem = manifestProblem(m);
     if (problem) throw BackupErrors.badManifest(problem);
-    await this.storage.save('backups', m.id, await encodeManifest(m));
+    await this.storage.save('backups', m.id, this.seal(await encodeManifest(m), objectAad('manifest', m.id)));
   }
 
   async listManifests(): Promise<{ headers: ManifestHeader[]; damaged: { file: string; reason: string }[] }> {
@@ -352,6 +424,10 @@ export class Repository implements WriterHost {
 
   /** A manifest's header, read without its chunk table; undefined when it vanished meanwhile. */
   private async readHeader(id: string): Promise<ManifestHeader | undefined> {
+    if (this.key) {
+      const file = await this.loadManifestFile(id);
+      return file && toHeader(decodeHeader(file.subarray(MANIFEST_PREFIX_BYTES, MANIFEST_PREFIX_BYTES + headerLength(file)), id));
+    }
     const prefix = await this.storage.load('backups', id, { offset: 0, length: MANIFEST_PREFIX_BYTES });
     if (!prefix) return undefined;
     if (prefix.length < MANIFEST_PREFIX_BYTES) throw new Error('header runs past the end of the file');
@@ -364,7 +440,13 @@ export class Repository implements WriterHost {
 
   async loadManifest(idOrUniquePrefix: string): Promise<Manifest> {
     const id = await this.resolveId(idOrUniquePrefix);
-    const file = await this.storage.load('backups', id);
+    let file: Buffer | undefined;
+    try {
+      file = await this.loadManifestFile(id);
+    } catch (e) {
+      if (isBackupError(e, BackupErrors.decryptFailed)) throw BackupErrors.damagedManifest(id, e.message);
+      throw e;
+    }
     if (!file) throw BackupErrors.unknownBackup(id);
     try {
       return await decodeManifest(file, id);
@@ -372,6 +454,12 @@ export class Repository implements WriterHost {
       if (isBackupError(e)) throw e;
       throw BackupErrors.damagedManifest(id, (e as Error).message);
     }
+  }
+
+  /** A manifest's plain bytes, bound to its name when sealed so one cannot stand in for another. */
+  private async loadManifestFile(id: string): Promise<Buffer | undefined> {
+    const stored = await this.storage.load('backups', id);
+    return stored && this.unseal(stored, `backup ${id}`, objectAad('manifest', id));
   }
 
   private async resolveId(prefix: string): Promise<string> {

@@ -1,7 +1,6 @@
 // `cowbd backup restore`: the image back, chunk by chunk, each checked against its id
 // before it is written (and, asked to, read back after); zero chunks are left as holes,
 // so the target must start out zero (a new sparse file or a new volume).
-import { createHash } from 'node:crypto';
 import { BackupErrors } from './errors.js';
 import type { Progress, ProgressFigures } from './progress.js';
 import type { Manifest, Repository } from './repository.js';
@@ -52,7 +51,7 @@ export async function restoreImage(
   try {
     await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
     await target.flush();
-    if (verify) await verifyWritten(m, entries, target);
+    if (verify) await verifyWritten(repo, m, entries, target);
   } finally {
     progress.stop();
   }
@@ -61,7 +60,7 @@ export async function restoreImage(
 }
 
 /** Reads every written chunk back and checks its hash: what landed is what was backed up. */
-async function verifyWritten(m: Manifest, entries: Array<[number, Buffer]>, target: RestoreTarget): Promise<void> {
+async function verifyWritten(repo: Repository, m: Manifest, entries: Array<[number, Buffer]>, target: RestoreTarget): Promise<void> {
   let next = 0;
   const worker = async () => {
     const buf = Buffer.allocUnsafe(m.chunkSize);
@@ -69,7 +68,7 @@ async function verifyWritten(m: Manifest, entries: Array<[number, Buffer]>, targ
       const [i, id] = entries[next++]!;
       const view = buf.subarray(0, Math.min(m.chunkSize, m.size - i * m.chunkSize));
       await target.read(view, i * m.chunkSize);
-      if (!createHash('sha256').update(view).digest().equals(id)) throw BackupErrors.restoreMismatch(i * m.chunkSize);
+      if (!repo.chunkId(view).equals(id)) throw BackupErrors.restoreMismatch(i * m.chunkSize);
     }
   };
   await Promise.all(Array.from({ length: IN_FLIGHT }, worker));

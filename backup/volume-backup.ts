@@ -1,7 +1,6 @@
 // One volume's backup from its snapshot's export: read what the plan says, hash each
 // chunk, store what the repository lacks, and build the manifest's chunk table;
 // chunks unchanged since the parent are taken from the parent's manifest unread.
-import { createHash } from 'node:crypto';
 import type { Extent } from '../protocol/backend.js';
 import { readChunks } from './chunk-reader.js';
 import { ALLOCATED, changedSince, contextBits } from './plan.js';
@@ -136,7 +135,7 @@ export async function backupVolume(
       stats.zeroChunks++;
       return undefined;
     }
-    const id = createHash('sha256').update(data).digest();
+    const id = repo.chunkId(data);
     readIdx.push(i);
     readIds.push(id);
     const key = id.toString('hex');

@@ -40,7 +40,7 @@ t.test('open refuses a missing, foreign, newer or damaged repository', async (t)
   await fs.writeFile(file, JSON.stringify({ ...config, version: 7 }));
   const e = await Repository.open(dir).catch((x: unknown) => x);
   t.ok(isBackupError(e, BackupErrors.newerVersion));
-  t.match((e as Error).message, /version 7.*version 1/, 'names both versions');
+  t.match((e as Error).message, /version 7.*version 2/, 'names both versions');
   await fs.writeFile(file, '{"format":"cowbd-backup-repo');
   await t.rejects(Repository.open(dir), { code: 'COWBD_BACKUP_DAMAGED_CONFIG' });
 });
