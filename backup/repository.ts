@@ -116,7 +116,7 @@ export class Repository implements WriterHost {
   }
 
   static async init(where: string | RepoStorage, o: OpenOptions = {}): Promise<Repository> {
-    const storage = typeof where === 'string' ? openStorage(where, o.s3) : where;
+    const storage = typeof where === 'string' ? await openStorage(where, o.s3) : where;
     if (!(await storage.isEmpty())) throw BackupErrors.notEmpty(storage.location);
     const key = o.secret ? newMasterKey() : undefined;
     const keyFile = o.secret && key ? await makeKeyFile(o.secret, key, { N: o.scryptN }) : undefined;
@@ -137,7 +137,7 @@ export class Repository implements WriterHost {
   }
 
   static async open(where: string | RepoStorage, o: OpenOptions = {}): Promise<Repository> {
-    const storage = typeof where === 'string' ? openStorage(where, o.s3) : where;
+    const storage = typeof where === 'string' ? await openStorage(where, o.s3) : where;
     const dir = storage.location;
     const file = await storage.load('config', 'config');
     if (!file) {

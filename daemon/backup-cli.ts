@@ -1,13 +1,20 @@
 // The `cowbd backup` command tree (yargs); the work is in backup-commands.ts, loaded only
 // when a backup command runs (zstd, the NBD client), so other commands start faster.
 import type { Argv } from 'yargs';
+import { repoAccessFrom, repoAccessOptions } from './repo-access.js';
 
 type Common = <T>(y: Argv<T>) => Argv<T & { 'data-dir': string; json: boolean }>;
 type Run = <A>(f: (a: A) => Promise<void>) => (a: A) => Promise<void>;
 
 export function backupCommands(y: Argv, common: Common, run: Run): Argv {
   const withRepo = <T>(y: Argv<T>) =>
-    common(y).option('repo', { type: 'string', demandOption: true, describe: 'backup repository directory (local disk or NFS)' });
+    repoAccessOptions(
+      common(y).option('repo', {
+        type: 'string',
+        demandOption: true,
+        describe: 'backup repository: a directory (local disk or NFS) or s3://BUCKET/PREFIX',
+      }),
+    );
   const withProgress = <T>(y: Argv<T>) =>
     y.option('progress', { type: 'boolean', default: true, describe: 'a live progress bar on a terminal (--no-progress: none)' });
   return y
@@ -15,7 +22,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
       'init',
       'create an empty backup repository',
       (y) => withRepo(y),
-      run(async (a) => (await import('./backup-commands.js')).backupInit({ dataDir: a['data-dir'], json: a.json, repo: a.repo })),
+      run(async (a) => (await import('./backup-commands.js')).backupInit({ dataDir: a['data-dir'], json: a.json, ...repoAccessFrom(a) })),
     )
     .command(
       'create <volumes..>',
@@ -36,7 +43,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
         (await import('./backup-commands.js')).backupCreate({
           dataDir: a['data-dir'],
           json: a.json,
-          repo: a.repo,
+          ...repoAccessFrom(a),
           volumes: a.volumes as string[],
           fromSnapshot: a['from-snapshot'],
           keepSnapshot: a['keep-snapshot'],
@@ -53,7 +60,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
       'list the backups in a repository',
       (y) => withRepo(y).option('volume', { type: 'string', describe: 'only backups of this volume' }),
       run(async (a) =>
-        (await import('./backup-commands.js')).backupList({ dataDir: a['data-dir'], json: a.json, repo: a.repo, volume: a.volume }),
+        (await import('./backup-commands.js')).backupList({ dataDir: a['data-dir'], json: a.json, ...repoAccessFrom(a), volume: a.volume }),
       ),
     )
     .command(
@@ -67,7 +74,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
         (await import('./backup-commands.js')).backupVerify({
           dataDir: a['data-dir'],
           json: a.json,
-          repo: a.repo,
+          ...repoAccessFrom(a),
           id: a.id,
           readData: a['read-data'],
         }),
@@ -96,7 +103,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
         (await import('./backup-commands.js')).backupRestore({
           dataDir: a['data-dir'],
           json: a.json,
-          repo: a.repo,
+          ...repoAccessFrom(a),
           id: a.id,
           toVolume: a['to-volume'],
           toFile: a['to-file'],
@@ -126,7 +133,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
         (await import('./backup-commands.js')).backupPrune({
           dataDir: a['data-dir'],
           json: a.json,
-          repo: a.repo,
+          ...repoAccessFrom(a),
           volume: a.volume,
           dryRun: a['dry-run'],
           keep: { last: a['keep-last'], daily: a['keep-daily'], weekly: a['keep-weekly'], monthly: a['keep-monthly'] },

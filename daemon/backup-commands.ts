@@ -2,11 +2,10 @@
 // running daemon; the rest work on the repository alone.
 import { open, unlink } from 'node:fs/promises';
 import { setPriority } from 'node:os';
-import { resolve } from 'node:path';
 import { createBackup } from '../backup/create.js';
 import { prune, type KeepPolicy } from '../backup/prune.js';
 import { progress } from '../backup/progress.js';
-import { Repository, type ManifestHeader } from '../backup/repository.js';
+import type { ManifestHeader } from '../backup/repository.js';
 import { restoreImage, type RestoreTarget } from '../backup/restore.js';
 import { verifyRepository } from '../backup/verify.js';
 import { NbdClient } from '../protocol/client.js';
@@ -16,10 +15,10 @@ import { checkName } from './names.js';
 import { formatSize, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
 import { type Common, print } from './commands.js';
+import { type RepoAccess, repoName } from './repo-access.js';
+import { initRepository, openRepository } from './repo-open.js';
 
-interface RepoArg extends Common {
-  repo: string;
-}
+type RepoArg = Common & RepoAccess;
 
 function progressMode(o: { json: boolean; progress: boolean }): 'bar' | 'json' | 'none' {
   if (o.json) return 'json';
@@ -27,11 +26,12 @@ function progressMode(o: { json: boolean; progress: boolean }): 'bar' | 'json' |
 }
 
 export async function backupInit(o: RepoArg): Promise<void> {
-  const repo = await Repository.init(o.repo);
+  const repo = await initRepository(o);
+  await repo.close();
   print(
     o.json,
-    { repository: resolve(o.repo), id: repo.id, version: repo.version },
-    () => `created backup repository ${repo.id} at ${o.repo}`,
+    { repository: repoName(o.repo), id: repo.id, version: repo.version, encrypted: repo.encrypted },
+    () => `created ${repo.encrypted ? 'encrypted ' : ''}backup repository ${repo.id} at ${o.repo}`,
   );
 }
 
@@ -50,10 +50,10 @@ export async function backupCreate(
   for (const v of o.volumes) checkName(v);
   // Hashing and compressing take a core: the volume's own users should get theirs first.
   if (o.nice) setPriority(0, Math.max(-20, Math.min(19, o.nice)));
-  const repo = await Repository.open(o.repo);
+  const repo = await openRepository(o);
   const made = await createBackup(daemonLink(o.dataDir), {
     repo,
-    repoName: resolve(o.repo),
+    repoName: repoName(o.repo),
     volumes: o.volumes,
     fromSnapshot: o.fromSnapshot,
     keepSnapshot: o.keepSnapshot,
@@ -80,7 +80,7 @@ export async function backupCreate(
 }
 
 export async function backupList(o: RepoArg & { volume?: string }): Promise<void> {
-  const repo = await Repository.open(o.repo);
+  const repo = await openRepository(o);
   const { headers, damaged } = await repo.listManifests();
   const list = headers.filter((h) => !o.volume || h.volume === o.volume).sort((a, b) => a.time.localeCompare(b.time));
   for (const d of damaged) process.stderr.write(`cowbd: damaged manifest ${d.file}: ${d.reason}\n`);
@@ -103,7 +103,7 @@ export async function backupList(o: RepoArg & { volume?: string }): Promise<void
 }
 
 export async function backupVerify(o: RepoArg & { id?: string; readData: boolean }): Promise<void> {
-  const repo = await Repository.open(o.repo);
+  const repo = await openRepository(o);
   const r = await verifyRepository(repo, { id: o.id, readData: o.readData });
   print(o.json, r, () =>
     [
@@ -133,7 +133,7 @@ async function fileTarget(path: string, size: number, force: boolean) {
 export async function backupRestore(
   o: RepoArg & { id: string; toVolume?: string; toFile?: string; force: boolean; progress: boolean; verify: boolean },
 ): Promise<void> {
-  const repo = await Repository.open(o.repo);
+  const repo = await openRepository(o);
   await repo.loadIndex();
   const m = await repo.loadManifest(o.id);
   const bar = progress(progressMode(o), 'restore');
@@ -174,7 +174,7 @@ export async function backupRestore(
 }
 
 export async function backupPrune(o: RepoArg & { keep: KeepPolicy; volume?: string; dryRun: boolean }): Promise<void> {
-  const repo = await Repository.open(o.repo);
+  const repo = await openRepository(o);
   const r = await prune(repo, { keep: o.keep, volume: o.volume, dryRun: o.dryRun });
   print(o.json, r, () =>
     [

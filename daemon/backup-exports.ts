@@ -1,9 +1,10 @@
-// `serve --repo DIR`: every backup in the repository as a read-only export named
+// `serve --repo DIR|s3://...`: every backup in the repository as a read-only export named
 // VOLUME@ID (the first 8 hex digits of its id), kept in step as backups come and go.
 import type { Logger } from 'pino';
-import { Repository } from '../backup/repository.js';
 import { BackupBackend, ChunkCache } from './backup-backend.js';
 import type { Registry } from './registry.js';
+import type { RepoAccess } from './repo-access.js';
+import { openRepository } from './repo-open.js';
 
 /** 64 MiB of 64 KiB chunks across all served backups. */
 const CACHE_CHUNKS = 1024;
@@ -14,11 +15,11 @@ export function exportName(volume: string, id: string): string {
 }
 
 export async function serveRepository(
-  dir: string,
+  access: RepoAccess,
   registry: Registry,
   log: Logger,
 ): Promise<{ rescan(): Promise<void>; close(): Promise<void> }> {
-  const repo = await Repository.open(dir);
+  const repo = await openRepository(access, (msg) => log.warn(msg));
   const cache = new ChunkCache(CACHE_CHUNKS);
   const served = new Map<string, string>();
   let scanning: Promise<void> | undefined;
@@ -56,6 +57,7 @@ export async function serveRepository(
     async close() {
       clearInterval(timer);
       await scanning;
+      await repo.close();
     },
   };
 }

@@ -14,6 +14,7 @@ import { ExportAccess } from './access.js';
 import { parseTlsMode } from './tls.js';
 import * as cmd from './commands.js';
 import { backupCommands } from './backup-cli.js';
+import { repoAccessOptions } from './repo-access.js';
 import { nameKind, namesFor } from './completion.js';
 
 const DEFAULT_DATA_DIR = process.env.COWBD_DATA_DIR ?? join(homedir(), '.local', 'share', 'cowbd');
@@ -50,75 +51,77 @@ function run<A>(f: (a: A) => Promise<void>): (a: A) => Promise<void> {
 }
 
 function serveCommand(y: Argv) {
-  return common(y)
-    .config('config', 'JSON or YAML file of options (long names); flags win', loadConfig)
-    .option('listen', { type: 'string', array: true, describe: 'TCP address HOST:PORT (default 127.0.0.1:10809); repeatable' })
-    .option('socket', { type: 'string', describe: 'also (or only) listen on this unix socket' })
-    .option('read-only', { type: 'boolean', default: false, describe: 'serve every export read-only' })
-    .option('default-volume', {
-      type: 'string',
-      default: 'default',
-      describe: 'volume served for the empty export name, created when the data directory has none',
-    })
-    .option('default-size', { type: 'string', default: '1G', describe: 'size of the default volume when it is created' })
-    .option('metrics-listen', {
-      type: 'string',
-      default: '127.0.0.1:9810',
-      describe: 'HOST:PORT serving Prometheus /metrics; "off" to disable',
-    })
-    .option('autoextend-threshold', {
-      type: 'number',
-      default: 100,
-      describe: 'grow a snapshot when its usage reaches this percent (100: never), as lvm.conf snapshot_autoextend_threshold',
-    })
-    .option('autoextend-percent', {
-      type: 'number',
-      default: 20,
-      describe: 'grow by this percent of its size, as snapshot_autoextend_percent',
-    })
-    .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
-    .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
-    .option('max-connections-per-export', {
-      type: 'number',
-      default: 0,
-      describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)',
-    })
-    .option('max-bytes-in-flight', {
-      type: 'string',
-      default: '1G',
-      describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit',
-    })
-    .option('write-behind', {
-      type: 'string',
-      default: 'auto',
-      describe:
-        'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies',
-    })
-    .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
-    .option('tls', {
-      type: 'string',
-      default: 'off',
-      coerce: parseTlsMode,
-      describe: "STARTTLS: off, on (client chooses) or require (nbdkit's modes)",
-    })
-    .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
-    .option('tls-verify-peer', { type: 'boolean', default: false, describe: 'require client certificates signed by ca-cert.pem' })
-    .option('exports', {
-      type: 'string',
-      describe: "per-export rules as JSON (allow, readOnly, allowUnix); usually the config file's exports section",
-    })
-    .option('repo', {
-      type: 'string',
-      array: true,
-      describe: 'serve every backup in this repository as a read-only export VOLUME@ID; repeatable',
-    })
-    .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
-    .option('log-format', {
-      type: 'string',
-      default: 'auto',
-      choices: ['auto', 'json', 'pretty'],
-      describe: 'auto: readable lines on a terminal, JSON lines otherwise',
-    });
+  return repoAccessOptions(
+    common(y)
+      .config('config', 'JSON or YAML file of options (long names); flags win', loadConfig)
+      .option('listen', { type: 'string', array: true, describe: 'TCP address HOST:PORT (default 127.0.0.1:10809); repeatable' })
+      .option('socket', { type: 'string', describe: 'also (or only) listen on this unix socket' })
+      .option('read-only', { type: 'boolean', default: false, describe: 'serve every export read-only' })
+      .option('default-volume', {
+        type: 'string',
+        default: 'default',
+        describe: 'volume served for the empty export name, created when the data directory has none',
+      })
+      .option('default-size', { type: 'string', default: '1G', describe: 'size of the default volume when it is created' })
+      .option('metrics-listen', {
+        type: 'string',
+        default: '127.0.0.1:9810',
+        describe: 'HOST:PORT serving Prometheus /metrics; "off" to disable',
+      })
+      .option('autoextend-threshold', {
+        type: 'number',
+        default: 100,
+        describe: 'grow a snapshot when its usage reaches this percent (100: never), as lvm.conf snapshot_autoextend_threshold',
+      })
+      .option('autoextend-percent', {
+        type: 'number',
+        default: 20,
+        describe: 'grow by this percent of its size, as snapshot_autoextend_percent',
+      })
+      .option('autoextend-max', { type: 'string', describe: 'largest size auto-extend may grow a snapshot to (default: free disk)' })
+      .option('max-connections', { type: 'number', default: 1024, describe: 'NBD connections at once' })
+      .option('max-connections-per-export', {
+        type: 'number',
+        default: 0,
+        describe: 'NBD connections to one export at once, 0 for no limit; more are refused at NBD_OPT_GO (NBD_REP_ERR_POLICY)',
+      })
+      .option('max-bytes-in-flight', {
+        type: 'string',
+        default: '1G',
+        describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit',
+      })
+      .option('write-behind', {
+        type: 'string',
+        default: 'auto',
+        describe:
+          'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies',
+      })
+      .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
+      .option('tls', {
+        type: 'string',
+        default: 'off',
+        coerce: parseTlsMode,
+        describe: "STARTTLS: off, on (client chooses) or require (nbdkit's modes)",
+      })
+      .option('tls-certificates', { type: 'string', describe: 'directory with ca-cert.pem, server-cert.pem, server-key.pem' })
+      .option('tls-verify-peer', { type: 'boolean', default: false, describe: 'require client certificates signed by ca-cert.pem' })
+      .option('exports', {
+        type: 'string',
+        describe: "per-export rules as JSON (allow, readOnly, allowUnix); usually the config file's exports section",
+      })
+      .option('repo', {
+        type: 'string',
+        array: true,
+        describe: 'serve every backup in this repository (a directory or s3://BUCKET/PREFIX) as a read-only export VOLUME@ID; repeatable',
+      })
+      .option('log-level', { type: 'string', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] })
+      .option('log-format', {
+        type: 'string',
+        default: 'auto',
+        choices: ['auto', 'json', 'pretty'],
+        describe: 'auto: readable lines on a terminal, JSON lines otherwise',
+      }),
+  );
 }
 
 // A rejection nobody awaited (a connection lost under requests in flight) ends the command as any failure does.
@@ -282,6 +285,7 @@ await yargs(hideBin(process.argv))
           maxConnectionsPerExport: cmd.requirePositive(a['max-connections-per-export'], '--max-connections-per-export'),
           maxTotalBytesInFlight: a['max-bytes-in-flight'] === '0' ? 0 : parseSizeNumber(a['max-bytes-in-flight']),
           repos: a.repo,
+          repoAccess: { encryption: a.encryption, s3Endpoint: a['s3-endpoint'], s3Region: a['s3-region'], s3PathStyle: a['s3-path-style'] },
           writeBehindBytes: a['write-behind'] === 'auto' ? undefined : a['write-behind'] === '0' ? 0 : parseSizeNumber(a['write-behind']),
           handshakeTimeoutMs: cmd.requirePositive(a['handshake-timeout'], '--handshake-timeout') * 1000,
           tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },

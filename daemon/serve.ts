@@ -15,6 +15,7 @@ import { lockDataDir } from './lock.js';
 import { Metrics } from './metrics.js';
 import { controlRoutes } from './routes.js';
 import { Service, type AutoExtendPolicy } from './service.js';
+import type { RepoAccess } from './repo-access.js';
 import { notifySystemd } from './systemd.js';
 import { loadTls, type TlsSettings } from './tls.js';
 import { createVolume, listVolumes, makeDataDir } from './volumes.js';
@@ -43,6 +44,8 @@ export interface ServeOptions {
   writeBehindBytes?: number;
   /** Backup repositories whose backups are served as read-only exports. */
   repos?: string[];
+  /** How to reach them: S3 endpoint options, the key of encrypted ones. */
+  repoAccess?: Omit<RepoAccess, 'repo'>;
 }
 
 export function parseHostPort(text: string): { host: string; port: number } {
@@ -115,7 +118,8 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
     backups.register(metrics.registry);
     const rescans: Array<() => Promise<void>> = [];
     for (const repo of opts.repos ?? []) {
-      const served = await serveRepository(repo, service.registry, log.child({ component: 'backup-exports', repository: repo }));
+      const repoLog = log.child({ component: 'backup-exports', repository: repo });
+      const served = await serveRepository({ ...opts.repoAccess, repo }, service.registry, repoLog);
       cleanups.push(() => served.close());
       rescans.push(() => served.rescan());
     }

@@ -13,6 +13,7 @@ import {
   S3Client,
 } from '@aws-sdk/client-s3';
 import { BackupErrors } from '../errors.js';
+import type { S3Options } from './s3-location.js';
 import { type FileKind, type FileStat, type RepoStorage, relativePath } from './storage.js';
 
 const HEX64 = /^[0-9a-f]{64}$/;
@@ -20,24 +21,6 @@ const HEX64 = /^[0-9a-f]{64}$/;
 export const S3_MAX_ATTEMPTS = 6;
 /** Packs uploaded at once: a PUT waits on the network, not on us; see docs/tuning.md, S3_PARALLEL_SAVES. */
 export const S3_PARALLEL_SAVES = 4;
-
-export interface S3Options {
-  /** An S3-compatible endpoint such as http://127.0.0.1:7480; AWS itself when absent. */
-  endpoint?: string;
-  region?: string;
-  /** Bucket in the path (http://host/bucket/key) rather than in the host name; the default with an endpoint. */
-  pathStyle?: boolean;
-}
-
-/** s3://BUCKET/PREFIX → its parts; undefined when `location` is not an S3 URL. */
-export function parseS3Location(location: string): { bucket: string; prefix: string } | undefined {
-  const m = /^s3:\/\/([^/]+)(?:\/(.*))?$/.exec(location);
-  if (!m) return undefined;
-  const bucket = m[1]!;
-  if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw BackupErrors.badLocation(location, `"${bucket}" is not a valid bucket name`);
-  const prefix = (m[2] ?? '').replace(/^\/+|\/+$/g, '');
-  return { bucket, prefix: prefix ? `${prefix}/` : '' };
-}
 
 /** The options AWS's own tools would take from the environment, overridden by those given. */
 export function s3OptionsFromEnv(given: S3Options = {}, env: NodeJS.ProcessEnv = process.env): S3Options {
