@@ -46,7 +46,7 @@ export async function backupVolume(
       stats.zeroChunks++;
       continue;
     }
-    const id = sha(c);
+    const id = repo.chunkId(c);
     chunks.set(i, id);
     const r = await w.add(id, c);
     if (r.fresh) stats.newBytes += c.length;
