@@ -41,6 +41,10 @@ const CIPHER_NAME = 'aes-256-gcm';
 export const CHUNK_SIZE = 65536;
 const HEX64 = /^[0-9a-f]{64}$/;
 const INDEX_AAD = Buffer.from('index');
+/** readBlobs() reads across a gap this small rather than make a second request. */
+const RUN_GAP_BYTES = 64 * 1024;
+/** ...and reads at most this much in one request. */
+const RUN_MAX_BYTES = 4 * 1024 * 1024;
 
 interface Config {
   format: string;
@@ -369,6 +373,48 @@ export class Repository implements WriterHost {
     if (stored.length !== loc.length)
       throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${stored.length} of ${loc.length} bytes)`);
     return this.unpack(hex, loc, stored);
+  }
+
+  /**
+   * Several blobs at once: those stored next to each other in one pack (as a backup writes a
+   * volume's consecutive chunks) are fetched by one ranged read, which on object storage saves a
+   * request per chunk. Each promise settles on its own.
+   */
+  readBlobs(ids: readonly Buffer[]): Promise<Buffer>[] {
+    const out: Promise<Buffer>[] = new Array(ids.length);
+    const located: Array<{ k: number; hex: string; loc: BlobLocation }> = [];
+    ids.forEach((id, k) => {
+      const hex = id.toString('hex');
+      const loc = this.blobs.get(hex);
+      if (loc) located.push({ k, hex, loc });
+      else out[k] = this.readBlob(id);
+    });
+    located.sort((a, b) => a.loc.pack.localeCompare(b.loc.pack) || a.loc.offset - b.loc.offset);
+    for (let i = 0; i < located.length; ) {
+      const first = located[i]!;
+      let end = first.loc.offset + first.loc.length;
+      let j = i + 1;
+      for (; j < located.length; j++) {
+        const next = located[j]!.loc;
+        const nextEnd = Math.max(end, next.offset + next.length);
+        if (next.pack !== first.loc.pack || next.offset - end > RUN_GAP_BYTES || nextEnd - first.loc.offset > RUN_MAX_BYTES) break;
+        end = nextEnd;
+      }
+      const run = located.slice(i, j);
+      const start = first.loc.offset;
+      const bytes = this.storage.load('data', first.loc.pack, { offset: start, length: end - start });
+      bytes.catch(() => undefined);
+      for (const { k, hex, loc } of run)
+        out[k] = bytes.then((b) => {
+          if (!b) throw BackupErrors.missingChunk(hex, `its pack ${loc.pack} is gone`);
+          const stored = b.subarray(loc.offset - start, loc.offset - start + loc.length);
+          if (stored.length !== loc.length)
+            throw BackupErrors.damagedChunk(hex, loc.pack, `pack is truncated (${stored.length} of ${loc.length} bytes)`);
+          return this.unpack(hex, loc, stored);
+        });
+      i = j;
+    }
+    return out;
   }
 
   /** The raw bytes of a blob from its stored bytes, checked against its id. */

@@ -11,20 +11,29 @@ export class ChunkCache {
   private readonly map = new Map<string, Promise<Buffer>>();
   constructor(private readonly maxEntries: number) {}
 
-  get(repo: Repository, id: Buffer): Promise<Buffer> {
-    const key = id.toString('hex');
-    let p = this.map.get(key);
-    if (p) {
+  /** The chunks `ids`, those not cached read together (Repository.readBlobs coalesces neighbours). */
+  getMany(repo: Repository, ids: readonly Buffer[]): Promise<Buffer>[] {
+    const out: Promise<Buffer>[] = new Array(ids.length);
+    const missing: number[] = [];
+    ids.forEach((id, k) => {
+      const key = id.toString('hex');
+      const p = this.map.get(key);
+      if (!p) return missing.push(k);
       // Most recently used last: Map keeps insertion order.
       this.map.delete(key);
       this.map.set(key, p);
-      return p;
-    }
-    p = repo.readBlob(id);
-    p.catch(() => this.map.delete(key));
-    this.map.set(key, p);
+      out[k] = p;
+    });
+    const read = repo.readBlobs(missing.map((k) => ids[k]!));
+    missing.forEach((k, n) => {
+      const key = ids[k]!.toString('hex');
+      const p = read[n]!;
+      p.catch(() => this.map.delete(key));
+      this.map.set(key, p);
+      out[k] = p;
+    });
     while (this.map.size > this.maxEntries) this.map.delete(this.map.keys().next().value!);
-    return p;
+    return out;
   }
 }
 
@@ -55,24 +64,27 @@ export class BackupBackend implements Backend {
   async pread(buf: Buffer, offset: number): Promise<void> {
     const cs = this.m.chunkSize;
     const end = offset + buf.length;
-    const parts: Promise<void>[] = [];
+    const wanted: number[] = [];
+    const ids: Buffer[] = [];
     for (let i = Math.floor(offset / cs); i * cs < end; i++) {
-      const a = Math.max(offset, i * cs);
-      const b = Math.min(end, (i + 1) * cs);
       const id = this.m.chunks.get(i);
-      if (!id) {
-        buf.fill(0, a - offset, b - offset);
-        continue;
-      }
-      parts.push(
-        this.chunks.get(this.repo, id).then((data) => {
+      if (id) {
+        wanted.push(i);
+        ids.push(id);
+      } else buf.fill(0, Math.max(offset, i * cs) - offset, Math.min(end, (i + 1) * cs) - offset);
+    }
+    const reads = this.chunks.getMany(this.repo, ids);
+    await Promise.all(
+      wanted.map((i, k) =>
+        reads[k]!.then((data) => {
+          const a = Math.max(offset, i * cs);
+          const b = Math.min(end, (i + 1) * cs);
           const from = a - i * cs;
           if (data.length < b - i * cs) throw Errors.internal(`chunk ${i} of backup ${this.m.id} is short`);
           data.copy(buf, a - offset, from, from + (b - a));
         }),
-      );
-    }
-    await Promise.all(parts);
+      ),
+    );
   }
 
   pwrite(): Promise<void> {
