@@ -29,8 +29,13 @@ REGION=us-east-1
 fail() { # fail MESSAGE [LOG...]: the message and each log's tail; a half-started cluster is stopped
   echo "ceph start: $1" >&2
   shift
+  # A crashing daemon ends its log with a dump of recent events: its errors come first.
   for log in "$@"; do
-    [ -f "$log" ] && { echo "--- tail of $log" >&2; tail -n 30 "$log" >&2; }
+    [ -f "$log" ] || continue
+    echo "--- errors in $log" >&2
+    grep -E '^[0-9][-0-9T:.+]+ [0-9a-f]+ -1 ' "$log" | tail -n 10 >&2 || true
+    echo "--- tail of $log" >&2
+    tail -n 20 "$log" >&2
   done
   [ -n "$gateway_only" ] || [ ! -e "$CONF" ] || "$(dirname "$0")/stop.sh" "$DIR" >&2 || true
   exit 1
@@ -174,9 +179,11 @@ start_gateway() {
   for attempt in 1 2 3 4 5; do
     port=${fixed:-$(free_port)}
     kill_daemon "$RGW"
-    # radosgw daemonizes before it connects to the cluster: wait_listening sees it through.
-    timeout "$TIMEOUT" radosgw -c "$CONF" -n "$RGW" --rgw-frontends "beast endpoint=127.0.0.1:$port" >>"$DIR/log/mkfs.log" 2>&1 ||
-      fail "radosgw did not start" "$DIR/log/mkfs.log" "$DIR/log/$RGW.log"
+    # In the foreground, in a session of its own: a daemonized radosgw that fails to bind
+    # dies before writing its pid file, and we would wait for it in vain.
+    setsid radosgw -f -c "$CONF" -n "$RGW" --rgw-frontends "beast endpoint=127.0.0.1:$port" \
+      </dev/null >>"$DIR/log/$RGW.out" 2>&1 &
+    echo $! >"$DIR/run/$RGW.pid"
     if wait_listening "$RGW" "$port" &&
       [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$port/")" = 200 ]; then
       echo "$port" >"$DIR/gateway.port"
@@ -185,7 +192,7 @@ start_gateway() {
     kill_daemon "$RGW"
     [ -z "$fixed" ] || break
   done
-  fail "the gateway did not come up" "$DIR/log/$RGW.log"
+  fail "the gateway did not come up" "$DIR/log/$RGW.out" "$DIR/log/$RGW.log"
 }
 
 write_env() {

@@ -4,13 +4,7 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
-import {
-  DeleteObjectCommand,
-  GetObjectCommand,
-  ListBucketsCommand,
-  ListObjectsV2Command,
-  PutObjectCommand,
-} from '@aws-sdk/client-s3';
+import { DeleteObjectCommand, GetObjectCommand, ListBucketsCommand, ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3';
 import { cephAvailable, makeBucket, s3Client, startCeph, type CephS3 } from '../helpers/ceph.js';
 import { mib, sample } from '../helpers/proc.js';
 
