@@ -124,6 +124,11 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
           .option('keep-monthly', { type: 'number', describe: 'the newest of each of the last N months' })
           .option('volume', { type: 'string', describe: 'only backups of this volume' })
           .option('dry-run', { type: 'boolean', default: false })
+          .option('grace', {
+            type: 'string',
+            default: '1h',
+            describe: 'leave packs holding chunks of no backup alone until this old (a backup may still be writing them): 30m, 1h, 0',
+          })
           .check((a) => {
             if ([a['keep-last'], a['keep-daily'], a['keep-weekly'], a['keep-monthly']].every((v) => v === undefined))
               throw new Error('give a keep policy: --keep-last, --keep-daily, --keep-weekly or --keep-monthly');
@@ -136,6 +141,7 @@ export function backupCommands(y: Argv, common: Common, run: Run): Argv {
           ...repoAccessFrom(a),
           volume: a.volume,
           dryRun: a['dry-run'],
+          grace: a.grace,
           keep: { last: a['keep-last'], daily: a['keep-daily'], weekly: a['keep-weekly'], monthly: a['keep-monthly'] },
         }),
       ),

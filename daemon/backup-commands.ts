@@ -12,7 +12,7 @@ import { NbdClient } from '../protocol/client.js';
 import { daemonLink, privateSocketPath } from './backup-link.js';
 import { call } from './control-client.js';
 import { checkName } from './names.js';
-import { formatSize, parseSizeNumber } from './sizes.js';
+import { formatSize, parseDuration, parseSizeNumber } from './sizes.js';
 import { table } from './table.js';
 import { type Common, print } from './commands.js';
 import { type RepoAccess, repoName } from './repo-access.js';
@@ -173,14 +173,16 @@ export async function backupRestore(
   );
 }
 
-export async function backupPrune(o: RepoArg & { keep: KeepPolicy; volume?: string; dryRun: boolean }): Promise<void> {
+export async function backupPrune(o: RepoArg & { keep: KeepPolicy; volume?: string; dryRun: boolean; grace: string }): Promise<void> {
+  const graceMs = parseDuration(o.grace, '--grace');
   const repo = await openRepository(o);
-  const r = await prune(repo, { keep: o.keep, volume: o.volume, dryRun: o.dryRun });
+  const r = await prune(repo, { keep: o.keep, volume: o.volume, dryRun: o.dryRun, graceMs });
   print(o.json, r, () =>
     [
       `${o.dryRun ? 'would keep' : 'kept'} ${r.kept.length} backup(s), ${o.dryRun ? 'would forget' : 'forgot'} ${r.forgotten.length}` +
         (r.forgotten.length ? `: ${r.forgotten.map((id) => id.slice(0, 8)).join(' ')}` : ''),
-      `${r.packsDeleted} pack(s) deleted, ${r.packsRewritten} rewritten, ${formatSize(r.bytesFreed)} freed`,
+      `${r.packsDeleted} pack(s) deleted, ${r.packsRewritten} rewritten, ${formatSize(r.bytesFreed)} freed` +
+        (r.packsInGrace ? `; ${r.packsInGrace} pack(s) of no backup left for the grace period (${o.grace})` : ''),
     ].join('\n'),
   );
 }

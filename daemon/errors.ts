@@ -31,6 +31,12 @@ export const Errors = {
   // Names, sizes and the objects they name.
   invalidName: define('COWBD_INVALID_NAME', 400, (name: string) => `invalid name "${name}": use ${NAME_RULE}`),
   invalidSize: define('COWBD_INVALID_SIZE', 400, (text: string, why: string) => `invalid size "${text}": ${why}`),
+  invalidDuration: define(
+    'COWBD_INVALID_DURATION',
+    400,
+    (flag: string, text: string) =>
+      `invalid ${flag} "${text}": expected a number with an optional s, m, h or d suffix (seconds by default)`,
+  ),
   cannotShrink: define('COWBD_INVALID_SIZE', 400, (name: string, size: string) => `snapshot ${name} is ${size}; it can only grow`),
   nameTaken: define('COWBD_NAME_TAKEN', 409, (name: string) => `name "${name}" is already used by a volume or snapshot`),
   unknownVolume: define('COWBD_UNKNOWN_VOLUME', 404, (name: string) => `no volume named "${name}"`),

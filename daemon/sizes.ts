@@ -36,3 +36,12 @@ export function formatSize(bytes: number): string {
   }
   return `${Number.isInteger(v) ? v : v.toFixed(2)}${units[i]}`;
 }
+
+const DURATION_UNITS_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** "90", "30s", "15m", "1h", "2d" → milliseconds; `flag` names the option in the error. */
+export function parseDuration(text: string, flag: string): number {
+  const m = /^(\d+(?:\.\d+)?)([smhd]?)$/.exec(text.trim());
+  if (!m) throw Errors.invalidDuration(flag, text);
+  return Math.round(Number(m[1]) * DURATION_UNITS_MS[m[2] || 's']!);
+}
