@@ -17,7 +17,7 @@ import type { S3Options } from './s3-location.js';
 import { type FileKind, type FileStat, type RepoStorage, relativePath } from './storage.js';
 
 const HEX64 = /^[0-9a-f]{64}$/;
-/** Attempts per request, with the SDK's exponential backoff: about 6 s of retries ride out a gateway restart; see docs/tuning.md, S3_MAX_ATTEMPTS. */
+/** Attempts per request, with the SDK's exponential backoff, to ride out a gateway restart; see docs/tuning.md, S3_MAX_ATTEMPTS. */
 export const S3_MAX_ATTEMPTS = 6;
 /** Packs uploaded at once: a PUT waits on the network, not on us; see docs/tuning.md, S3_PARALLEL_SAVES. */
 export const S3_PARALLEL_SAVES = 4;
