@@ -87,8 +87,9 @@ function serveCommand(y: Argv) {
       })
       .option('max-bytes-in-flight', {
         type: 'string',
-        default: '1G',
-        describe: 'write payloads and read buffers held by requests in flight across all connections before reading pauses; 0 for no limit',
+        default: '256M',
+        describe:
+          'write payloads, read buffers and unsent read replies held across all connections before reading pauses (a connection holding under 512K always proceeds); 0 for no limit',
       })
       .option('write-behind', {
         type: 'string',

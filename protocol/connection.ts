@@ -19,6 +19,13 @@ import { clientInfo, upgradeToTls, type ClientInfo, type TlsPolicy } from './tls
 
 type Phase = 'handshake' | 'transmission' | 'closing' | 'closed';
 
+/**
+ * A connection holding less than this is never held back by the shared budget: connections
+ * whose replies are stuck (a client that stopped reading) can spend the budget, but cannot
+ * take away everyone else's next requests. See SECURITY.md, "Resource limits".
+ */
+export const GUARANTEED_BYTES = 512 * 1024;
+
 let nextId = 1;
 
 export class Connection extends EventEmitter {
@@ -32,7 +39,14 @@ export class Connection extends EventEmitter {
   private negotiated?: Negotiated;
   private ctx?: RequestContext;
   private inFlight = 0;
+  /** Write payloads, read buffers and read replies not yet taken by the kernel. */
   private bytesInFlight = 0;
+  /** A READ waiting for the bytes its reply will hold (mayHold). */
+  private parked?: { req: Request };
+  /** The length of a WRITE whose header is read and whose payload waits for room (mayHold). */
+  private parkedWrite?: number;
+  /** Releases of read replies not yet sent; run at close, so a dead socket returns its bytes. */
+  private readonly unsent = new Set<() => void>();
   private readPaused = false;
   private writeBlocked = false;
   private handshakeTimer?: NodeJS.Timeout;
@@ -238,10 +252,19 @@ export class Connection extends EventEmitter {
 
   private overloaded(): boolean {
     return (
+      this.parked !== undefined ||
+      this.parkedWrite !== undefined ||
       this.inFlight >= this.limits.maxInFlight ||
       this.bytesInFlight >= this.limits.maxBytesInFlight ||
-      this.limits.budget?.exhausted === true
+      (this.limits.budget?.exhausted === true && this.bytesInFlight >= GUARANTEED_BYTES)
     );
+  }
+
+  /** Whether a request may take `n` more bytes now: within the guarantee, or the shared budget has room. */
+  private mayHold(n: number): boolean {
+    if (this.bytesInFlight + n <= GUARANTEED_BYTES) return true;
+    const b = this.limits.budget;
+    return !b || b.inUse === 0 || b.inUse + n <= b.limit;
   }
 
   private holdBytes(n: number): void {
@@ -259,12 +282,13 @@ export class Connection extends EventEmitter {
   /** Stops reading until the limits allow more; a spent shared budget wakes us when it has room. */
   private holdReading(): void {
     this.pauseReading();
-    if (this.limits.budget?.exhausted) this.limits.budget.wait(this.onBudgetRoom);
+    if (this.limits.budget?.exhausted || this.parked || this.parkedWrite !== undefined) this.limits.budget?.wait(this.onBudgetRoom);
   }
 
   private pumpTransmission(): void {
     const p = this.parser;
-    while (this.phase === 'transmission') {
+    // A parked write's payload is not read until it has room: the parser would take it regardless.
+    while (this.phase === 'transmission' && this.parkedWrite === undefined) {
       switch (p.parse(!this.overloaded() && !this.writeBlocked)) {
         case P.NEED_INPUT:
           this.needMoreInput();
@@ -273,6 +297,11 @@ export class Connection extends EventEmitter {
           this.holdReading();
           return;
         case P.WRITE_STARTED:
+          if (!this.mayHold(p.request!.length)) {
+            this.parkedWrite = p.request!.length;
+            this.holdReading();
+            return;
+          }
           this.holdBytes(p.request!.length);
           break;
         case P.REQUEST:
@@ -301,6 +330,12 @@ export class Connection extends EventEmitter {
   }
 
   private dispatch(req: Request, payload: Buffer | undefined, pooled: boolean): void {
+    if (req.type === C.NBD_CMD_READ && !this.mayHold(req.length) && !validate(req, this.ctx!)) {
+      // Its reply would hold more than the budget has: wait, reading nothing more meanwhile.
+      this.parked = { req };
+      this.holdReading();
+      return;
+    }
     const started = performance.now();
     this.inFlight++;
     // A write's payload is held since its header; a read's buffer from now on.
@@ -313,13 +348,26 @@ export class Connection extends EventEmitter {
 
   private finish(req: Request, outcome: Outcome, started: number, heldBytes: number): void {
     this.inFlight--;
-    this.releaseBytes(heldBytes);
+    // A read's bytes stay held until the kernel takes its reply: a client that does not read
+    // its replies holds its share of the budget, not more than that in unsent replies.
+    let onSent: (() => void) | undefined;
+    if (outcome.data && heldBytes > 0 && this.phase !== 'closed') {
+      let done = false;
+      onSent = () => {
+        if (done) return;
+        done = true;
+        this.unsent.delete(onSent!);
+        this.releaseBytes(heldBytes);
+        if (this.phase === 'transmission') this.updateFlow();
+      };
+      this.unsent.add(onSent);
+    } else this.releaseBytes(heldBytes);
     const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
     const result = outcome.error === 0 ? 'ok' : (NBD_ERROR_NAMES[outcome.error] ?? `E${outcome.error}`);
     const moved = outcome.error === 0 && (req.type === C.NBD_CMD_READ || req.type === C.NBD_CMD_WRITE) ? req.length : 0;
     this.observer.requestDone?.(this.negotiated?.exportName ?? '', command, result, moved, (performance.now() - started) / 1000);
     if (this.phase === 'closed') this.replies.discard(outcome);
-    else if (this.replies.reply(req, outcome, this.ctx!.structured)) this.writeBlocked = true;
+    else if (this.replies.reply(req, outcome, this.ctx!.structured, onSent)) this.writeBlocked = true;
     if (this.phase === 'closing') this.maybeFinishClosing();
     else this.updateFlow();
   }
@@ -333,6 +381,23 @@ export class Connection extends EventEmitter {
 
   private updateFlow(): void {
     if (this.phase !== 'transmission') return;
+    if (this.parkedWrite !== undefined) {
+      if (!this.mayHold(this.parkedWrite)) {
+        this.holdReading();
+        return;
+      }
+      this.holdBytes(this.parkedWrite);
+      this.parkedWrite = undefined;
+    }
+    const parked = this.parked;
+    if (parked) {
+      if (!this.mayHold(parked.req.length)) {
+        this.holdReading();
+        return;
+      }
+      this.parked = undefined;
+      this.dispatch(parked.req, undefined, false);
+    }
     // Never pause inside a write's payload: its bytes are already counted, and
     // connections holding budget they cannot release would wait on each other.
     if ((this.overloaded() || this.writeBlocked) && this.parser.betweenRequests) {
@@ -361,7 +426,10 @@ export class Connection extends EventEmitter {
     this.queue.clear();
     // A write whose payload never fully arrived still holds its bytes.
     const unfinished = this.parser.abandon();
-    if (unfinished) this.releaseBytes(unfinished.length);
+    if (unfinished && this.parkedWrite === undefined) this.releaseBytes(unfinished.length);
+    this.parkedWrite = undefined;
+    for (const release of [...this.unsent]) release();
+    this.parked = undefined;
     this.limits.budget?.cancel(this.onBudgetRoom);
     this.unsubscribeGone?.();
     this.negotiated?.backend.release?.();

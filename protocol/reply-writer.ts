@@ -32,22 +32,31 @@ export class ReplyWriter {
   }
 
   /**
-   * Writes the frames of one reply; READ data goes back to the pool once written.
+   * Writes the frames of one reply; READ data goes back to the pool, and onSent is called,
+   * once the kernel has taken the last frame (or the socket is gone).
    * Returns true when the socket holds more than maxWriteBuffer unsent bytes.
    */
-  reply(req: Request, outcome: Outcome, structured: boolean): boolean {
+  reply(req: Request, outcome: Outcome, structured: boolean, onSent?: () => void): boolean {
     const data = outcome.data;
     if (this.out.destroyed) {
       if (data) this.pool.put(data);
+      onSent?.();
       return false;
     }
     const s = this.out;
     const frames = encodeReply(req, outcome, structured);
     let blocked = false;
     this.corkUntilCheckPhase();
+    const sent =
+      data || onSent
+        ? () => {
+            if (data) this.pool.put(data);
+            onSent?.();
+          }
+        : undefined;
     for (let i = 0; i < frames.length; i++) {
       const last = i === frames.length - 1;
-      const ok = s.write(frames[i]!, last && data ? () => this.pool.put(data) : undefined);
+      const ok = s.write(frames[i]!, last ? sent : undefined);
       if (!ok && s.writableLength > this.maxWriteBuffer) blocked = true;
     }
     if (this.corked && s.writableLength >= UNCORK_AT_BYTES) {

@@ -19,7 +19,7 @@ export interface ServerLimits extends ConnectionLimits {
 }
 
 /** Total bytes in flight across connections when not configured. */
-export const DEFAULT_TOTAL_BYTES_IN_FLIGHT = 1024 * 1024 * 1024;
+export const DEFAULT_TOTAL_BYTES_IN_FLIGHT = 256 * 1024 * 1024;
 
 export interface ListenAddress {
   host?: string;
