@@ -7,6 +7,7 @@ import t from 'tap';
 import { join } from 'node:path';
 import { ROOT } from '../helpers/daemon.js';
 import { run } from '../integration/target.js';
+import { cephAvailable } from '../helpers/ceph.js';
 
 /** run.sh with the given settings: its own directory is its working directory. */
 const bench = (env: Record<string, string>) =>
@@ -119,6 +120,41 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     .filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
   t.equal(backups.length, 7, `backup rows: ${backups.map((c) => c[0]).join('; ')}`);
   for (const c of backups) t.match(c[1], /^\d+(\.\d+)?$/, `cowbd figure of "${c[0]}"`);
+  // Backups to a Ceph S3 gateway against restic's S3 backend: the rows of issue 21's figures.
+  const s3 = r.stdout.slice(r.stdout.indexOf('### Backups to S3 (Ceph RADOS Gateway)'));
+  t.match(s3, /^### Backups to S3 \(Ceph RADOS Gateway\): cowbd vs restic/, 'S3 backup table');
+  if (cephAvailable() === undefined) {
+    // The table right under the title: header and separator, then its rows.
+    const lines = s3.split('\n');
+    const first = lines.findIndex((l) => l.startsWith('|'));
+    const end = lines.findIndex((l, i) => i > first && !l.startsWith('|'));
+    const s3rows = lines.slice(first + 2, end).map(cells);
+    t.same(
+      s3rows.map((c) => c[0]),
+      [
+        'full backup, wall s',
+        'incremental (1% rewritten), wall s',
+        'restore, MiB/s of volume',
+        'uploaded by the full backup, MiB',
+        'uploaded by the incremental, MiB',
+      ],
+      'S3 backup rows',
+    );
+    for (const c of s3rows) {
+      t.match(c[1], /^\d+(\.\d+)?$/, `S3 cowbd figure of "${c[0]}"`);
+      t.match(c[2], /^\d+(\.\d+)?$/, `S3 restic figure of "${c[0]}"`);
+      t.match(c[3], RATIO, `S3 ratio of "${c[0]}"`);
+    }
+    t.same(
+      s3rows.map((c) => c[4]),
+      ['<= 1.20', '<= 0.10', '-', '-', '-'],
+      'S3 targets: issue 21 sets the full and the incremental',
+    );
+    // The full backup uploaded at least the data written (16M, random: incompressible).
+    t.ok(Number(s3rows[3]?.[1]) >= 16, `cowbd uploaded the full backup's data: ${s3rows[3]?.[1]} MiB`);
+  } else {
+    t.match(s3, /Skipped: .* not installed/, 'S3 backups skipped without Ceph, saying why');
+  }
   // Merging back: throughput against cp, and origin random reads during a merge, each against its goal.
   t.match(r.stdout, /### Merging a snapshot back into its origin/, 'merge table');
   const merge = rows.map(cells).filter((c) => /^(merge throughput|4K random reads of the origin)/.test(c[0]!));
