@@ -27,67 +27,37 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
-bytes() { numfmt --from=iec "$1"; }
 log() { echo "[backup bench] $*" >&2; }
-now() { date +%s.%N; }
-since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$(now)"; }
-COWBD=(node "$ROOT/dist/daemon/cli.cjs")
+. "$BENCH/backup-lib.sh"
 export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$W/restic-cache
 
 command -v restic >/dev/null || { echo "| backup | restic is not installed (scripts/install-deps.sh installs it) |" >"$OUT/backup.md"; exit 0; }
 
-start_daemon() { # dir port
-  "${COWBD[@]}" serve --data-dir "$1" --listen "127.0.0.1:$2" --metrics-listen off --log-level warn >"$1.log" 2>&1 &
-  DPID=$!
-  PIDS+=("$DPID")
-  for _ in $(seq 1 200); do [ -S "$1/nbd.sock" ] && return 0; sleep 0.05; done
-  echo "daemon did not start: $(tail -5 "$1.log")" >&2
-  exit 1
-}
-snapshot() { # dir name origin
-  "${COWBD[@]}" snapshot create "$2" --origin "$3" --size "$(bytes "$BK_SIZE")" --read-only --data-dir "$1" >/dev/null
-}
-summary_field() { # json-lines-file field
-  python3 -c "
-import json, sys
-for l in open(sys.argv[1]):
-    d = json.loads(l)
-    if d.get('type') == 'summary': print(d['stats'][sys.argv[2]] if sys.argv[2] in d['stats'] else d[sys.argv[2]])" "$1" "$2"
-}
 dusize() { du -sb "$1" | cut -f1; }
 
-D=$W/data
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$D"
-"${COWBD[@]}" volume create vol --size "$BK_SIZE" --data-dir "$D" >/dev/null
-start_daemon "$D" "$PORT"
-URI="nbd://127.0.0.1:$PORT"
-log "writing $BK_DATA of random data into $BK_SIZE"
-/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/vol" fill "$(bytes "$BK_DATA")" $((2 << 20))
+make_backup_volume
 
 "${COWBD[@]}" backup init --repo "$W/cowbd-repo" >/dev/null
 restic init -q -r "$W/restic-repo" >/dev/null
 
 # Full backup: the same instant for both: one snapshot restic reads, one cowbd takes itself.
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+drop_caches
 log "full backup: cowbd"
 t0=$(now)
 "${COWBD[@]}" backup create vol --repo "$W/cowbd-repo" --json --data-dir "$D" >"$W/full.json"
 cowbd_full=$(since "$t0")
 snapshot "$D" r1 vol
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+drop_caches
 log "full backup: restic"
 t0=$(now)
-nbdcopy "$URI/r1" - | restic backup -q -r "$W/restic-repo" --stdin --stdin-filename vol.img >/dev/null
+restic_backup r1 "$W/restic-repo"
 restic_full=$(since "$t0")
 "${COWBD[@]}" snapshot remove r1 --data-dir "$D" >/dev/null
 cowbd_repo=$(dusize "$W/cowbd-repo")
 restic_repo=$(dusize "$W/restic-repo")
 
 # Incremental after 1% of the chunks rewritten, scattered.
-chunks=$(($(bytes "$BK_SIZE") / 65536))
-changed=$((chunks / 100))
-/usr/bin/python3 "$BENCH/backup-writes.py" "$URI/vol" scatter "$changed" 65536 42
+rewrite_one_percent 42
 log "incremental: cowbd ($changed chunks changed)"
 t0=$(now)
 "${COWBD[@]}" backup create vol --repo "$W/cowbd-repo" --json --data-dir "$D" >"$W/inc.json"
@@ -97,18 +67,18 @@ inc_id=$(summary_field "$W/inc.json" id)
 snapshot "$D" r2 vol
 log "incremental: restic"
 t0=$(now)
-nbdcopy "$URI/r2" - | restic backup -q -r "$W/restic-repo" --stdin --stdin-filename vol.img >/dev/null
+restic_backup r2 "$W/restic-repo"
 restic_inc=$(since "$t0")
 "${COWBD[@]}" snapshot remove r2 --data-dir "$D" >/dev/null
 
 # Restore to a file.
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+drop_caches
 log "restore: cowbd"
 t0=$(now)
 "${COWBD[@]}" backup restore "$inc_id" --repo "$W/cowbd-repo" --to-file "$W/cowbd.img" --no-progress >/dev/null
 cowbd_restore=$(since "$t0")
 rm -f "$W/cowbd.img"
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+drop_caches
 log "restore: restic"
 t0=$(now)
 restic restore -q -r "$W/restic-repo" latest --target "$W/restic-out" >/dev/null

@@ -11,7 +11,7 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create reserve memory engine backup merge"   which parts to run:
+#   SECTIONS="base cow rewrite snapread create reserve memory engine backup backup-s3 merge"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
@@ -27,6 +27,8 @@
 #               skipped with a line saying why)
 #     memory    RSS per exception and restart time with MEM_SIZE/MEM_CHUNK exceptions
 #     backup    cowbd backup against restic, fed the same snapshot (backup.sh)
+#     backup-s3 the same into a bucket of a one-node Ceph RADOS Gateway, against restic's
+#               S3 backend (backup-s3.sh; without Ceph, skipped with a line saying why)
 #     engine    the COW engine in process (engine.ts): first-write ratios with 0, 1
 #               and 4 snapshots and snapshot/origin read speed on ENGINE_SIZE
 #     merge     merging a snapshot with every chunk copied back into its origin
@@ -58,7 +60,7 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup merge"}
+SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup backup-s3 merge"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
 CHUNK=${CHUNK:-64K}
@@ -71,7 +73,7 @@ ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup | merge) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup | backup-s3 | merge) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -485,6 +487,16 @@ if has backup; then
   bash "$BENCH/backup.sh" "$RESULTS" >/dev/null
 fi
 
+if has backup-s3; then
+  log "backup-s3: cowbd backup against restic, into a Ceph S3 gateway"
+  # In the background and tracked, so an interrupted bench ends it and its trap stops the cluster.
+  bash "$BENCH/backup-s3.sh" "$RESULTS" >/dev/null &
+  spid=$!
+  track_pid "$spid"
+  wait "$spid"
+  untrack_pid "$spid"
+fi
+
 if has merge; then
   log "merge: a snapshot merged back into its origin"
   # In the background and tracked, so an interrupted bench ends it and its trap cleans up.
@@ -502,3 +514,4 @@ python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "
   --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))" --commit "$COMMIT"
 if has engine; then cat "$RESULTS/engine.md"; fi
 if has backup; then cat "$RESULTS/backup.md"; fi
+if has backup-s3; then cat "$RESULTS/backup-s3.md"; fi

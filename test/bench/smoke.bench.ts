@@ -7,6 +7,7 @@ import t from 'tap';
 import { join } from 'node:path';
 import { ROOT } from '../helpers/daemon.js';
 import { run } from '../integration/target.js';
+import { cephAvailable } from '../helpers/ceph.js';
 
 /** run.sh with the given settings: its own directory is its working directory. */
 const bench = (env: Record<string, string>) =>
@@ -39,6 +40,15 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
       .split('|')
       .slice(1, -1)
       .map((c) => c.trim());
+  /** The rows of the table right under the heading that matches: its header and separator left out. */
+  const table = (heading: RegExp) => {
+    const lines = r.stdout.split('\n');
+    const title = lines.findIndex((l) => heading.test(l));
+    if (title < 0) return [];
+    const first = lines.findIndex((l, i) => i > title && l.startsWith('|'));
+    const end = lines.findIndex((l, i) => i > first && !l.startsWith('|'));
+    return lines.slice(first + 2, end < 0 ? undefined : end).map(cells);
+  };
 
   // Sections 1-5: 4 base rows, 2 first-write rows, 2 rewrite rows, 2 four-snapshot rows, 4 snapshot-read rows.
   const targets = rows.map(cells).filter((c) => /^[1-5]$/.test(c[0]!));
@@ -114,11 +124,43 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
   for (const c of engine.slice(1, 3)) t.ok(c[3] === 'yes' || c[3] === 'no', `met column of "${c[0]}"`);
   // Backups against restic: every row of the issue's list.
   t.match(r.stdout, /### Backups: cowbd vs restic/, 'backup table');
-  const backups = rows
-    .map(cells)
-    .filter((c) => /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!));
+  // Its own table only: the S3 table below has rows of the same names.
+  const backups = table(/^### Backups: cowbd vs restic/).filter((c) =>
+    /^(full backup|repository after|incremental|restore|origin 4K|daemon peak RSS)/.test(c[0]!),
+  );
   t.equal(backups.length, 7, `backup rows: ${backups.map((c) => c[0]).join('; ')}`);
   for (const c of backups) t.match(c[1], /^\d+(\.\d+)?$/, `cowbd figure of "${c[0]}"`);
+  // Backups to a Ceph S3 gateway against restic's S3 backend: the rows of issue 21's figures.
+  t.match(r.stdout, /### Backups to S3 \(Ceph RADOS Gateway\): cowbd vs restic/, 'S3 backup table');
+  if (cephAvailable() === undefined) {
+    const s3rows = table(/^### Backups to S3 \(Ceph RADOS Gateway\)/);
+    t.same(
+      s3rows.map((c) => c[0]),
+      [
+        'full backup, wall s',
+        'incremental (1% rewritten), wall s',
+        'restore, MiB/s of volume',
+        'uploaded by the full backup, MiB',
+        'uploaded by the incremental, MiB',
+      ],
+      'S3 backup rows',
+    );
+    for (const c of s3rows) {
+      t.match(c[1], /^\d+(\.\d+)?$/, `S3 cowbd figure of "${c[0]}"`);
+      t.match(c[2], /^\d+(\.\d+)?$/, `S3 restic figure of "${c[0]}"`);
+      t.match(c[3], RATIO, `S3 ratio of "${c[0]}"`);
+    }
+    t.same(
+      s3rows.map((c) => c[4]),
+      ['<= 1.20', '<= 0.10', '-', '-', '-'],
+      'S3 targets: issue 21 sets the full and the incremental',
+    );
+    // The full backup uploaded at least the data written (16M, random: incompressible).
+    t.ok(Number(s3rows[3]?.[1]) >= 16, `cowbd uploaded the full backup's data: ${s3rows[3]?.[1]} MiB`);
+  } else {
+    const skipped = /### Backups to S3 \(Ceph RADOS Gateway\)[^\n]*\n\nSkipped: .* not installed/;
+    t.match(r.stdout, skipped, 'S3 backups skipped without Ceph, saying why');
+  }
   // Merging back: throughput against cp, and origin random reads during a merge, each against its goal.
   t.match(r.stdout, /### Merging a snapshot back into its origin/, 'merge table');
   const merge = rows.map(cells).filter((c) => /^(merge throughput|4K random reads of the origin)/.test(c[0]!));
