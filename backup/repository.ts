@@ -9,6 +9,7 @@ import { chunkId, newMasterKey, objectAad, type RepoKey, SEAL_OVERHEAD, seal, un
 import { BackupErrors, isBackupError } from './errors.js';
 import { keyFileId, makeKeyFile, openKeyFile } from './key-file.js';
 import { type RepoLock, takeLock } from './lock.js';
+import { mapLimit, STORAGE_READS_IN_FLIGHT } from './parallel.js';
 import { openStorage, type S3Options } from './storage/open-storage.js';
 import type { RepoStorage } from './storage/storage.js';
 import {
@@ -45,6 +46,8 @@ const INDEX_AAD = Buffer.from('index');
 const RUN_GAP_BYTES = 64 * 1024;
 /** ...and reads at most this much in one request. */
 const RUN_MAX_BYTES = 4 * 1024 * 1024;
+/** listManifests() reads this much of each manifest at first, enough for any header but a huge one. */
+const HEADER_READ_BYTES = 16 * 1024;
 
 interface Config {
   format: string;
@@ -221,32 +224,36 @@ export class Repository implements WriterHost {
     this.blobs.clear();
     this.unreadablePacks.clear();
     this.indexFiles = [];
-    for (const name of await this.storage.list('index')) {
-      let f: IndexFile;
+    const names = await this.storage.list('index');
+    const files = await mapLimit(names, STORAGE_READS_IN_FLIGHT, async (name) => {
       try {
         const file = await this.storage.load('index', name);
-        if (!file) continue;
-        f = JSON.parse(this.unseal(file, `index file ${name}`, INDEX_AAD).toString('utf8'));
+        if (!file) return undefined;
+        const f: IndexFile = JSON.parse(this.unseal(file, `index file ${name}`, INDEX_AAD).toString('utf8'));
         if (!Array.isArray(f.packs)) throw new Error('no packs');
+        return f;
       } catch (e) {
         if (isBackupError(e, BackupErrors.storage)) throw e;
-        continue; // a damaged index file is only a cache: the packs' trailers are read instead
+        return undefined; // a damaged index file is only a cache: the packs' trailers are read instead
       }
-      this.indexFiles.push(name);
+    });
+    for (const [k, f] of files.entries()) {
+      if (!f) continue;
+      this.indexFiles.push(names[k]!);
       for (const p of f.packs) {
         const blobs = p.blobs.map((b) => ({ ...b, id: Buffer.from(b.id, 'hex') }));
         this.addPack({ id: p.id, size: p.size, blobs });
       }
     }
-    for (const pack of await this.listPackFiles()) {
-      if (this.packs.has(pack)) continue;
+    const unindexed = (await this.listPackFiles()).filter((pack) => !this.packs.has(pack));
+    await mapLimit(unindexed, STORAGE_READS_IN_FLIGHT, async (pack) => {
       try {
         this.addPack({ id: pack, ...(await this.readTrailer(pack)) });
       } catch (e) {
         if (isBackupError(e, BackupErrors.storage)) throw e;
         this.unreadablePacks.set(pack, (e as Error).message);
       }
-    }
+    });
   }
 
   /** The ids of the pack files in data/. */
@@ -451,7 +458,7 @@ export class Repository implements WriterHost {
   async listManifests(): Promise<{ headers: ManifestHeader[]; damaged: { file: string; reason: string }[] }> {
     const headers: ManifestHeader[] = [];
     const damaged: { file: string; reason: string }[] = [];
-    for (const name of await this.manifestIds()) {
+    await mapLimit(await this.manifestIds(), STORAGE_READS_IN_FLIGHT, async (name) => {
       try {
         const h = await this.readHeader(name);
         if (h) headers.push(h);
@@ -459,7 +466,8 @@ export class Repository implements WriterHost {
         if (isBackupError(e, BackupErrors.storage)) throw e;
         damaged.push({ file: name, reason: (e as Error).message });
       }
-    }
+    });
+    damaged.sort((a, b) => a.file.localeCompare(b.file));
     headers.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
     return { headers, damaged };
   }
@@ -474,11 +482,15 @@ export class Repository implements WriterHost {
       const file = await this.loadManifestFile(id);
       return file && toHeader(decodeHeader(file.subarray(MANIFEST_PREFIX_BYTES, MANIFEST_PREFIX_BYTES + headerLength(file)), id));
     }
-    const prefix = await this.storage.load('backups', id, { offset: 0, length: MANIFEST_PREFIX_BYTES });
-    if (!prefix) return undefined;
-    if (prefix.length < MANIFEST_PREFIX_BYTES) throw new Error('header runs past the end of the file');
-    const n = headerLength(prefix);
-    const json = await this.storage.load('backups', id, { offset: MANIFEST_PREFIX_BYTES, length: n });
+    // One read that usually holds the whole header: on object storage a request costs the same for 8 bytes or 16 KiB.
+    const head = await this.storage.load('backups', id, { offset: 0, length: HEADER_READ_BYTES });
+    if (!head) return undefined;
+    if (head.length < MANIFEST_PREFIX_BYTES) throw new Error('header runs past the end of the file');
+    const n = headerLength(head);
+    const json =
+      MANIFEST_PREFIX_BYTES + n <= head.length
+        ? head.subarray(MANIFEST_PREFIX_BYTES, MANIFEST_PREFIX_BYTES + n)
+        : await this.storage.load('backups', id, { offset: MANIFEST_PREFIX_BYTES, length: n });
     if (!json) return undefined;
     if (json.length < n) throw new Error('header runs past the end of the file');
     return toHeader(decodeHeader(json, id));
@@ -510,6 +522,8 @@ export class Repository implements WriterHost {
 
   private async resolveId(prefix: string): Promise<string> {
     const p = prefix.toLowerCase();
+    // A whole id needs no listing; loadManifest says so if there is no such backup.
+    if (MANIFEST_ID_RE.test(p)) return p;
     if (p === '' || !/^[0-9a-f]+$/.test(p)) throw BackupErrors.unknownBackup(prefix);
     const matches = (await this.manifestIds()).filter((n) => n.startsWith(p));
     if (matches.length === 0) throw BackupErrors.unknownBackup(prefix);
