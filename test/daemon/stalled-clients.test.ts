@@ -1,7 +1,7 @@
-// Clients that stop reading their replies must not cost anyone else (SECURITY.md, "Resource
-// limits"): 32 connections queue 1 GiB of 32 MiB READs each and never read a byte; an honest
-// client's 4 KiB write-then-read round trips keep their pace and latency, and the daemon's
-// memory stays bounded.
+// Clients that misbehave slowly must not cost anyone else (SECURITY.md, "Clients that stall"):
+// connections that queue 1 GiB of 32 MiB READs each and never read a byte, or trickle a write's
+// payload a byte at a time, or idle after the handshake. An honest client's 4 KiB
+// write-then-read round trips keep their pace and latency, and the daemon's memory stays bounded.
 import { readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
@@ -9,7 +9,7 @@ import t from 'tap';
 import { type Daemon, startDaemon } from '../helpers/daemon.js';
 import { NbdClient } from '../helpers/nbd-client.js';
 import { metricValue, scrape } from '../helpers/proc.js';
-import { stalledReader } from '../helpers/stalled-client.js';
+import { rawHandshake, stalledReader, tricklingWriter } from '../helpers/stalled-client.js';
 
 t.setTimeout(300_000);
 const SIZE = 1 << 30;
@@ -89,3 +89,34 @@ for (const stalled of [8, 32]) {
     t.equal(held, 0, 'closed connections gave back every byte they held in unsent replies');
   });
 }
+
+t.test('writes trickled a byte at a time and connections idle after the handshake', async (t) => {
+  const d = await startDaemon({ volumes: [{ name: 'vol', size: '1G' }], logLevel: 'info' });
+  t.teardown(() => d.stop());
+  const stops: Array<() => void> = [];
+  t.teardown(() => {
+    for (const stop of stops) stop();
+  });
+  const alone = await honest(d, SECONDS);
+  for (let i = 0; i < 16; i++) stops.push((await tricklingWriter(d.port, 'vol', 32 << 20, 100)).stop);
+  for (let i = 0; i < 64; i++) {
+    const s = await rawHandshake(d.port, 'vol');
+    stops.push(() => s.destroy());
+  }
+  await new Promise((r) => setTimeout(r, 1000));
+  let f: Figures = { alone, loaded: await honest(d, SECONDS) };
+  for (let attempt = 1; attempt < 3 && !meets(f); attempt++) f = { alone, loaded: await honest(d, SECONDS) };
+  const rss = peakRss(d);
+  t.comment(
+    `16 trickling, 64 idle: ${f.loaded.trips} round trips (worst ${f.loaded.worstMs.toFixed(1)} ms) against ${f.alone.trips} ` +
+      `alone; daemon peak RSS ${(rss / 2 ** 20).toFixed(0)} MiB`,
+  );
+  t.ok(f.loaded.worstMs <= 250, `the honest client's worst round trip: ${f.loaded.worstMs.toFixed(1)} ms`);
+  t.ok(f.loaded.trips >= 0.8 * f.alone.trips, `its round trips: ${f.loaded.trips} against ${f.alone.trips} alone`);
+  t.ok(rss < 512 * 2 ** 20, `the daemon's peak RSS: ${(rss / 2 ** 20).toFixed(0)} MiB`);
+  for (const stop of stops) stop();
+  let held = -1;
+  for (let i = 0; i < 50 && held !== 0; i++, await new Promise((r) => setTimeout(r, 100)))
+    held = metricValue(await scrape(d.metricsPort), 'cowbd_nbd_bytes_in_flight') ?? -1;
+  t.equal(held, 0, 'half-received writes gave their bytes back');
+});

@@ -45,3 +45,22 @@ export async function stalledReader(port: number, exportName: string, count: num
   }
   return s;
 }
+
+/** Sends a WRITE header of `length` bytes, then its payload one byte per `everyMs`; stop() ends the trickle. */
+export async function tricklingWriter(
+  port: number,
+  exportName: string,
+  length: number,
+  everyMs: number,
+): Promise<{ socket: Socket; stop(): void }> {
+  const s = await rawHandshake(port, exportName);
+  s.write(encodeRequest({ flags: 0, type: C.NBD_CMD_WRITE, cookieHi: 0, cookieLo: 1, offset: 0n, length }));
+  const timer = setInterval(() => s.write(Buffer.of(0x5a)), everyMs);
+  return {
+    socket: s,
+    stop: () => {
+      clearInterval(timer);
+      s.destroy();
+    },
+  };
+}
