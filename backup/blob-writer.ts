@@ -11,7 +11,6 @@ import { type BlobEntry, encodeTrailer, PACK_TARGET_BYTES } from './pack-format.
 
 /** See docs/backup-repository.md, "Writing". */
 export const COMPRESSIONS_IN_FLIGHT = 4;
-export const ZSTD_LEVEL = 3;
 /** An index file is written after this many packs as well as at finish(), so a long backup that is killed leaves little to rescan. */
 export const INDEX_EVERY_PACKS = 64;
 
@@ -78,7 +77,8 @@ export class PackWriter implements BlobWriter {
     this.claimed.push(hex);
     await this.slot();
     try {
-      const packed = await compress(data, ZSTD_LEVEL);
+      // The binding takes no level: it compresses at zstd's default, 3 (docs/backup-repository.md, "Blobs").
+      const packed = await compress(data);
       const compressed = packed.length < data.length;
       // The caller reuses `data` once this resolves: the pack keeps a copy.
       const stored = this.host.storeBlob(compressed ? packed : Buffer.from(data));
