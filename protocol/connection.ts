@@ -45,8 +45,8 @@ export class Connection extends EventEmitter {
   private parked?: { req: Request };
   /** The length of a WRITE whose header is read and whose payload waits for room (mayHold). */
   private parkedWrite?: number;
-  /** Releases of read replies not yet sent; run at close, so a dead socket returns its bytes. */
-  private readonly unsent = new Set<() => void>();
+  /** Bytes of read replies not yet taken by the kernel; given back at close if the socket never takes them. */
+  private unsentBytes = 0;
   private readPaused = false;
   private writeBlocked = false;
   private handshakeTimer?: NodeJS.Timeout;
@@ -73,7 +73,7 @@ export class Connection extends EventEmitter {
     this.client = clientInfo(socket);
     this.log = log.child({ conn: this.id, remote: socket.remoteAddress ?? 'unix' });
     this.parser = new P.RequestParser(this.queue, pool);
-    this.replies = new ReplyWriter(socket, pool, limits.maxWriteBuffer);
+    this.replies = new ReplyWriter(socket, pool, limits.maxWriteBuffer, this.onReplySent);
     this.handshake = new Handshake(registry, (b) => this.replies.send(b), this.log, { tls: tls.mode, client: this.client });
     // The raw socket closes last even when TLS runs on top of it.
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
@@ -279,6 +279,14 @@ export class Connection extends EventEmitter {
 
   private readonly onBudgetRoom = () => this.updateFlow();
 
+  /** The kernel took a read reply holding `n` bytes (ReplyWriter's onSent). */
+  private readonly onReplySent = (n: number) => {
+    if (this.phase === 'closed') return; // onClose gave every unsent byte back
+    this.unsentBytes -= n;
+    this.releaseBytes(n);
+    if (this.phase === 'transmission') this.updateFlow();
+  };
+
   /** Stops reading until the limits allow more; a spent shared budget wakes us when it has room. */
   private holdReading(): void {
     this.pauseReading();
@@ -350,24 +358,15 @@ export class Connection extends EventEmitter {
     this.inFlight--;
     // A read's bytes stay held until the kernel takes its reply: a client that does not read
     // its replies holds its share of the budget, not more than that in unsent replies.
-    let onSent: (() => void) | undefined;
-    if (outcome.data && heldBytes > 0 && this.phase !== 'closed') {
-      let done = false;
-      onSent = () => {
-        if (done) return;
-        done = true;
-        this.unsent.delete(onSent!);
-        this.releaseBytes(heldBytes);
-        if (this.phase === 'transmission') this.updateFlow();
-      };
-      this.unsent.add(onSent);
-    } else this.releaseBytes(heldBytes);
+    const unsent = outcome.data && this.phase !== 'closed' ? heldBytes : 0;
+    this.unsentBytes += unsent;
+    this.releaseBytes(heldBytes - unsent);
     const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
     const result = outcome.error === 0 ? 'ok' : (NBD_ERROR_NAMES[outcome.error] ?? `E${outcome.error}`);
     const moved = outcome.error === 0 && (req.type === C.NBD_CMD_READ || req.type === C.NBD_CMD_WRITE) ? req.length : 0;
     this.observer.requestDone?.(this.negotiated?.exportName ?? '', command, result, moved, (performance.now() - started) / 1000);
     if (this.phase === 'closed') this.replies.discard(outcome);
-    else if (this.replies.reply(req, outcome, this.ctx!.structured, onSent)) this.writeBlocked = true;
+    else if (this.replies.reply(req, outcome, this.ctx!.structured, unsent)) this.writeBlocked = true;
     if (this.phase === 'closing') this.maybeFinishClosing();
     else this.updateFlow();
   }
@@ -428,7 +427,8 @@ export class Connection extends EventEmitter {
     const unfinished = this.parser.abandon();
     if (unfinished && this.parkedWrite === undefined) this.releaseBytes(unfinished.length);
     this.parkedWrite = undefined;
-    for (const release of [...this.unsent]) release();
+    this.releaseBytes(this.unsentBytes);
+    this.unsentBytes = 0;
     this.parked = undefined;
     this.limits.budget?.cancel(this.onBudgetRoom);
     this.unsubscribeGone?.();

@@ -24,6 +24,8 @@ export class ReplyWriter {
     private readonly pool: BufferPool,
     /** Unsent bytes past which reply() reports the socket as blocked. */
     private readonly maxWriteBuffer: number,
+    /** Told of the bytes a reply held once the kernel has taken it (or the socket is gone). */
+    private readonly onSent: (heldBytes: number) => void = () => {},
   ) {}
 
   /** Handshake bytes, written as they come. */
@@ -32,15 +34,15 @@ export class ReplyWriter {
   }
 
   /**
-   * Writes the frames of one reply; READ data goes back to the pool, and onSent is called,
-   * once the kernel has taken the last frame (or the socket is gone).
+   * Writes the frames of one reply; READ data goes back to the pool, and onSent is told of
+   * `heldBytes`, once the kernel has taken the last frame (or the socket is gone).
    * Returns true when the socket holds more than maxWriteBuffer unsent bytes.
    */
-  reply(req: Request, outcome: Outcome, structured: boolean, onSent?: () => void): boolean {
+  reply(req: Request, outcome: Outcome, structured: boolean, heldBytes = 0): boolean {
     const data = outcome.data;
     if (this.out.destroyed) {
       if (data) this.pool.put(data);
-      onSent?.();
+      if (heldBytes) this.onSent(heldBytes);
       return false;
     }
     const s = this.out;
@@ -48,10 +50,10 @@ export class ReplyWriter {
     let blocked = false;
     this.corkUntilCheckPhase();
     const sent =
-      data || onSent
+      data || heldBytes
         ? () => {
             if (data) this.pool.put(data);
-            onSent?.();
+            if (heldBytes) this.onSent(heldBytes);
           }
         : undefined;
     for (let i = 0; i < frames.length; i++) {
