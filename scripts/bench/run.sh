@@ -11,8 +11,12 @@
 #
 # Usage: npm run bench   (builds first), or bash scripts/bench/run.sh
 # Knobs (environment):
-#   SECTIONS="base cow rewrite snapread create reserve memory engine backup backup-s3 merge"   which parts to run:
+#   SECTIONS="base conns cow rewrite snapread create reserve memory engine backup backup-s3 merge"   which parts to run:
 #     base      cowbd origin (no snapshot) vs nbdkit file, time-based jobs
+#     conns     the base jobs over one connection and over four (fio numjobs=4, a
+#               connection per job, each on its own quarter of the volume, same
+#               iodepth per connection), on cowbd, nbdkit file and qemu-nbd
+#               (CONNS_TARGETS); one-connection runs base already made are reused
 #     cow       first writes (every chunk uncopied) with 0, 1 and 4 snapshots,
 #               size-bounded: seq 1M over the whole volume once; random 4K
 #               writes, each into a distinct chunk (RAND_IOS of them)
@@ -38,7 +42,8 @@
 #   CHUNK=64K                         snapshot chunk size for cow/rewrite/snapread
 #   RAND_IOS=(half the chunks)        random first writes per run, each in its own chunk
 #   TARGETS="cowbd nbdkit"            base targets; the first nbdkit one is the baseline
-#   JOBS="seqread seqwrite randread randwrite"   base jobs
+#   JOBS="seqread seqwrite randread randwrite"   base jobs (and conns jobs)
+#   CONNS_TARGETS="cowbd nbdkit qemunbd" CONNS=4   conns: targets, connections of the many-connection runs
 #   CREATE_SIZES="1G 1T" CREATE_N=15  volumes for snapshot creation, creations per case
 #   RESERVE_SIZES="1G 100G" RESERVE_FS=256G   reserve: store sizes, apparent size of its ext4 image
 #   MEM_SIZE=4G MEM_CHUNK=4K RESTARTS=3   memory: exceptions = MEM_SIZE / MEM_CHUNK
@@ -60,9 +65,11 @@ BENCH=$ROOT/scripts/bench
 ROUNDS=${ROUNDS:-5}
 RUNTIME=${RUNTIME:-6}
 SIZE=${SIZE:-1G}
-SECTIONS=${SECTIONS:-"base cow rewrite snapread create reserve memory engine backup backup-s3 merge"}
+SECTIONS=${SECTIONS:-"base conns cow rewrite snapread create reserve memory engine backup backup-s3 merge"}
 TARGETS=${TARGETS:-"cowbd nbdkit"}
 JOBS=${JOBS:-"seqread seqwrite randread randwrite"}
+CONNS_TARGETS=${CONNS_TARGETS:-"cowbd nbdkit qemunbd"}
+CONNS=${CONNS:-4}
 CHUNK=${CHUNK:-64K}
 CREATE_SIZES=${CREATE_SIZES:-"1G 1T"}
 CREATE_N=${CREATE_N:-15}
@@ -73,7 +80,7 @@ ENGINE_SIZE=${ENGINE_SIZE:-256M}
 BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 for s in $SECTIONS; do
-  case $s in base | cow | rewrite | snapread | create | reserve | memory | engine | backup | backup-s3 | merge) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
+  case $s in base | conns | cow | rewrite | snapread | create | reserve | memory | engine | backup | backup-s3 | merge) ;; *) echo "unknown section $s" >&2; exit 2 ;; esac
 done
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 bytes() { numfmt --from=iec "${1%B}"; }
@@ -195,6 +202,19 @@ target_nbdkit_start() { # dir
   URI="nbd://127.0.0.1:$port/bench"
 }
 
+# qemu-nbd on a sparse raw file: the other reference server. -e lets several
+# clients in at once (the default is one); -t keeps it up between fio runs.
+target_qemunbd_start() { # dir
+  local dir=$1 port pid
+  truncate -s "$SIZE" "$dir/bench"
+  port=$(free_port)
+  qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$port" -t -e 16 "$dir/bench" >"$dir/log" 2>&1 &
+  pid=$!
+  track_pid "$pid"
+  wait_for_port "$port" "$pid"
+  URI="nbd://127.0.0.1:$port/bench"
+}
+
 # ---- jobs ------------------------------------------------------------------
 
 # name -> "rw bs iodepth"
@@ -245,6 +265,11 @@ elif has rewrite || has snapread; then
   BASE_TARGETS=cowbd
 fi
 START_TARGETS=$BASE_TARGETS
+if has conns; then
+  for t in $CONNS_TARGETS; do
+    [[ " $START_TARGETS " == *" $t "* ]] || START_TARGETS="$START_TARGETS $t"
+  done
+fi
 if { has cow || has rewrite || has snapread; } && [[ " $START_TARGETS " != *" cowbd "* ]]; then
   START_TARGETS="cowbd $START_TARGETS"
 fi
@@ -281,6 +306,7 @@ rewrite_reference() {
     timed "$job" "${URIS[cowbd]}" "$RESULTS/$round.$job.cowbd-ref.json"
   done
 }
+QUARTER=$((SIZE_BYTES / CONNS))
 for round in $(seq 1 "$ROUNDS"); do
   for job in $BASE_JOBS; do
     for t in $BASE_TARGETS; do
@@ -288,6 +314,21 @@ for round in $(seq 1 "$ROUNDS"); do
       timed "$job" "${URIS[$t]}" "$RESULTS/$round.$job.$t.json"
     done
   done
+
+  if has conns; then
+    # One figure per target and job: fio sums its jobs (connections) with group_reporting.
+    for job in $JOBS; do
+      for t in $CONNS_TARGETS; do
+        if ! [[ " $BASE_TARGETS " == *" $t "* && " $BASE_JOBS " == *" $job "* ]]; then
+          log "round $round/$ROUNDS: $job on $t, 1 connection"
+          timed "$job" "${URIS[$t]}" "$RESULTS/$round.$job.$t.json"
+        fi
+        log "round $round/$ROUNDS: $job on $t, $CONNS connections"
+        timed "$job" "${URIS[$t]}" "$RESULTS/$round.$job-conns.$t.json" \
+          --numjobs="$CONNS" --group_reporting --size="$QUARTER" --offset_increment="$QUARTER"
+      done
+    done
+  fi
 
   if has cow; then
     # First writes: fresh snapshots made right before each run, every chunk
@@ -510,6 +551,7 @@ fi
 
 log "done"
 python3 "$BENCH/summarize.py" --results "$RESULTS" --targets "$TARGETS" --jobs "$BASE_JOBS" --base-targets "$BASE_TARGETS" \
+  --conns-targets "$CONNS_TARGETS" --conns-jobs "$JOBS" --conns "$CONNS" \
   --sections "$SECTIONS" --rounds "$ROUNDS" --runtime "$RUNTIME" --size "$SIZE" --chunk "$CHUNK" --rand-ios "$RAND_IOS" \
   --create-n "$CREATE_N" --mem-size "$MEM_SIZE" --mem-chunk "$MEM_CHUNK" --elapsed "$(($(date +%s) - START))" --commit "$COMMIT"
 if has engine; then cat "$RESULTS/engine.md"; fi

@@ -177,6 +177,37 @@ def reserve_table(results, create_n):
     print()
 
 
+SHAPES = {"seqread": "seq 1M read qd8", "seqwrite": "seq 1M write qd8", "randread": "rand 4K read qd16", "randwrite": "rand 4K write qd16"}
+NAMES = {"qemunbd": "qemu-nbd"}
+
+
+def conns_table(R, targets, jobs, conns):
+    """The conns section: each job over one connection and over `conns`, per target."""
+    print(f"### {conns} connections against 1, side by side")
+    print()
+    print(f"fio numjobs={conns} with group_reporting: one connection per job, each on its own 1/{conns} of the volume, "
+          f"the iodepth below per connection; figures summed over the connections, medians over rounds.")
+    print()
+    cols = [(t, n) for t in targets for n in (1, conns)]
+    ref = next((t for t in targets if t.startswith("nbdkit")), None)
+    head = [f"{NAMES.get(t, t)} {n} conn" for t, n in cols]
+    extra = ([f"cowbd / {ref}, {conns} conn"] if ref and "cowbd" in targets else []) + ([f"cowbd {conns} conn / 1 conn"] if "cowbd" in targets else [])
+    print("| shape | " + " | ".join(head + extra) + " |")
+    print("|---|" + "---:|" * (len(head) + len(extra)))
+    for job in jobs:
+        idx = 0 if job.startswith("seq") else 1
+        unit = "MiB/s" if idx == 0 else "IOPS"
+        key = lambda t, n: (job if n == 1 else f"{job}-conns", t)
+        figs = [R.median(key(t, n), idx) for t, n in cols]
+        cells = ["–" if f is None else f"{f:.0f} {unit}" for f in figs]
+        if ref and "cowbd" in targets:
+            cells.append(fmt_ratio(R.compare(key("cowbd", conns), key(ref, conns), idx)[2]))
+        if "cowbd" in targets:
+            cells.append(fmt_ratio(R.compare(key("cowbd", conns), key("cowbd", 1), idx)[2]))
+        print(f"| {SHAPES.get(job, job)} | " + " | ".join(cells) + " |")
+    print()
+
+
 def merge_table(results):
     """merge.sh's figures: merge throughput against cp, origin random reads during a merge."""
     print("### Merging a snapshot back into its origin")
@@ -226,6 +257,9 @@ def main():
     ap.add_argument("--base-targets", default=None)
     ap.add_argument("--jobs", default="seqread seqwrite randread randwrite")
     ap.add_argument("--sections", default="base")
+    ap.add_argument("--conns-targets", default="cowbd nbdkit qemunbd")
+    ap.add_argument("--conns-jobs", default="seqread seqwrite randread randwrite")
+    ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--runtime", default="?")
     ap.add_argument("--size", default="?")
@@ -304,6 +338,9 @@ def main():
             print(f"Rewrites against the base section's no-snapshot runs at the start of each round: seq {fmt_ratio(far[0])}, "
                   f"rand {fmt_ratio(far[1])}; the rewrites' own reference against those same runs: seq {fmt_ratio(near[0])}, rand {fmt_ratio(near[1])}.")
             print()
+
+    if "conns" in sections:
+        conns_table(R, args.conns_targets.split(), args.conns_jobs.split(), args.conns)
 
     # What the first writes cost once durable: the run plus one FLUSH right after it.
     if R.flush:

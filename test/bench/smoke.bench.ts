@@ -61,6 +61,24 @@ t.test('the whole benchmark runs and reports every target', { timeout: 600_000 }
     t.ok(c[7] === 'yes' || c[7] === 'no', `met column of "${c[1]}"`);
   }
 
+  // Four connections against one: every base shape, on cowbd, nbdkit and qemu-nbd, with two ratios.
+  const conns = table(/^### 4 connections against 1, side by side/);
+  t.same(
+    conns.map((c) => c[0]),
+    ['seq 1M read qd8', 'seq 1M write qd8', 'rand 4K read qd16', 'rand 4K write qd16'],
+    'four-connection rows: one per base shape',
+  );
+  t.match(
+    r.stdout,
+    /\| shape \| cowbd 1 conn \| cowbd 4 conn \| nbdkit 1 conn \| nbdkit 4 conn \| qemu-nbd 1 conn \| qemu-nbd 4 conn \| cowbd \/ nbdkit, 4 conn \| cowbd 4 conn \/ 1 conn \|/,
+    'four-connection columns',
+  );
+  for (const c of conns) {
+    for (const fig of c.slice(1, 7)) t.match(fig, NUMBER, `four-connection figure of "${c[0]}"`);
+    for (const ratio of c.slice(7)) t.match(ratio, RATIO, `four-connection ratio of "${c[0]}"`);
+    t.equal(c.length, 9, `four-connection cells of "${c[0]}"`);
+  }
+
   // Creation: each volume, idle and under load, with no other snapshot and with one held.
   const creation = rows.map(cells).filter((c) => /^(64M|1T)$/.test(c[0]!));
   t.equal(creation.length, 8, 'creation rows: 2 volumes x idle/load x none/held');
