@@ -15,15 +15,18 @@ export class ChunkCache {
   getMany(repo: Repository, ids: readonly Buffer[]): Promise<Buffer>[] {
     const out: Promise<Buffer>[] = new Array(ids.length);
     const missing: number[] = [];
-    ids.forEach((id, k) => {
+    for (const [k, id] of ids.entries()) {
       const key = id.toString('hex');
       const p = this.map.get(key);
-      if (!p) return missing.push(k);
+      if (!p) {
+        missing.push(k);
+        continue;
+      }
       // Most recently used last: Map keeps insertion order.
       this.map.delete(key);
       this.map.set(key, p);
       out[k] = p;
-    });
+    }
     const read = repo.readBlobs(missing.map((k) => ids[k]!));
     missing.forEach((k, n) => {
       const key = ids[k]!.toString('hex');
