@@ -91,11 +91,16 @@ t.test('four connections to one export', { skip: await guestSkipReason() }, asyn
   const mib = [...carried.values()].map((n) => Math.round((n / 2 ** 20) * 10) / 10);
   t.comment(`MiB carried by each connection: ${mib.join(', ')}`);
   t.equal(carried.size, 2 * CONNECTIONS, 'the host saw every connection');
-  // Each pinned writer and reader moves 8 MiB; the sha256 read ahead may be cut short.
+  // Connections are listed in the order first seen: the writing attach's four, then the reading one's.
+  const written = mib.slice(0, CONNECTIONS);
+  const read = mib.slice(CONNECTIONS);
+  // A pinned reader submits from its own CPU, so each connection carries its 8 MiB (read ahead may
+  // cut it short). Writes are not asserted: ext4 may turn the direct writes into writeback, which
+  // runs on whichever CPU and can put every write on one connection.
   t.ok(
-    mib.every((n) => n >= 1),
-    'every connection carried at least 1 MiB',
-    { mib },
+    read.every((n) => n >= 1),
+    'every connection of the reading attach carried at least 1 MiB',
+    { read, written },
   );
   t.same(
     d.logs.filter((l) => Number(l.level) >= 40),
