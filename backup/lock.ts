@@ -28,12 +28,6 @@ export interface RepoLock {
   release(): Promise<void>;
 }
 
-/** Knobs for tests; the defaults are the constants above. */
-export interface LockTiming {
-  staleMs?: number;
-  refreshMs?: number;
-}
-
 function processGone(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -87,9 +81,9 @@ function lockedBy(l: LockInfo) {
 }
 
 /** Takes a lock on the repository in `storage`. */
-export async function takeLock(storage: RepoStorage, exclusive: boolean, purpose: string, timing: LockTiming = {}): Promise<RepoLock> {
-  const staleMs = timing.staleMs ?? STALE_LOCK_MS;
-  const refreshMs = timing.refreshMs ?? REFRESH_LOCK_MS;
+export async function takeLock(storage: RepoStorage, exclusive: boolean, purpose: string): Promise<RepoLock> {
+  const staleMs = STALE_LOCK_MS;
+  const refreshMs = REFRESH_LOCK_MS;
   const before = conflict(exclusive, await otherLocks(storage, staleMs));
   if (before) throw lockedBy(before);
   const name = randomBytes(16).toString('hex');
