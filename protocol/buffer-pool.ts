@@ -5,6 +5,7 @@ const MIN_SHIFT = 12; // 4 KiB
 const MAX_SHIFT = 22; // 4 MiB: larger buffers are allocated and left to the GC
 /** The largest buffer the pool keeps: larger ones are allocated per request. */
 export const MAX_POOLED_BYTES = 1 << MAX_SHIFT;
+/** Free bytes each class keeps at least; more while more were out at once (see put). */
 const PER_CLASS_BYTES = 16 * 1024 * 1024;
 /**
  * Buffers start this far into their memory, off the page boundary: the kernel's copy
@@ -13,26 +14,26 @@ const PER_CLASS_BYTES = 16 * 1024 * 1024;
  */
 const SKEW = 256;
 /**
- * How long after the last kept buffer came back the pool still keeps as many free as
- * were kept at the peak: bursts of held writes follow one another, and fresh memory is
- * costly (docs/tuning.md, KEEP_FREE_MS).
+ * How long after every buffer came back the pool still keeps as many free as were out
+ * at the peak: bursts follow one another, and fresh memory is costly (docs/tuning.md,
+ * KEEP_FREE_MS).
  */
 const KEEP_FREE_MS = 15_000;
 
 export class BufferPool {
   private readonly free: Buffer[][] = [];
-  /** Bytes of each class taken over by a backend (keep) and not yet given back. */
-  private readonly kept: number[] = [];
-  /** The most bytes of each class kept at once since the pool was last idle. */
-  private readonly keptPeak: number[] = [];
-  private keptTotal = 0;
+  /** Bytes of each class handed out by get() and not yet given back. */
+  private readonly out: number[] = [];
+  /** The most bytes of each class out at once since the pool was last idle. */
+  private readonly outPeak: number[] = [];
+  private outTotal = 0;
   private trimTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly keepFreeMs = KEEP_FREE_MS) {
     for (let s = MIN_SHIFT; s <= MAX_SHIFT; s++) {
       this.free.push([]);
-      this.kept.push(0);
-      this.keptPeak.push(0);
+      this.out.push(0);
+      this.outPeak.push(0);
     }
   }
 
@@ -43,48 +44,55 @@ export class BufferPool {
     const list = this.free[cls]!;
     const size = 1 << (cls + MIN_SHIFT);
     const b = list.pop() ?? Buffer.allocUnsafeSlow(size + SKEW).subarray(SKEW);
+    this.out[cls]! += size;
+    this.outTotal += size;
+    if (this.out[cls]! > this.outPeak[cls]!) this.outPeak[cls] = this.out[cls]!;
+    if (this.trimTimer) {
+      clearTimeout(this.trimTimer);
+      this.trimTimer = undefined;
+    }
     return b.length === n ? b : b.subarray(0, n);
   }
 
-  /** Returns a buffer obtained from get(); it must no longer be in use. */
+  /**
+   * Returns a buffer obtained from get(); it must no longer be in use. The class keeps it
+   * while it holds fewer free bytes than were out at once: many connections' requests in
+   * flight would otherwise free and allocate buffers in turn, and the external memory
+   * churn keeps V8 in major collections (docs/tuning.md, KEEP_FREE_MS).
+   */
   put(b: Buffer): void {
     const cls = pooledClass(b);
     if (cls < 0) return;
     const size = 1 << (cls + MIN_SHIFT);
+    if (this.out[cls]! >= size) {
+      this.out[cls]! -= size;
+      this.outTotal -= size;
+    }
     const list = this.free[cls]!;
-    if ((list.length + 1) * size <= Math.max(PER_CLASS_BYTES, this.keptPeak[cls]!)) list.push(Buffer.from(b.buffer, SKEW, size));
+    if ((list.length + 1) * size <= Math.max(PER_CLASS_BYTES, this.outPeak[cls]!)) list.push(Buffer.from(b.buffer, SKEW, size));
+    if (this.outTotal === 0 && !this.trimTimer) this.trimTimer = setTimeout(() => this.trim(), this.keepFreeMs).unref();
   }
 
   /**
-   * A buffer from get() is taken over past its request (KeepPayload): until it comes
-   * back through the returned function, its class may keep that much more free.
+   * A buffer from get() is taken over past its request (KeepPayload): the returned
+   * function gives it back, once however often it is called.
    */
   keep(b: Buffer): () => void {
-    const cls = pooledClass(b);
-    if (cls < 0) return () => {};
-    const size = 1 << (cls + MIN_SHIFT);
-    this.kept[cls]! += size;
-    this.keptTotal += size;
-    if (this.kept[cls]! > this.keptPeak[cls]!) this.keptPeak[cls] = this.kept[cls]!;
-    clearTimeout(this.trimTimer);
     let back = false;
     return () => {
       if (back) return;
       back = true;
-      this.kept[cls]! -= size;
-      this.keptTotal -= size;
       this.put(b);
-      if (this.keptTotal === 0) this.trimTimer = setTimeout(() => this.trim(), this.keepFreeMs).unref();
     };
   }
 
-  /** Back to the usual bound on free buffers once nothing has been kept for a while. */
+  /** Back to the usual bound on free buffers once the pool has been idle for a while. */
   trim(): void {
     clearTimeout(this.trimTimer);
+    this.trimTimer = undefined;
     for (let c = 0; c < this.free.length; c++) {
-      if (this.kept[c]! > 0) continue;
-      this.keptPeak[c] = 0;
-      const keepN = Math.floor(PER_CLASS_BYTES / (1 << (c + MIN_SHIFT)));
+      this.outPeak[c] = this.out[c]!;
+      const keepN = Math.floor(Math.max(PER_CLASS_BYTES, this.out[c]!) / (1 << (c + MIN_SHIFT)));
       if (this.free[c]!.length > keepN) this.free[c]!.length = keepN;
     }
   }
