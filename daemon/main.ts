@@ -91,6 +91,12 @@ function serveCommand(y: Argv) {
         describe:
           'write payloads, read buffers and unsent read replies held across all connections before reading pauses (a connection holding under 512K always proceeds); 0 for no limit',
       })
+      .option('threadpool-send', {
+        type: 'string',
+        default: '128K',
+        describe:
+          'replies batched to at least this size are written to plain sockets from the threadpool, off the event loop; 0: every reply from the event loop',
+      })
       .option('write-behind', {
         type: 'string',
         default: 'auto',
@@ -285,6 +291,7 @@ await yargs(hideBin(process.argv))
           maxConnections: cmd.requirePositive(a['max-connections'], '--max-connections'),
           maxConnectionsPerExport: cmd.requirePositive(a['max-connections-per-export'], '--max-connections-per-export'),
           maxTotalBytesInFlight: a['max-bytes-in-flight'] === '0' ? 0 : parseSizeNumber(a['max-bytes-in-flight']),
+          threadpoolSendBytes: a['threadpool-send'] === '0' ? 0 : parseSizeNumber(a['threadpool-send']),
           repos: a.repo,
           repoAccess: { encryption: a.encryption, s3Endpoint: a['s3-endpoint'], s3Region: a['s3-region'], s3PathStyle: a['s3-path-style'] },
           writeBehindBytes: a['write-behind'] === 'auto' ? undefined : a['write-behind'] === '0' ? 0 : parseSizeNumber(a['write-behind']),

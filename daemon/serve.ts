@@ -32,6 +32,8 @@ export interface ServeOptions {
   maxConnectionsPerExport?: number;
   /** Bytes held by requests in flight across all connections; 0: no limit. Default 1 GiB. */
   maxTotalBytesInFlight?: number;
+  /** Reply batches this big are written from the threadpool; 0: all from the event loop. Default: protocol's. */
+  threadpoolSendBytes?: number;
   handshakeTimeoutMs: number;
   /** HOST:PORT for /metrics, or undefined for none. */
   metricsListen?: string;
@@ -108,6 +110,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
         handshakeTimeoutMs: opts.handshakeTimeoutMs,
         maxConnectionsPerExport: opts.maxConnectionsPerExport ?? 0,
         maxTotalBytesInFlight: opts.maxTotalBytesInFlight ?? DEFAULT_TOTAL_BYTES_IN_FLIGHT,
+        ...(opts.threadpoolSendBytes !== undefined && { threadpoolSendBytes: opts.threadpoolSendBytes }),
       },
       metrics.observer(),
       tls,

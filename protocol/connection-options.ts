@@ -18,15 +18,24 @@ export interface ConnectionLimits {
   maxBytesInFlight: number;
   /** Unsent reply bytes queued in the socket before we stop reading. */
   maxWriteBuffer: number;
+  /**
+   * Batches of replies at least this big are written to a plain socket from the threadpool,
+   * off the event loop (threadpool-sender.ts); 0 sends everything from the event loop.
+   */
+  threadpoolSendBytes: number;
   /** A client must finish option haggling within this time. */
   handshakeTimeoutMs: number;
   /** Bytes in flight summed over every connection sharing it; reading pauses while it is spent. */
   budget?: ByteBudget;
 }
 
+/** See docs/tuning.md, THREADPOOL_SEND_BYTES. */
+export const THREADPOOL_SEND_BYTES = 128 * 1024;
+
 export const DEFAULT_LIMITS: ConnectionLimits = {
   maxInFlight: 128,
   maxBytesInFlight: 256 * 1024 * 1024,
   maxWriteBuffer: 16 * 1024 * 1024,
+  threadpoolSendBytes: THREADPOOL_SEND_BYTES,
   handshakeTimeoutMs: 30_000,
 };

@@ -2,6 +2,7 @@
 // requests in flight, out-of-order replies and explicit backpressure.
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import { performance } from 'node:perf_hooks';
 import * as C from './constants.js';
 import type { ExportRegistry } from './backend.js';
@@ -11,6 +12,7 @@ import { NBD_ERROR_NAMES } from './errors.js';
 import { greeting, Handshake, type Negotiated } from './handshake.js';
 import type { Logger } from './logger.js';
 import { ReplyWriter } from './reply-writer.js';
+import { ThreadpoolSender } from './threadpool-sender.js';
 import * as P from './request-parser.js';
 import { serve, validate, type Outcome, type RequestContext } from './requests.js';
 import type { Request } from './wire.js';
@@ -85,6 +87,8 @@ export class Connection extends EventEmitter {
 
   private readonly onSocketData = (chunk: Buffer) => this.onData(chunk);
   private readonly onSocketDrain = () => {
+    // With a threadpool sender the socket may drain while replies still wait in its queue.
+    if (this.replies.unsent > this.limits.maxWriteBuffer) return;
     this.writeBlocked = false;
     this.updateFlow();
   };
@@ -238,6 +242,10 @@ export class Connection extends EventEmitter {
       log: this.log,
     };
     this.phase = 'transmission';
+    if (!(this.socket as TLSSocket).encrypted) {
+      const sender = ThreadpoolSender.attach(this.socket, this.limits.threadpoolSendBytes, this.limits.maxWriteBuffer, this.onSocketDrain);
+      if (sender) this.replies.useSender(sender);
+    }
     this.unsubscribeGone = n.backend.onGone?.(() => {
       this.log.info('export removed; closing connection');
       return this.close();
@@ -413,7 +421,7 @@ export class Connection extends EventEmitter {
   private maybeFinishClosing(): void {
     // Once our last reply is handed to the kernel we are done; waiting for the
     // client's FIN would let an idle client hold up shutdown.
-    if (this.phase === 'closing' && this.inFlight === 0) this.socket.end(() => this.socket.destroy());
+    if (this.phase === 'closing' && this.inFlight === 0) this.replies.end(() => this.socket.destroy());
   }
 
   private onClose(): void {

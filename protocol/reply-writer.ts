@@ -4,6 +4,7 @@ import type { Writable } from 'node:stream';
 import type { BufferPool } from './buffer-pool.js';
 import { encodeReply } from './replies.js';
 import type { Outcome } from './requests.js';
+import type { ThreadpoolSender } from './threadpool-sender.js';
 import type { Request } from './wire.js';
 
 /**
@@ -13,10 +14,12 @@ import type { Request } from './wire.js';
 export const UNCORK_AT_BYTES = 256 * 1024;
 
 /** What the writer needs of a socket. */
-export type ReplyOutput = Pick<Writable, 'cork' | 'uncork' | 'write' | 'writableLength' | 'destroyed'>;
+export type ReplyOutput = Pick<Writable, 'cork' | 'uncork' | 'write' | 'end' | 'writableLength' | 'destroyed'>;
 
 export class ReplyWriter {
   private corked = false;
+  /** Set in transmission on a plain socket: replies then leave through it (threadpool-sender.ts). */
+  private sender?: ThreadpoolSender;
 
   constructor(
     /** Replaced by the TLSSocket after STARTTLS. */
@@ -27,6 +30,22 @@ export class ReplyWriter {
     /** Told of the bytes a reply held once the kernel has taken it (or the socket is gone). */
     private readonly onSent: (heldBytes: number) => void = () => {},
   ) {}
+
+  /** From now on replies leave through `sender`, which batches and orders them itself. */
+  useSender(sender: ThreadpoolSender): void {
+    this.sender = sender;
+  }
+
+  /** Unsent bytes: queued here or in the socket. */
+  get unsent(): number {
+    return this.sender ? this.sender.writableLength : this.out.writableLength;
+  }
+
+  /** Ends the socket once every reply has left; `cb` runs when the end is flushed. */
+  end(cb: () => void): void {
+    if (this.sender) this.sender.end(cb);
+    else this.out.end(cb);
+  }
 
   /** Handshake bytes, written as they come. */
   send(b: Buffer): void {
@@ -47,8 +66,6 @@ export class ReplyWriter {
     }
     const s = this.out;
     const frames = encodeReply(req, outcome, structured);
-    let blocked = false;
-    this.corkUntilCheckPhase();
     const sent =
       data || heldBytes
         ? () => {
@@ -56,6 +73,9 @@ export class ReplyWriter {
             if (heldBytes) this.onSent(heldBytes);
           }
         : undefined;
+    if (this.sender) return this.sender.write(frames, sent);
+    let blocked = false;
+    this.corkUntilCheckPhase();
     for (let i = 0; i < frames.length; i++) {
       const last = i === frames.length - 1;
       const ok = s.write(frames[i]!, last ? sent : undefined);
