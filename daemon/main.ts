@@ -104,6 +104,11 @@ function serveCommand(y: Argv) {
           'origin writes each origin acknowledges while their chunks are copied, held in memory until the copies are durable; auto: 1/16 of RAM, at most 1G; 0: writes wait for their copies',
       })
       .option('handshake-timeout', { type: 'number', default: 30, describe: 'seconds a client has to finish the handshake' })
+      .option('reply-timeout', {
+        type: 'number',
+        default: 0,
+        describe: 'close a connection whose read replies have not moved for this many seconds while some wait unsent; 0: never',
+      })
       .option('tls', {
         type: 'string',
         default: 'off',
@@ -296,6 +301,7 @@ await yargs(hideBin(process.argv))
           repoAccess: { encryption: a.encryption, s3Endpoint: a['s3-endpoint'], s3Region: a['s3-region'], s3PathStyle: a['s3-path-style'] },
           writeBehindBytes: a['write-behind'] === 'auto' ? undefined : a['write-behind'] === '0' ? 0 : parseSizeNumber(a['write-behind']),
           handshakeTimeoutMs: cmd.requirePositive(a['handshake-timeout'], '--handshake-timeout') * 1000,
+          replyTimeoutMs: cmd.requirePositive(a['reply-timeout'], '--reply-timeout') * 1000,
           tls: { mode: a.tls, certificates: a['tls-certificates'], verifyPeer: a['tls-verify-peer'] },
           exports: ExportAccess.parse(a.exports),
           metricsListen: metrics && metrics !== 'off' ? metrics : undefined,

@@ -35,6 +35,8 @@ export interface ServeOptions {
   /** Reply batches this big are written from the threadpool; 0: all from the event loop. Default: protocol's. */
   threadpoolSendBytes?: number;
   handshakeTimeoutMs: number;
+  /** Close a connection whose read replies have not moved for this long; 0 or absent: never. */
+  replyTimeoutMs?: number;
   /** HOST:PORT for /metrics, or undefined for none. */
   metricsListen?: string;
   autoExtend: AutoExtendPolicy;
@@ -108,6 +110,7 @@ export async function startServe(opts: ServeOptions, log: Logger): Promise<Runni
       {
         maxConnections: opts.maxConnections,
         handshakeTimeoutMs: opts.handshakeTimeoutMs,
+        replyTimeoutMs: opts.replyTimeoutMs ?? 0,
         maxConnectionsPerExport: opts.maxConnectionsPerExport ?? 0,
         maxTotalBytesInFlight: opts.maxTotalBytesInFlight ?? DEFAULT_TOTAL_BYTES_IN_FLIGHT,
         ...(opts.threadpoolSendBytes !== undefined && { threadpoolSendBytes: opts.threadpoolSendBytes }),

@@ -23,6 +23,11 @@ export interface ConnectionLimits {
    * off the event loop (threadpool-sender.ts); 0 sends everything from the event loop.
    */
   threadpoolSendBytes: number;
+  /**
+   * A connection whose read replies have not moved for this long while some wait unsent is
+   * closed (a client that stopped reading); 0 never closes one for that.
+   */
+  replyTimeoutMs: number;
   /** A client must finish option haggling within this time. */
   handshakeTimeoutMs: number;
   /** Bytes in flight summed over every connection sharing it; reading pauses while it is spent. */
@@ -37,5 +42,6 @@ export const DEFAULT_LIMITS: ConnectionLimits = {
   maxBytesInFlight: 256 * 1024 * 1024,
   maxWriteBuffer: 16 * 1024 * 1024,
   threadpoolSendBytes: THREADPOOL_SEND_BYTES,
+  replyTimeoutMs: 0,
   handshakeTimeoutMs: 30_000,
 };

@@ -49,6 +49,9 @@ export class Connection extends EventEmitter {
   private parkedWrite?: number;
   /** Bytes of read replies not yet taken by the kernel; given back at close if the socket never takes them. */
   private unsentBytes = 0;
+  /** When a read reply last left, or unsent ones began to wait (performance.now()). */
+  private lastReplyProgress = 0;
+  private replyTimer?: NodeJS.Timeout;
   private readPaused = false;
   private writeBlocked = false;
   private handshakeTimer?: NodeJS.Timeout;
@@ -291,6 +294,7 @@ export class Connection extends EventEmitter {
   private readonly onReplySent = (n: number) => {
     if (this.phase === 'closed') return; // onClose gave every unsent byte back
     this.unsentBytes -= n;
+    this.lastReplyProgress = performance.now();
     this.releaseBytes(n);
     if (this.phase === 'transmission') this.updateFlow();
   };
@@ -367,6 +371,7 @@ export class Connection extends EventEmitter {
     // A read's bytes stay held until the kernel takes its reply: a client that does not read
     // its replies holds its share of the budget, not more than that in unsent replies.
     const unsent = outcome.data && this.phase !== 'closed' ? heldBytes : 0;
+    if (unsent > 0 && this.unsentBytes === 0) this.watchReplies();
     this.unsentBytes += unsent;
     this.releaseBytes(heldBytes - unsent);
     const command = C.COMMAND_NAMES[req.type] ?? 'unknown';
@@ -377,6 +382,26 @@ export class Connection extends EventEmitter {
     else if (this.replies.reply(req, outcome, this.ctx!.structured, unsent)) this.writeBlocked = true;
     if (this.phase === 'closing') this.maybeFinishClosing();
     else this.updateFlow();
+  }
+
+  /** Read replies begin to wait unsent: with --reply-timeout, close if none leaves in time. */
+  private watchReplies(): void {
+    this.lastReplyProgress = performance.now();
+    const timeout = this.limits.replyTimeoutMs;
+    if (timeout <= 0 || this.replyTimer) return;
+    // One timer per waiting spell, re-armed for what is left, so a reply leaving costs no timer call.
+    const check = () => {
+      this.replyTimer = undefined;
+      if (this.phase === 'closed' || this.unsentBytes === 0) return;
+      const idle = performance.now() - this.lastReplyProgress;
+      if (idle < timeout) {
+        this.replyTimer = setTimeout(check, timeout - idle).unref();
+        return;
+      }
+      this.log.warn({ unsentBytes: this.unsentBytes, timeoutMs: timeout }, 'client has not read its replies; closing');
+      this.socket.destroy();
+    };
+    this.replyTimer = setTimeout(check, timeout).unref();
   }
 
   private pauseReading(): void {
@@ -430,6 +455,8 @@ export class Connection extends EventEmitter {
     this.phase = 'closed';
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
+    clearTimeout(this.replyTimer);
+    this.replyTimer = undefined;
     this.queue.clear();
     // A write whose payload never fully arrived still holds its bytes.
     const unfinished = this.parser.abandon();

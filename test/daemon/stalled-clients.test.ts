@@ -120,3 +120,41 @@ t.test('writes trickled a byte at a time and connections idle after the handshak
     held = metricValue(await scrape(d.metricsPort), 'cowbd_nbd_bytes_in_flight') ?? -1;
   t.equal(held, 0, 'half-received writes gave their bytes back');
 });
+
+t.test('--reply-timeout closes connections whose replies do not move, and no other', async (t) => {
+  const d = await startDaemon({ volumes: [{ name: 'vol', size: '1G' }], logLevel: 'info', args: ['--reply-timeout', '2'] });
+  t.teardown(() => d.stop());
+  const stalled: Socket[] = [];
+  t.teardown(() => {
+    for (const s of stalled) s.destroy();
+  });
+  for (let i = 0; i < 4; i++) stalled.push(await stalledReader(d.port, 'vol', 16, 8 << 20, SIZE));
+  const t0 = performance.now();
+  // The stalled sockets are paused, so they would not see the close: the daemon's log tells.
+  const closings = () => d.logs.filter((l) => /client has not read its replies; closing/.test(String(l.msg))).length;
+  let allClosedAt = 0;
+  const watch = (async () => {
+    while (closings() < 4 && performance.now() - t0 < 20_000) await new Promise((r) => setTimeout(r, 50));
+    allClosedAt = performance.now();
+  })();
+  // A slow reader: 1 MiB READs, one at a time, a pause of 1 s after each. Its replies move.
+  const slow = await NbdClient.connect({ port: d.port, exportName: 'vol' });
+  const honestRun = honest(d, 5);
+  for (let i = 0; i < 5; i++) {
+    await slow.read(i << 20, 1 << 20);
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  const { trips } = await honestRun;
+  await watch;
+  const latest = (allClosedAt - t0) / 1000;
+  t.equal(closings(), 4, 'the 4 stalled connections were closed, and no other');
+  t.ok(latest >= 1.5 && latest < 8, `the last of them after ${latest.toFixed(1)} s (--reply-timeout 2)`);
+  t.ok(trips > 0, `the honest client went on (${trips} round trips)`);
+  const back = await slow.read(0, 4096);
+  t.equal(back.length, 4096, 'the slow reader, idle 1 s between reads, is still connected');
+  await slow.disconnect();
+  let held = -1;
+  for (let i = 0; i < 50 && held !== 0; i++, await new Promise((r) => setTimeout(r, 100)))
+    held = metricValue(await scrape(d.metricsPort), 'cowbd_nbd_bytes_in_flight') ?? -1;
+  t.equal(held, 0, 'their unsent replies were given back');
+});
