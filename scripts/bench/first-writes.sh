@@ -74,14 +74,8 @@ fio_write() { # uri out
     --output-format=json --output="$2" >/dev/null
 }
 
-flush_time() { # uri
-  /usr/bin/python3 -c 'import nbd, sys, time
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-t = time.monotonic()
-h.flush()
-print(f"{time.monotonic() - t:.3f}")
-h.shutdown()' "$1"
+flush_time() { # uri: seconds one FLUSH takes (flush-time.py)
+  /usr/bin/python3 "$BENCH/flush-time.py" "$1"
 }
 
 one() { # round case

@@ -235,18 +235,8 @@ run_fio() { # name uri out [extra fio args...]
     --size="$SIZE" --output-format=json --output="$out" "$@" >/dev/null
 }
 
-# Seconds one NBD_CMD_FLUSH takes on a fresh connection: what the writes just
-# acknowledged still cost to be durable (the page cache's writeback, and for
-# cowbd the chunk copies of writes it holds; see docs/cow-design.md).
-flush_time() { # uri out
-  # python3-libnbd is installed for the system interpreter, whatever python3 is first on PATH.
-  /usr/bin/python3 -c 'import nbd, sys, time
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-t = time.monotonic()
-h.flush()
-print(f"{time.monotonic() - t:.3f}")
-h.shutdown()' "$1" >"$2"
+flush_time() { # uri out: seconds one FLUSH takes (flush-time.py)
+  /usr/bin/python3 "$BENCH/flush-time.py" "$1" >"$2"
 }
 
 timed() { # the time-based shape of a job

@@ -357,6 +357,16 @@ function recordSocketWrites(t: { teardown(fn: () => void): void }, localPort: nu
   return calls;
 }
 
+/** Sends 16 READs of 4 KiB in one go; returns the socket write calls their replies took. */
+async function sixteenSmallReads(t: { equal(a: unknown, b: unknown): void }, c: RawClient, calls: number[][]): Promise<number[][]> {
+  calls.length = 0;
+  const small: Buffer[] = [];
+  for (let i = 0; i < 16; i++) small.push(request(C.NBD_CMD_READ, i * 4096, 4096, 100 + i));
+  c.send(Buffer.concat(small));
+  for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
+  return calls.splice(0);
+}
+
 /** Sends 4 READs of 256 KiB in one go and checks each reply's bytes. */
 async function fourBigReads(t: { ok(v: unknown, m: string): void }, c: RawClient): Promise<void> {
   const big: Buffer[] = [];
@@ -378,12 +388,7 @@ t.test('on the event loop, replies of one turn share a writev up to UNCORK_AT_BY
   const calls = recordSocketWrites(t, p);
   const c = await RawClient.connect(p);
   await c.go('disk');
-  calls.length = 0;
-  const small: Buffer[] = [];
-  for (let i = 0; i < 16; i++) small.push(request(C.NBD_CMD_READ, i * 4096, 4096, 100 + i));
-  c.send(Buffer.concat(small));
-  for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
-  const smallCalls = calls.splice(0);
+  const smallCalls = await sixteenSmallReads(t, c, calls);
   // One call when the 16 requests arrive in one read; a second read would make two.
   t.ok(
     smallCalls.length <= 2,
@@ -401,12 +406,7 @@ t.test('by default, big replies leave from the threadpool and small ones still s
   const calls = recordSocketWrites(t, port);
   const c = await RawClient.connect(port);
   await c.go('disk');
-  calls.length = 0;
-  const small: Buffer[] = [];
-  for (let i = 0; i < 16; i++) small.push(request(C.NBD_CMD_READ, i * 4096, 4096, 100 + i));
-  c.send(Buffer.concat(small));
-  for (let i = 0; i < 16; i++) t.equal((await c.simpleReply(4096)).error, 0);
-  const smallCalls = calls.splice(0);
+  const smallCalls = await sixteenSmallReads(t, c, calls);
   t.ok(smallCalls.length >= 1 && smallCalls.length <= 2, `16 small replies left through the socket in ${smallCalls.length} call(s)`);
   await fourBigReads(t, c);
   const onSocket = calls.splice(0).reduce((n, x) => n + x.reduce((a, b) => a + b, 0), 0);
