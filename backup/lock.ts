@@ -13,6 +13,8 @@ export const STALE_LOCK_MS = 30 * 60 * 1000;
 export const REFRESH_LOCK_MS = 5 * 60 * 1000;
 /** A holder stops trusting its lock this long before others may call it stale, for clocks that differ. */
 const LOCK_SAFETY_MS = 5 * 60 * 1000;
+/** How long after its last refresh a holder still trusts its lock. */
+const TRUST_LOCK_MS = Math.max(REFRESH_LOCK_MS, STALE_LOCK_MS - Math.min(LOCK_SAFETY_MS, STALE_LOCK_MS / 2));
 
 export interface LockInfo {
   exclusive: boolean;
@@ -57,13 +59,13 @@ async function readLock(storage: RepoStorage, name: string): Promise<LockInfo | 
 }
 
 /** The live locks other than `mine`, removing stale ones on the way. */
-async function otherLocks(storage: RepoStorage, staleMs: number, mine?: string): Promise<LockInfo[]> {
+async function otherLocks(storage: RepoStorage, mine?: string): Promise<LockInfo[]> {
   const live: LockInfo[] = [];
   for (const name of await storage.list('locks')) {
     if (name === mine) continue;
     const l = await readLock(storage, name);
     if (!l) continue;
-    if (isStale(l, Date.now(), staleMs)) {
+    if (isStale(l)) {
       await storage.remove('locks', name);
       continue;
     }
@@ -82,16 +84,14 @@ function lockedBy(l: LockInfo) {
 
 /** Takes a lock on the repository in `storage`. */
 export async function takeLock(storage: RepoStorage, exclusive: boolean, purpose: string): Promise<RepoLock> {
-  const staleMs = STALE_LOCK_MS;
-  const refreshMs = REFRESH_LOCK_MS;
-  const before = conflict(exclusive, await otherLocks(storage, staleMs));
+  const before = conflict(exclusive, await otherLocks(storage));
   if (before) throw lockedBy(before);
   const name = randomBytes(16).toString('hex');
   const info = (): LockInfo => ({ exclusive, host: os.hostname(), pid: process.pid, time: new Date().toISOString(), purpose });
   await storage.save('locks', name, JSON.stringify(info()));
   let refreshedAt = Date.now();
   // Two holders may have written at once: both look again, and a conflict makes this one back off.
-  const after = conflict(exclusive, await otherLocks(storage, staleMs, name));
+  const after = conflict(exclusive, await otherLocks(storage, name));
   if (after) {
     await storage.remove('locks', name);
     throw lockedBy(after);
@@ -106,14 +106,13 @@ export async function takeLock(storage: RepoStorage, exclusive: boolean, purpose
       },
       () => {},
     );
-  }, refreshMs);
+  }, REFRESH_LOCK_MS);
   timer.unref();
-  const trustMs = Math.max(refreshMs, staleMs - Math.min(LOCK_SAFETY_MS, staleMs / 2));
   return {
     async check() {
       await refreshing;
       const age = Date.now() - refreshedAt;
-      if (age > trustMs) throw BackupErrors.lockLost(purpose, `not refreshed for ${Math.round(age / 1000)} s`);
+      if (age > TRUST_LOCK_MS) throw BackupErrors.lockLost(purpose, `not refreshed for ${Math.round(age / 1000)} s`);
       if (!(await storage.stat('locks', name))) throw BackupErrors.lockLost(purpose, 'its lock file was removed by another process');
     },
     async release() {

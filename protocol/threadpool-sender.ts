@@ -48,8 +48,8 @@ export class ThreadpoolSender {
   ) {}
 
   /**
-   * A sender for a plain TCP or Unix socket, or undefined when there is no descriptor to
-   * write to (TLS, a stream that is not a socket) or minBytes is 0.
+   * A sender for a plain TCP or Unix socket (the caller keeps TLS sockets out), or undefined
+   * when there is no descriptor to write to (a stream that is not a socket) or minBytes is 0.
    */
   static attach(socket: Socket, minBytes: number, limit: number, onDrain: () => void): ThreadpoolSender | undefined {
     if (minBytes <= 0 || socket.destroyed) return undefined;
@@ -64,10 +64,6 @@ export class ThreadpoolSender {
   /** Bytes handed to the sender and not yet taken by the kernel. */
   get writableLength(): number {
     return this.queueBytes + this.poolBytes + this.socket.writableLength;
-  }
-
-  get destroyed(): boolean {
-    return this.socket.destroyed;
   }
 
   /**
@@ -111,7 +107,7 @@ export class ThreadpoolSender {
       this.writeFromPool();
       return;
     }
-    // A large batch behind socket writes still pending waits for them (socketWritten).
+    // A large batch behind socket writes still pending waits for them: their callback flushes.
     if (this.queueBytes >= this.minBytes && this.socketPending > 0) return;
     const bufs = this.queue;
     const done = this.queueDone;
